@@ -1,0 +1,241 @@
+"""weightd's configuration: one frozen dataclass, three ways to set it.
+
+Every setting has one name everywhere: ``cache_dir`` in the TOML file,
+``WEIGHTD_CACHE_DIR`` in the environment, ``--cache-dir`` on the command line. Flags
+override the environment, which overrides the file, which overrides the defaults.
+Sizes accept units (``"64MiB"``, ``"2GB"``); unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "WEIGHTD_"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A setting has an unknown name or a value that cannot be parsed."""
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte size: ``1048576``, ``"64MiB"``, ``"2GB"``, ``"1.5GiB"``.
+
+    Example
+    -------
+    >>> parse_size("64MiB")
+    67108864
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative: {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a size: {value!r} (use bytes or a unit such as 64MiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """Format a byte count for people: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "weightd"
+
+
+def _default_socket() -> Path:
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run:
+        return Path(run) / "weightd.sock"
+    return Path("/tmp") / f"weightd-{os.getuid()}" / "weightd.sock"
+
+
+def _size(v: Any) -> int:
+    return parse_size(v)
+
+
+def _opt_size(v: Any) -> int | None:
+    return None if v in (None, "", "none") else parse_size(v)
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"not an integer: {v!r}") from e
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v in (None, "", "none") else _int(v)
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"not a number: {v!r}") from e
+
+
+def _path(v: Any) -> Path:
+    return Path(os.path.expanduser(str(v)))
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v in (None, "") else str(v)
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return tuple(s.strip() for s in v.split(",") if s.strip())
+    if isinstance(v, Sequence):
+        return tuple(str(s) for s in v)
+    raise ConfigError(f"not a list of strings: {v!r}")
+
+
+def _setting(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata={"parse": parse, "doc": doc})
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All of weightd's settings. Build one with :func:`load_config`."""
+
+    cache_dir: Path = _setting(_default_cache_dir, _path, "where the cache lives (local disk)")
+    socket: Path = _setting(_default_socket, _path, "the daemon's unix socket")
+    allowed_sources: tuple[str, ...] = _setting(
+        tuple, _str_list, "source prefixes the daemon may read; empty: anything its user can"
+    )
+    s3_endpoint_url: str | None = _setting(
+        None, _opt_str, "S3 endpoint (default: AWS_ENDPOINT_URL, then AWS)"
+    )
+    chunk_size: int | None = _setting(
+        None, _opt_size, "bytes per ranged read (default: chosen per protocol)"
+    )
+    concurrency: int | None = _setting(
+        None, _opt_int, "ranged reads in flight per file (default: chosen per protocol)"
+    )
+    max_parallel_files: int = _setting(4, _int, "files of one model fetched at once")
+    retry_attempts: int = _setting(6, _int, "attempts per chunk before a fetch fails")
+    retry_max_seconds: float = _setting(60.0, _float, "time bound on the retries of one chunk")
+    log_level: str = _setting("INFO", str, "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 64 * 1024:
+            raise ConfigError(f"chunk_size must be at least 64KiB, got {self.chunk_size}")
+        if self.concurrency is not None and not 1 <= self.concurrency <= 256:
+            raise ConfigError(f"concurrency must be 1..256, got {self.concurrency}")
+        if not 1 <= self.max_parallel_files <= 64:
+            raise ConfigError(f"max_parallel_files must be 1..64, got {self.max_parallel_files}")
+        if self.retry_attempts < 1:
+            raise ConfigError(f"retry_attempts must be at least 1, got {self.retry_attempts}")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def settings() -> dict[str, dataclasses.Field[Any]]:
+    """Every setting's field, by name."""
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _parse_all(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    known = settings()
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown setting {key!r} (known: {', '.join(known)})")
+        try:
+            out[key] = known[key].metadata["parse"](raw)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {key}: {e}") from e
+    return out
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings set in an environment: ``WEIGHTD_CACHE_DIR`` → ``cache_dir``.
+
+    An unknown ``WEIGHTD_*`` variable is an error, so that a typo does not pass silently.
+    """
+    out = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key != "WEIGHTD_CONFIG":
+            out[key[len(ENV_PREFIX):].lower()] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from a TOML file, the environment and flag values.
+
+    Args:
+        path: a TOML file; default ``WEIGHTD_CONFIG`` if set, else none.
+        environ: the environment to read ``WEIGHTD_*`` from (default ``os.environ``).
+        overrides: values from flags; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: a file that cannot be read, an unknown key, a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = path or environ.get("WEIGHTD_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        merged.update(_parse_all(data, str(path)))
+    merged.update(_parse_all(env_values(environ), "environment"))
+    merged.update(
+        _parse_all({k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    )
+    return Config(**merged)
+
+
+def add_flags(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """Add a ``--kebab-case`` flag for every setting to a parser.
+
+    Flags default to ``None`` so that an unset flag leaves the environment and file alone;
+    with ``suppress`` (for subcommands) an unset flag does not touch the namespace at all,
+    so ``weightd --cache-dir X ls`` and ``weightd ls --cache-dir X`` both work.
+    """
+    for name, field in settings().items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name,
+            default=argparse.SUPPRESS if suppress else None, help=field.metadata["doc"],
+        )
+
+
+def flag_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags in a parsed namespace."""
+    return {k: getattr(ns, k) for k in settings() if getattr(ns, k, None) is not None}

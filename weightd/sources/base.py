@@ -1,0 +1,362 @@
+"""Resolving references to files, stat, and ranged reads through fsspec."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import logging
+import os
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+from weightd.config import Config
+from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable, WeightdError
+from weightd.formats import parse_index_json
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+#: Side files a framework needs next to the shards (config, tokenizer, pooling...).
+DEFAULT_INCLUDE: tuple[str, ...] = (
+    "*.safetensors",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "tokenizer*",
+)
+
+_PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one protocol is read: bytes per ranged read and reads in flight per file."""
+
+    chunk_size: int
+    concurrency: int
+
+
+#: Chosen by measurement (bench/fetch.py, docs/architecture.md "Fetch tuning").
+_DEFAULT_PLANS: dict[str, ChunkPlan] = {
+    "file": ChunkPlan(chunk_size=32 * MiB, concurrency=2),
+    "http": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
+    "s3": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
+    "gs": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
+    "hf": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
+}
+
+
+def chunk_plan(protocol: str, config: Config) -> ChunkPlan:
+    """The chunk size and concurrency for a protocol, config overrides applied."""
+    base = _DEFAULT_PLANS.get(_PROTOCOL_ALIASES.get(protocol, protocol), ChunkPlan(16 * MiB, 8))
+    return ChunkPlan(
+        chunk_size=config.chunk_size or base.chunk_size,
+        concurrency=config.concurrency or base.concurrency,
+    )
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model at its source, as one stat saw it.
+
+    Attributes:
+        url: the full URL with protocol (``s3://bucket/key``); the cache's key.
+        path: the path the filesystem object takes.
+        relpath: POSIX path relative to the model's root (where it goes in the snapshot).
+        size: bytes.
+        identity: changes whenever the content may have changed (ETag, version, mtime).
+    """
+
+    url: str
+    path: str
+    relpath: str
+    size: int
+    identity: str
+
+
+def canonical_url(ref: str) -> str:
+    """Normalize a model reference to a URL with an explicit protocol.
+
+    Plain paths and ``file://`` URLs become ``file://`` + the real absolute path (links
+    and ``..`` resolved), so that ``allowed_sources`` cannot be bypassed.
+
+    Example
+    -------
+    >>> canonical_url("s3://bucket/models/m/")
+    's3://bucket/models/m'
+    """
+    if not ref or not ref.strip():
+        raise SourceNotFound("empty model reference")
+    ref = ref.strip()
+    if "://" not in ref:
+        return "file://" + os.path.realpath(os.path.expanduser(ref))
+    scheme, rest = ref.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in ("file", "local"):
+        return "file://" + os.path.realpath("/" + rest.lstrip("/"))
+    if scheme in ("http", "https"):
+        return f"{scheme}://{rest}".rstrip("/") if not rest.endswith("//") else f"{scheme}://{rest}"
+    # object stores: collapse duplicate slashes, refuse traversal segments
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise NotPermitted(f"{ref}: '.' and '..' are not allowed in a model reference")
+    return f"{scheme}://" + "/".join(parts)
+
+
+def check_allowed(url: str, allowed: Sequence[str]) -> None:
+    """Refuse a canonical URL outside every ``allowed_sources`` prefix (empty: allow all).
+
+    A prefix matches whole path segments: ``s3://models`` allows ``s3://models/x`` but
+    not ``s3://models-private/x``.
+    """
+    if not allowed:
+        return
+    for prefix in allowed:
+        p = canonical_url(prefix)
+        if url == p or url.startswith(p.rstrip("/") + "/"):
+            return
+    raise NotPermitted(f"{url}: not under any of allowed_sources ({', '.join(allowed)})")
+
+
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_name(url: str) -> str:
+    """A flat, filesystem-safe name for a model's snapshot directory.
+
+    ``s3://bucket/org/model`` → ``s3--bucket--org--model``. Long names keep their tail and
+    gain a short hash so that they stay unique.
+    """
+    scheme, rest = url.split("://", 1)
+    parts = [_NAME_BAD.sub("_", p) for p in rest.split("/") if p]
+    name = "--".join([_PROTOCOL_ALIASES.get(scheme, scheme), *parts])
+    if len(name) > 160:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+        name = name[-140:].lstrip("-") + "--" + digest
+    return name
+
+
+def _storage_options(protocol: str, config: Config) -> dict[str, Any]:
+    if protocol == "s3":
+        endpoint = config.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    if protocol in ("http", "https"):
+        return {"skip_instance_cache": True}
+    return {}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a read error is worth retrying (connection trouble, 5xx, 429, short read)."""
+    if isinstance(e, SourceNotFound | NotPermitted | FileNotFoundError | PermissionError):
+        return False
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(status, int):
+        return status in (408, 429, 500, 502, 503, 504)
+    try:
+        import aiohttp
+
+        if isinstance(e, aiohttp.ClientError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(e, ConnectionError | TimeoutError | asyncio.TimeoutError | OSError
+                      | _ShortRead)
+
+
+class _ShortRead(OSError):
+    """A ranged read returned fewer bytes than asked for."""
+
+
+def translate_error(e: BaseException, what: str) -> WeightdError:
+    """Map an fsspec/backend error to weightd's outcomes."""
+    if isinstance(e, WeightdError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return SourceNotFound(f"{what}: not found at the source")
+    if isinstance(e, PermissionError):
+        return NotPermitted(f"{what}: the source refused access ({e})")
+    status = getattr(e, "status", None)
+    if status == 404:
+        return SourceNotFound(f"{what}: not found at the source (HTTP 404)")
+    if status in (401, 403):
+        return NotPermitted(f"{what}: the source refused access (HTTP {status})")
+    return SourceUnavailable(f"{what}: {type(e).__name__}: {e}")
+
+
+def _identity(info: dict[str, Any]) -> str:
+    for key in ("VersionId", "ETag", "etag", "generation", "md5Hash", "Last-Modified",
+                "LastModified", "mtime", "last_commit"):
+        value = info.get(key)
+        if value:
+            extra = f":{info.get('ino', '')}" if key == "mtime" else ""
+            return f"{key}={str(value).strip(chr(34))}{extra}"
+    return "size-only"
+
+
+def _matches(relpath: str, patterns: Sequence[str]) -> bool:
+    base = posixpath.basename(relpath)
+    return any(fnmatch.fnmatchcase(relpath, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+
+
+def _safe_relpath(rel: str, url: str) -> str:
+    if (not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel
+            or any(p in ("", ".", "..") for p in rel.split("/"))):
+        raise NotPermitted(f"{url}: the source names a file {rel!r} that leaves the model root")
+    return rel
+
+
+class Source:
+    """One model reference opened on its filesystem.
+
+    Build it with :func:`open_source`; then :meth:`list_files` and :meth:`read_range`.
+    """
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, path: str, config: Config):
+        self.url = url
+        self.fs = fs
+        self.path = path
+        self.config = config
+        self.protocol = url.split("://", 1)[0]
+        self.plan = chunk_plan(self.protocol, config)
+
+    @property
+    def is_async(self) -> bool:
+        return isinstance(self.fs, AsyncFileSystem) and getattr(self.fs, "async_impl", False)
+
+    def _url_of(self, path: str) -> str:
+        if self.protocol in ("http", "https"):
+            return path
+        return f"{self.protocol}://{path.lstrip('/') if self.protocol != 'file' else path}"
+
+    def _info(self, path: str) -> dict[str, Any]:
+        try:
+            return dict(self.fs.info(path))
+        except Exception as e:
+            raise translate_error(e, self._url_of(path)) from e
+
+    def _remote(self, path: str, relpath: str, info: dict[str, Any]) -> RemoteFile:
+        size = info.get("size")
+        if size is None:
+            info = self._info(path)
+            size = info.get("size")
+        if size is None:
+            raise SourceUnavailable(f"{self._url_of(path)}: the source does not say its size")
+        return RemoteFile(url=self._url_of(path), path=path,
+                          relpath=_safe_relpath(relpath, self.url), size=int(size),
+                          identity=f"{int(size)}:{_identity(info)}")
+
+    def stat(self, rf: RemoteFile) -> RemoteFile:
+        """Stat one file again (to see whether it changed during a download)."""
+        return self._remote(rf.path, rf.relpath, self._info(rf.path))
+
+    def list_files(
+        self,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> list[RemoteFile]:
+        """The model's files with size and identity, sorted by relative path.
+
+        A single ``.safetensors`` file is the model; an ``*.index.json`` brings itself,
+        every shard its weight map names and the side files beside it; a directory brings
+        every file under it that matches ``include`` (default :data:`DEFAULT_INCLUDE`) and
+        no ``exclude`` glob. Globs match the relative path or the file name.
+        """
+        include = tuple(include) if include else DEFAULT_INCLUDE
+        path = self.path.rstrip("/")
+        lower = path.lower()
+        if lower.endswith(".safetensors"):
+            info = self._info(path)
+            if info.get("type") == "directory":
+                raise SourceNotFound(f"{self.url}: is a directory, not a .safetensors file")
+            return [self._remote(path, posixpath.basename(path), info)]
+        if lower.endswith(".index.json"):
+            return self._list_index(path, include, exclude)
+        files = self._find(path)
+        if not files:
+            raise SourceNotFound(f"{self.url}: no files at the source")
+        out = [self._remote(p, rel, info) for p, rel, info in files
+               if _matches(rel, include) and not _matches(rel, exclude)]
+        if not any(f.relpath.endswith(".safetensors") for f in out):
+            raise SourceNotFound(f"{self.url}: no .safetensors files (after include/exclude)")
+        return sorted(out, key=lambda f: f.relpath)
+
+    def _find(self, root: str) -> list[tuple[str, str, dict[str, Any]]]:
+        try:
+            found = self.fs.find(root, detail=True, withdirs=False)
+        except Exception as e:
+            raise translate_error(e, self.url) from e
+        prefix = root.rstrip("/") + "/"
+        out = []
+        for p, info in sorted(found.items()):
+            if info.get("type") == "directory":
+                continue
+            if not p.startswith(prefix):
+                # http listings can link outside the directory; never follow them
+                continue
+            out.append((p, p[len(prefix):], dict(info)))
+        return out
+
+    def _list_index(self, path: str, include: Sequence[str],
+                    exclude: Sequence[str]) -> list[RemoteFile]:
+        try:
+            raw = self.fs.cat_file(path)
+        except Exception as e:
+            raise translate_error(e, self._url_of(path)) from e
+        index = parse_index_json(bytes(raw), path=self._url_of(path))
+        parent = posixpath.dirname(path)
+        wanted = set(index.shards)
+        found = {rel: (p, info) for p, rel, info in self._find(parent)}
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise SourceNotFound(f"{self._url_of(path)}: shards named in the index are missing at "
+                                 f"the source: {', '.join(missing[:5])}")
+        out = []
+        for rel, (p, info) in found.items():
+            if rel in wanted or p == path or (
+                    not rel.endswith(".safetensors") and _matches(rel, include)
+                    and not _matches(rel, exclude)):
+                out.append(self._remote(p, rel, info))
+        return sorted(out, key=lambda f: f.relpath)
+
+    async def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file; a short read raises a transient error."""
+        if self.is_async:
+            data = await self.fs._cat_file(path, start=start, end=end)
+        else:
+            data = await asyncio.to_thread(self.fs.cat_file, path, start, end)
+        if len(data) != end - start:
+            raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, "
+                             f"got {len(data)} bytes")
+        return bytes(data) if not isinstance(data, bytes) else data
+
+
+def open_source(ref: str, config: Config) -> Source:
+    """Open a model reference, after checking it against ``config.allowed_sources``.
+
+    Raises:
+        NotPermitted: the reference is outside ``allowed_sources``.
+        SourceNotFound: unknown protocol, or nothing there.
+    """
+    url = canonical_url(ref)
+    check_allowed(url, config.allowed_sources)
+    protocol = url.split("://", 1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(protocol, config))
+    except (ImportError, ValueError) as e:
+        hint = " (pip install 'weightd[hf]')" if protocol == "hf" else ""
+        hint = " (pip install 'weightd[gcs]')" if protocol in ("gs", "gcs") else hint
+        raise SourceNotFound(f"{url}: cannot open this protocol: {e}{hint}") from e
+    return Source(url, fs, path, config)

@@ -1,0 +1,262 @@
+"""Fetching a model from its source into the store.
+
+Per file: stat (already done by the listing); a hit when the index knows this source
+file at this identity and its blob is present (no data is read); otherwise concurrent
+ranged reads into a preallocated temp file, hashed with xxh3-128 in order as the chunks
+land, validated (safetensors header), fsynced and renamed into ``blobs/``. Transient
+errors are retried per chunk; a permanent error leaves nothing visible. The same source
+file fetched twice at once, in one process or in two, is downloaded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import fsspec.asyn
+import xxhash
+from fsspec.callbacks import Callback, NoOpCallback
+
+from weightd.config import Config
+from weightd.errors import BudgetExceeded, IntegrityError, WeightdError
+from weightd.formats import read_layout
+from weightd.retry import RetryPolicy, retry_async
+from weightd.sources import RemoteFile, Source, is_transient, model_name, open_source
+from weightd.sources.base import translate_error
+from weightd.store.cas import Store
+from weightd.store.index import ModelFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchStats:
+    """What one model fetch did (bytes pulled from the source, hits, time)."""
+
+    files: int = 0
+    hits: int = 0
+    bytes_total: int = 0
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+    hash_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float) -> None:
+        with self._lock:
+            self.files += 1
+            self.hits += hit
+            self.bytes_total += size
+            self.bytes_fetched += fetched
+            self.hash_seconds += hash_seconds
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A fetched model: its name, snapshot directory and files."""
+
+    name: str
+    source: str
+    path: str
+    files: tuple[ModelFile, ...]
+    stats: FetchStats
+
+
+class _LockedCallback:
+    """Serialize progress updates from many threads onto one fsspec-style callback."""
+
+    def __init__(self, cb: Callback) -> None:
+        self.cb = cb
+        self.lock = threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self.lock:
+            self.cb.relative_update(n)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+class Fetcher:
+    """Fetches models into a :class:`Store` under a :class:`Config`."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self.policy = RetryPolicy(attempts=config.retry_attempts,
+                                  max_seconds=config.retry_max_seconds)
+
+    def fetch(
+        self,
+        ref: str,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        callback: Callback | None = None,
+    ) -> Snapshot:
+        """Fetch a model and switch its snapshot to what the source holds now.
+
+        Args:
+            ref: the model reference (any fsspec URL or a plain path).
+            include: globs of files to bring from a directory (default: shards and side
+                files).
+            exclude: globs of files to leave out.
+            callback: fsspec-style progress (``set_size`` in bytes to fetch,
+                ``relative_update`` as bytes land).
+
+        Returns:
+            The model's :class:`Snapshot`.
+
+        Raises:
+            SourceNotFound, SourceUnavailable, NotPermitted, FormatError, IntegrityError,
+            BudgetExceeded.
+        """
+        start = time.monotonic()
+        source = open_source(ref, self.config)
+        files = source.list_files(include, exclude)
+        stats = FetchStats()
+        cb = callback or NoOpCallback()
+        todo = [f for f in files if self._hit(f) is None]
+        cb.set_size(sum(f.size for f in todo))
+        progress = _LockedCallback(cb)
+        results: dict[str, ModelFile] = {}
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.config.max_parallel_files,
+                thread_name_prefix="weightd-fetch") as pool:
+            futures = {pool.submit(self.fetch_file, source, f, progress, stats): f for f in files}
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    f = futures[fut]
+                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size)
+            except BaseException:
+                for other in futures:
+                    other.cancel()
+                raise
+        name = model_name(source.url)
+        path = self.store.commit_snapshot(name, source.url, results)
+        stats.seconds = time.monotonic() - start
+        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source in %.2fs",
+                 source.url, stats.files, stats.hits, stats.bytes_fetched, stats.bytes_total,
+                 stats.seconds)
+        return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
+                        stats)
+
+    def _hit(self, f: RemoteFile) -> str | None:
+        digest = self.store.index.lookup_file(f.url, f.identity)
+        return digest if digest is not None and self.store.has_blob(digest) else None
+
+    def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
+                   stats: FetchStats) -> str:
+        """Bring one file into the store; return its digest."""
+        digest = self._hit(f)
+        if digest is None:
+            with self.store.single_flight(f"{f.url}\0{f.identity}"):
+                digest = self._hit(f)  # another thread or process may have just done it
+                if digest is None:
+                    digest, hash_s = self._download(source, f, progress)
+                    stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
+                    return digest
+        stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
+        return digest
+
+    def _download(self, source: Source, f: RemoteFile,
+                  progress: _LockedCallback) -> tuple[str, float]:
+        hasher = xxhash.xxh3_128()
+        hash_seconds = 0.0
+        with self.store.temp_file(f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
+
+            def sink(offset: int, data: bytes) -> None:
+                nonlocal hash_seconds
+                t0 = time.perf_counter()
+                hasher.update(data)
+                hash_seconds += time.perf_counter() - t0
+                try:
+                    _pwrite_all(fd, memoryview(data), offset)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise BudgetExceeded(f"{self.store.root}: disk full while writing "
+                                             f"{f.url}") from e
+                    raise
+                progress.update(len(data))
+
+            try:
+                fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, source, f, sink)
+            except WeightdError:
+                raise
+            except Exception as e:
+                raise translate_error(e, f.url) from e
+            digest = hasher.hexdigest()
+            if os.fstat(fd).st_size != f.size:
+                raise IntegrityError(f"{f.url}: wrote {os.fstat(fd).st_size} bytes, "
+                                     f"expected {f.size}")
+            if f.relpath.endswith(".safetensors"):
+                # a malformed shard never becomes visible (raises FormatError)
+                with os.fdopen(os.dup(fd), "rb") as fobj:
+                    read_layout(f.url, fileobj=fobj)
+            again = source.stat(f)
+            if again.identity != f.identity:
+                raise IntegrityError(f"{f.url}: the source changed during the download "
+                                     f"({f.identity} -> {again.identity}); fetch again")
+            self.store.commit_blob(fd, tmp, digest)
+        self.store.index.record_file(f.url, f.identity, f.size, digest)
+        return digest, hash_seconds
+
+    async def _read_all(self, source: Source, f: RemoteFile,
+                        sink: Callable[[int, bytes], None]) -> None:
+        """Read every chunk with bounded concurrency; hand them to ``sink`` in order.
+
+        ``sink`` runs on one writer thread per file, so hashing and writing chunk i
+        overlap the reads of the chunks after it. At most ``concurrency + 2`` chunks are
+        in memory at once.
+        """
+        plan = source.plan
+        loop = asyncio.get_running_loop()
+        chunks = deque((o, min(o + plan.chunk_size, f.size))
+                       for o in range(0, f.size, plan.chunk_size))
+        sem = asyncio.Semaphore(plan.concurrency)
+
+        async def read(start: int, end: int) -> bytes:
+            async with sem:
+                return await retry_async(
+                    lambda: source.read_range(f.path, start, end), policy=self.policy,
+                    is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
+
+        pending: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+
+        def schedule() -> None:
+            while chunks and len(pending) < plan.concurrency + 2:
+                start, end = chunks.popleft()
+                pending.append((start, asyncio.ensure_future(read(start, end))))
+
+        writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
+        last_write: asyncio.Future[None] | None = None
+        try:
+            schedule()
+            while pending:
+                start, task = pending.popleft()
+                data = await task
+                if last_write is not None:
+                    await last_write
+                last_write = loop.run_in_executor(writer, sink, start, data)
+                schedule()
+            if last_write is not None:
+                await last_write
+        finally:
+            for _, task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+            if last_write is not None and not last_write.done():
+                await asyncio.gather(last_write, return_exceptions=True)
+            writer.shutdown(wait=False)

@@ -1,0 +1,185 @@
+"""The cache's SQLite index (WAL): sources' files, blobs, models and last use.
+
+What is in the index only says what is known; the truth of a blob is the file under
+``blobs/`` (a visible blob is complete and verified). Every write is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    url TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    fetched REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_digest ON files(digest);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    fetched REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_files (
+    model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,
+    relpath TEXT NOT NULL,
+    url TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (model, relpath)
+);
+CREATE INDEX IF NOT EXISTS model_files_digest ON model_files(digest);
+"""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    relpath: str
+    url: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    source: str
+    revision: str
+    fetched: float
+    last_used: float
+    files: tuple[ModelFile, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    digest: str
+    size: int
+    created: float
+    last_used: float
+
+
+class Index:
+    """A thread-safe handle on ``index.sqlite3`` (one connection, one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, timeout=60, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        with self.transaction() as db:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE, so writers queue instead of deadlocking)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args))
+
+    # files and blobs ----------------------------------------------------------------
+
+    def lookup_file(self, url: str, identity: str) -> str | None:
+        """The digest recorded for this source file at this identity, if any."""
+        rows = self._query("SELECT digest FROM files WHERE url=? AND identity=?", (url, identity))
+        return str(rows[0][0]) if rows else None
+
+    def record_file(self, url: str, identity: str, size: int, digest: str) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT INTO blobs VALUES (?,?,?,?) ON CONFLICT(digest) DO UPDATE SET "
+                       "last_used=excluded.last_used", (digest, size, now, now))
+            db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
+                       (url, identity, size, digest, now))
+
+    def blobs(self) -> list[BlobRecord]:
+        return [BlobRecord(str(d), int(s), float(c), float(u))
+                for d, s, c, u in self._query("SELECT digest,size,created,last_used FROM blobs")]
+
+    def forget_blob(self, digest: str) -> None:
+        """Drop a blob and every source file that pointed at it (the next fetch refetches)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM files WHERE digest=?", (digest,))
+            db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    # models ---------------------------------------------------------------------------
+
+    def record_model(self, name: str, source: str, revision: str,
+                     files: Mapping[str, ModelFile]) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
+                       (name, source, revision, now, now))
+            db.execute("DELETE FROM model_files WHERE model=?", (name,))
+            db.executemany("INSERT INTO model_files VALUES (?,?,?,?,?)",
+                           [(name, f.relpath, f.url, f.digest, f.size) for f in files.values()])
+            db.executemany("UPDATE blobs SET last_used=? WHERE digest=?",
+                           [(now, f.digest) for f in files.values()])
+
+    def touch_model(self, name: str) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE models SET last_used=? WHERE name=?", (now, name))
+            db.execute("UPDATE blobs SET last_used=? WHERE digest IN "
+                       "(SELECT digest FROM model_files WHERE model=?)", (now, name))
+
+    def models(self) -> list[ModelRecord]:
+        files: dict[str, list[ModelFile]] = {}
+        for m, rel, url, digest, size in self._query(
+                "SELECT model,relpath,url,digest,size FROM model_files ORDER BY model,relpath"):
+            files.setdefault(str(m), []).append(ModelFile(str(rel), str(url), str(digest),
+                                                          int(size)))
+        return [ModelRecord(str(n), str(s), str(r), float(f), float(u),
+                            tuple(files.get(str(n), ())))
+                for n, s, r, f, u in self._query(
+                    "SELECT name,source,revision,fetched,last_used FROM models ORDER BY name")]
+
+    def model(self, name: str) -> ModelRecord | None:
+        return next((m for m in self.models() if m.name == name), None)
+
+    def forget_model(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM models WHERE name=?", (name,))

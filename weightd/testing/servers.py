@@ -1,0 +1,281 @@
+"""A static HTTP server with Range support and request counting, and moto's S3 server
+wrapped to count requests. Both bind 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import re
+import threading
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+#: A fault hook: (method, path) -> None to serve normally, an HTTP status to answer
+#: with instead, or -1 to drop the connection without answering.
+FaultHook = Callable[[str, str], int | None]
+
+
+class RequestLog:
+    """Thread-safe counts of requests and body bytes served, per path."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def add(self, method: str, path: str, nbytes: int) -> None:
+        with self.lock:
+            self.requests[(method, path)] += 1
+            self.bytes[path] += nbytes
+
+    def count(self, method: str | None = None, path_contains: str = "") -> int:
+        with self.lock:
+            return sum(n for (m, p), n in self.requests.items()
+                       if (method is None or m == method) and path_contains in p)
+
+    def bytes_served(self, path_contains: str = "") -> int:
+        with self.lock:
+            return sum(n for p, n in self.bytes.items() if path_contains in p)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.bytes.clear()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve(body=True)
+
+    def _fault(self) -> bool:
+        hook = self.server.fault
+        status = hook(self.command, self.path) if hook else None
+        if status is None:
+            return False
+        if status == -1:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return True
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
+    def _serve(self, *, body: bool) -> None:
+        if self._fault():
+            return
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        root = self.server.root
+        target = (root / rel.lstrip("/")).resolve()
+        if not (target == root or root in target.parents) or not target.exists():
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        if target.is_dir():
+            self._listing(target, rel, body)
+            return
+        st = target.stat()
+        size = st.st_size
+        start, end = 0, size
+        status = HTTPStatus.OK
+        rng = self.headers.get("Range")
+        if rng:
+            m = _RANGE.match(rng.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                return
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            else:
+                start, end = max(0, size - int(m.group(2))), size
+            if start >= size or start >= end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = HTTPStatus.PARTIAL_CONTENT
+        self.send_response(status)
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
+        self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
+        self.send_header("Content-Type", "application/octet-stream")
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if not body:
+            self.server.log.add("HEAD", rel, 0)
+            return
+        self.wfile.flush()
+        sent = 0
+        with open(target, "rb") as f:
+            while sent < end - start:
+                n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent,
+                                min(end - start - sent, 1 << 24))
+                if n == 0:
+                    break
+                sent += n
+        self.server.log.add("GET", rel, sent)
+
+    def _listing(self, target: Path, rel: str, body: bool) -> None:
+        base = rel if rel.endswith("/") else rel + "/"
+        items = []
+        for entry in sorted(target.iterdir()):
+            name = entry.name + ("/" if entry.is_dir() else "")
+            items.append(f'<a href="{html.escape(urllib.parse.quote(base + name))}">'
+                         f"{html.escape(name)}</a>")
+        data = ("<html><body>\n" + "\n".join(items) + "\n</body></html>\n").encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        self.server.log.add("LIST", rel, 0)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    root: Path
+    log: RequestLog
+    fault: FaultHook | None
+
+
+class RangeHTTPServer:
+    """Serve a directory over HTTP/1.1 on 127.0.0.1 with Range, ETag and listings.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> with RangeHTTPServer(tempfile.mkdtemp()) as srv:
+    ...     srv.url.startswith("http://127.0.0.1:")
+    True
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fault: FaultHook | None = None) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.root = Path(root).resolve()
+        self._server.log = RequestLog()
+        self._server.fault = fault
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="range-http")
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def log(self) -> RequestLog:
+        return self._server.log
+
+    def set_fault(self, fault: FaultHook | None) -> None:
+        self._server.fault = fault
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> RangeHTTPServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _CountingApp:
+    def __init__(self, app: Any, log: RequestLog, fault: Callable[[], FaultHook | None]) -> None:
+        self.app = app
+        self.log = log
+        self.fault = fault
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        method = environ["REQUEST_METHOD"]
+        path = urllib.parse.unquote(environ.get("PATH_INFO", ""))
+        kind = method
+        if method == "GET" and "HTTP_RANGE" in environ:
+            kind = "GET"
+        hook = self.fault()
+        status = hook(method, path) if hook else None
+        if status is not None and status != -1:
+            start_response(f"{status} Fault", [("Content-Length", "0")])
+            return [b""]
+        self.log.add(kind, path, 0)
+        return self.app(environ, start_response)
+
+
+class MotoS3Server:
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint), counting requests per path.
+
+    Attributes:
+        endpoint_url: pass it to s3fs/boto3 (or as ``AWS_ENDPOINT_URL``).
+    """
+
+    def __init__(self, *, fault: FaultHook | None = None) -> None:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        self.log = RequestLog()
+        self._fault = fault
+        app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.log,
+                           lambda: self._fault)
+        self._server = make_server("127.0.0.1", 0, app, threaded=True,
+                                   request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="moto-s3")
+        self._thread.start()
+        self.endpoint_url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def set_fault(self, fault: FaultHook | None) -> None:
+        self._fault = fault
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def upload_dir(self, local: str | os.PathLike[str], bucket: str, prefix: str) -> str:
+        """Upload a directory tree; return its ``s3://bucket/prefix`` URL."""
+        s3 = self.client()
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+        local = Path(local)
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> MotoS3Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
