@@ -104,6 +104,12 @@ def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(cfg: Config, ns: argparse.Namespace) -> int:
+    from weightd.server import serve
+
+    return serve(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightd", description="Model-weight cache and daemon for fast model cold starts.")
@@ -114,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_flags(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="run the daemon on its unix socket until SIGTERM")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("fetch", parents=[common],
                        help="fetch a model into the cache; print its snapshot path")

@@ -100,6 +100,17 @@ def _float(v: Any) -> float:
         raise ConfigError(f"not a number: {v!r}") from e
 
 
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {v!r} (use true or false)")
+
+
 def _path(v: Any) -> Path:
     return Path(os.path.expanduser(str(v)))
 
@@ -143,6 +154,10 @@ class Config:
     max_parallel_files: int = _setting(4, _int, "files of one model fetched at once")
     retry_attempts: int = _setting(6, _int, "attempts per chunk before a fetch fails")
     retry_max_seconds: float = _setting(60.0, _float, "time bound on the retries of one chunk")
+    host_budget: int | None = _setting(
+        None, _opt_size, "bytes the host tier may keep resident (default: half of the RAM)"
+    )
+    host_mlock: bool = _setting(True, _bool, "pin resident pages with mlock")
     log_level: str = _setting("INFO", str, "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:

@@ -37,6 +37,10 @@ DEFAULT_INCLUDE: tuple[str, ...] = (
 
 _PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
 
+#: aiohttp's read buffer per ranged HTTP response (its default, 256 KiB, pauses and
+#: resumes the socket every 512 KiB).
+_READ_BUFSIZE = 4 * MiB
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -333,14 +337,65 @@ class Source:
 
     async def read_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file; a short read raises a transient error."""
-        if self.is_async:
-            data = await self.fs._cat_file(path, start=start, end=end)
+        blocks = await self.read_blocks(path, start, end)
+        return blocks[0] if len(blocks) == 1 else b"".join(blocks)
+
+    async def read_blocks(self, path: str, start: int, end: int) -> list[bytes]:
+        """Bytes ``[start, end)`` of a file as the buffers they arrived in.
+
+        For HTTP and S3 the response body is taken block by block from aiohttp (as the
+        socket delivered it) instead of joined into one ``bytes``: the join is a copy of
+        every byte into freshly faulted memory, as costly as the ``recv`` itself (see
+        docs/fetch-tuning.md). Other filesystems give one block. A short read raises a
+        transient error.
+        """
+        kind = _PROTOCOL_ALIASES.get(self.protocol, self.protocol)
+        if self.is_async and kind == "http" and hasattr(self.fs, "set_session"):
+            blocks = await self._http_blocks(path, start, end)
+        elif self.is_async and kind == "s3" and hasattr(self.fs, "_call_s3"):
+            blocks = await self._s3_blocks(path, start, end)
+        elif self.is_async:
+            blocks = [await self.fs._cat_file(path, start=start, end=end)]
         else:
-            data = await asyncio.to_thread(self.fs.cat_file, path, start, end)
-        if len(data) != end - start:
+            blocks = [await asyncio.to_thread(self.fs.cat_file, path, start, end)]
+        got = sum(len(b) for b in blocks)
+        if got != end - start:
             raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, "
-                             f"got {len(data)} bytes")
-        return bytes(data) if not isinstance(data, bytes) else data
+                             f"got {got} bytes")
+        return [b if isinstance(b, bytes) else bytes(b) for b in blocks]
+
+    async def _http_blocks(self, path: str, start: int, end: int) -> list[bytes]:
+        """A ranged GET on fsspec's own aiohttp session (its headers, auth, encoding)."""
+        fs: Any = self.fs
+        kw = dict(getattr(fs, "kwargs", None) or {})
+        headers = dict(kw.pop("headers", None) or {})
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        kw.setdefault("read_bufsize", _READ_BUFSIZE)
+        session = await fs.set_session()
+        url = fs.encode_url(path) if hasattr(fs, "encode_url") else path
+        async with session.get(url, headers=headers, **kw) as r:
+            fs._raise_not_found_for_status(r, path)
+            if r.status != 206 and not (start == 0 and r.content_length == end):
+                raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, the "
+                                 f"server ignored the range (HTTP {r.status})")
+            return [data async for data, _ in r.content.iter_chunks() if data]
+
+    async def _s3_blocks(self, path: str, start: int, end: int) -> list[bytes]:
+        """A ranged GetObject through s3fs's client (its retries, request options)."""
+        fs: Any = self.fs
+        bucket, key, version = fs.split_path(path)
+        extra = {"VersionId": version} if version else {}
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                 Range=f"bytes={start}-{end - 1}", **extra)
+        body = resp["Body"]
+        try:
+            content: Any = getattr(getattr(body, "raw_stream", None), "content", None)
+            # only the plain aiohttp body: a checksum-validating wrapper must see the bytes
+            if type(body).__name__ == "AioStreamingBody" and hasattr(content, "iter_chunks"):
+                return [data async for data, _ in content.iter_chunks() if data]
+            return [await body.read()]
+        finally:
+            body.close()
 
 
 def open_source(ref: str, config: Config) -> Source:

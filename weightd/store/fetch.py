@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -86,6 +88,59 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+try:
+    _IOV_MAX = max(1, min(1024, os.sysconf("SC_IOV_MAX")))
+except (AttributeError, ValueError, OSError):  # pragma: no cover
+    _IOV_MAX = 16
+
+
+def _pwritev_all(fd: int, blocks: Sequence[bytes], offset: int) -> None:
+    """Write ``blocks`` back to back at ``offset``: one syscall per ``IOV_MAX`` of them."""
+    if not hasattr(os, "pwritev"):  # pragma: no cover
+        for b in blocks:
+            _pwrite_all(fd, memoryview(b), offset)
+            offset += len(b)
+        return
+    views = [memoryview(b) for b in blocks if b]
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i:i + _IOV_MAX], offset)
+        offset += n
+        while n and i < len(views):
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)`` where Linux has it, else None.
+
+    It starts the writeback of a written range without waiting for it, so that the disk
+    writes a blob while the rest of it is still downloading and the fsync before the
+    rename has little left to do (the pages stay cached, unlike with fadvise DONTNEED).
+    """
+    if not hasattr(os, "sched_getaffinity"):  # not Linux
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the hint
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
 
 
 class Fetcher:
@@ -176,19 +231,23 @@ class Fetcher:
         hash_seconds = 0.0
         with self.store.temp_file(f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
 
-            def sink(offset: int, data: bytes) -> None:
+            def sink(offset: int, blocks: list[bytes]) -> None:
                 nonlocal hash_seconds
                 t0 = time.perf_counter()
-                hasher.update(data)
+                for b in blocks:
+                    hasher.update(b)
                 hash_seconds += time.perf_counter() - t0
+                nbytes = sum(len(b) for b in blocks)
                 try:
-                    _pwrite_all(fd, memoryview(data), offset)
+                    _pwritev_all(fd, blocks, offset)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise BudgetExceeded(f"{self.store.root}: disk full while writing "
                                              f"{f.url}") from e
                     raise
-                progress.update(len(data))
+                if _start_writeback is not None:
+                    _start_writeback(fd, offset, nbytes)
+                progress.update(nbytes)
 
             try:
                 fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, source, f, sink)
@@ -213,7 +272,7 @@ class Fetcher:
         return digest, hash_seconds
 
     async def _read_all(self, source: Source, f: RemoteFile,
-                        sink: Callable[[int, bytes], None]) -> None:
+                        sink: Callable[[int, list[bytes]], None]) -> None:
         """Read every chunk with bounded concurrency; hand them to ``sink`` in order.
 
         ``sink`` runs on one writer thread per file, so hashing and writing chunk i
@@ -226,13 +285,13 @@ class Fetcher:
                        for o in range(0, f.size, plan.chunk_size))
         sem = asyncio.Semaphore(plan.concurrency)
 
-        async def read(start: int, end: int) -> bytes:
+        async def read(start: int, end: int) -> list[bytes]:
             async with sem:
                 return await retry_async(
-                    lambda: source.read_range(f.path, start, end), policy=self.policy,
+                    lambda: source.read_blocks(f.path, start, end), policy=self.policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
 
-        pending: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+        pending: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
 
         def schedule() -> None:
             while chunks and len(pending) < plan.concurrency + 2:

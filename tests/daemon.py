@@ -1,0 +1,124 @@
+"""Run the daemon as a real process on a temporary unix socket, and client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+
+HERE = Path(__file__).resolve().parent
+
+
+class DaemonProcess:
+    """``weightd serve`` in a subprocess; its log goes to ``log_path``."""
+
+    def __init__(self, tmp: Path, *, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.socket = tmp / "run" / "weightd.sock"
+        self.cache_dir = tmp / "cache"
+        self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
+        self.env = {**os.environ, "WEIGHTD_SOCKET": str(self.socket),
+                    "WEIGHTD_CACHE_DIR": str(self.cache_dir), **(env or {})}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "weightd.cli", "serve", *args],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                try:
+                    with grpc.insecure_channel(f"unix://{self.socket}") as ch:
+                        resp = health_pb2_grpc.HealthStub(ch).Check(
+                            health_pb2.HealthCheckRequest(), timeout=1)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+
+    def stub(self) -> pb_grpc.WeightdStub:
+        return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{self.socket}"))
+
+    def status(self) -> pb.StatusResponse:
+        with grpc.insecure_channel(f"unix://{self.socket}") as ch:
+            return pb_grpc.WeightdStub(ch).Status(pb.StatusRequest(), timeout=10)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+class ClientProcess:
+    """A model-server-like process (tests/client_worker.py) driven over stdin/stdout."""
+
+    def __init__(self, socket: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "client_worker.py")], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "WEIGHTD_SOCKET": str(socket), **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, cmd: str, timeout: float = 120, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = _readline(self.proc, timeout)
+        out = json.loads(line)
+        if "error" in out:
+            raise ClientError(out["error"], out.get("type", ""))
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    import select
+
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"client {proc.pid} did not answer in {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        err = proc.stderr.read() if proc.stderr else ""
+        raise RuntimeError(f"client {proc.pid} died:\n{err}")
+    return line

@@ -1,0 +1,139 @@
+"""The daemon's process life: the unix socket, signals, readiness, draining.
+
+``weightd serve`` builds a :class:`~weightd.node.Node` over an exclusively locked cache,
+serves ``weightd.v1.Weightd`` plus the standard health and reflection services on a unix
+socket (mode 0660), tells systemd when it is ready (``NOTIFY_SOCKET``), and on SIGTERM
+stops taking calls, lets the running ones finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+
+from weightd.config import Config
+from weightd.node import Node
+from weightd.service import WeightdServicer
+from weightd.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024 * 1024
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Weightd"].full_name
+
+
+def sd_notify(message: str) -> bool:
+    """Send a datagram to systemd's ``NOTIFY_SOCKET`` (no-op when it is not set)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.sendall(message.encode())
+        except OSError as e:
+            log.warning("could not notify systemd at %s: %s", addr, e)
+            return False
+    return True
+
+
+def _prepare_socket(path: Path) -> None:
+    """Create the socket's directory; refuse a live socket, remove a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if not path.exists() and not path.is_socket():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+    raise SystemExit(f"weightd: another daemon is listening on {path}")
+
+
+class Daemon:
+    """One running daemon: build with a config, :meth:`start`, then :meth:`wait`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.socket = Path(config.socket).absolute()
+        self.store = Store.open(config.cache_dir, exclusive=True)
+        self.node = Node(config, self.store)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="weightd-rpc"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE),
+                     ("grpc.so_reuseport", 0)])
+        pb_grpc.add_WeightdServicer_to_server(WeightdServicer(self.node), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        _prepare_socket(self.socket)
+        old = os.umask(0o117)  # the socket is born 0660: never world-accessible
+        try:
+            self.server.add_insecure_port(f"unix://{self.socket}")
+            self.server.start()
+        finally:
+            os.umask(old)
+        os.chmod(self.socket, 0o660)
+        self.node.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("weightd serving on unix://%s (cache %s, pid %d)", self.socket,
+                 self.config.cache_dir, os.getpid())
+        for problem in self.node.problems():
+            log.warning("%s", problem)
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        sd_notify("STOPPING=1")
+        log.info("stopping: draining calls (up to %.0fs)", grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.node.close()
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    daemon = Daemon(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    sd_notify("READY=1")
+    stop.wait()
+    daemon.stop()
+    return 0
