@@ -11,11 +11,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from weightd import __version__
 from weightd.config import Config, ConfigError, add_flags, flag_values, format_size, load_config
 from weightd.config import parse_size as _parse_size
-from weightd.errors import WeightdError
+from weightd.errors import DaemonUnavailable, WeightdError
 
 log = logging.getLogger("weightd")
 
@@ -29,15 +31,51 @@ def _config(ns: argparse.Namespace) -> Config:
     return load_config(ns.config, overrides=flag_values(ns))
 
 
+def _daemon(cfg: Config) -> Any:
+    """A client of the daemon on ``cfg.socket``, or None when no daemon answers there."""
+    if not Path(cfg.socket).exists():
+        return None
+    import weightd_client
+
+    client = weightd_client.Client(cfg.socket, timeout=24 * 3600)
+    try:
+        client.status()
+    except weightd_client.errors.DaemonUnavailable:
+        client.close()
+        return None
+    return client
+
+
+def _need_daemon(cfg: Config) -> Any:
+    client = _daemon(cfg)
+    if client is None:
+        raise DaemonUnavailable(f"no weightd daemon answers on {cfg.socket} "
+                                "(start one with `weightd serve`, or pass --socket)")
+    return client
+
+
 def cmd_fetch(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.progress import progress_for
     from weightd.store import Fetcher, Store
 
+    client = _daemon(cfg)
+    if client is not None:  # the daemon owns the cache: fetch through it
+        cb = progress_for(ns.source)
+        with client:
+            try:
+                path = client.fetch(ns.source, include=ns.include, exclude=ns.exclude,
+                                    callback=cb)
+            finally:
+                getattr(cb, "close", lambda: None)()
+        print(f"{ns.source}: fetched through the daemon on {cfg.socket}", file=sys.stderr)
+        print(path)
+        return 0
     with Store.open(cfg.cache_dir) as store:
         fetcher = Fetcher(store, cfg)
         cb = progress_for(ns.source)
         try:
-            snap = fetcher.fetch(ns.source, include=ns.include or None, exclude=ns.exclude or ())
+            snap = fetcher.fetch(ns.source, include=ns.include or None, exclude=ns.exclude or (),
+                                 callback=cb)
         finally:
             close = getattr(cb, "close", None)
             if close:
@@ -53,6 +91,15 @@ def cmd_fetch(cfg: Config, ns: argparse.Namespace) -> int:
 
 def cmd_ls(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.store import Store
+
+    client = _daemon(cfg)
+    if client is not None:  # the daemon owns the cache: ask it
+        with client:
+            for m in client.list():
+                where = ",".join(_TIER_NAMES[r.tier] for r in m.resident) or "disk"
+                print(f"{m.model:<48} {m.files:>5} {format_size(m.bytes):>10} {where:<10} "
+                      f"{m.source}")
+        return 0
 
     with Store.open(cfg.cache_dir) as store:
         models = store.index.models()
@@ -104,6 +151,52 @@ def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+_TIER_NAMES = {0: "-", 1: "disk", 2: "host", 3: "cuda"}
+
+
+def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
+    with _need_daemon(cfg) as client:
+        st = client.status()
+        models = client.list()
+    print(f"weightd {st.version}, pid {st.pid}, up {st.uptime_seconds:.0f}s, "
+          f"cache {st.cache_dir}")
+    print(f"{'TIER':<5} {'DEVICE':<12} {'USED':>10} {'BUDGET':>10}  STATE")
+    for t in st.tiers:
+        state = ("ok" + (", mlocked" if t.locked else "")) if t.available else "unavailable"
+        reason = f" ({t.reason})" if t.reason else ""
+        budget = format_size(t.bytes_budget) if t.bytes_budget else "-"
+        print(f"{_TIER_NAMES[t.tier]:<5} {t.device or '-':<12} {format_size(t.bytes_used):>10} "
+              f"{budget:>10}  {state}{reason}")
+    print(f"\n{len(models)} models, {len(st.leases)} leases, {len(st.pins)} pins")
+    for m in models:
+        where = ", ".join(f"{_TIER_NAMES[r.tier]} ({r.leases} leases)" for r in m.resident)
+        print(f"  {m.model}  {format_size(m.bytes)}  {where or 'disk only'}")
+    for p in st.pins:
+        print(f"  pin {p.model} on {_TIER_NAMES[p.tier]}: {p.state}")
+    for problem in st.problems:
+        print(f"problem: {problem}")
+    return 0
+
+
+def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
+    with _need_daemon(cfg) as client:
+        if ns.command == "pin":
+            name = client.pin(ns.source, tier=ns.tier)
+            print(f"pinned {name} on the {ns.tier} tier (warming in the background: "
+                  "see `weightd status`)", file=sys.stderr)
+        elif not client.unpin(ns.source, tier=ns.tier):
+            print(f"{ns.source} was not pinned on the {ns.tier} tier", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
+    with _need_daemon(cfg) as client:
+        freed = client.evict(ns.source, tier=ns.tier)
+    print(f"freed {format_size(freed)}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.server import serve
 
@@ -133,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "side files)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="files to leave out")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("status", parents=[common],
+                       help="the daemon's tiers, models, leases, pins and problems")
+    p.set_defaults(func=cmd_status)
+
+    for name, text in (("pin", "keep a model resident on a tier (survives restarts)"),
+                       ("unpin", "drop a pin; the model becomes evictable")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("source")
+        p.add_argument("--tier", choices=("host", "disk"), default="host")
+        p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("evict", parents=[common],
+                       help="drop an unleased, unpinned model from host memory now")
+    p.add_argument("source", help="the reference or the model name (see `weightd status`)")
+    p.add_argument("--tier", choices=("host",), default="host")
+    p.set_defaults(func=cmd_evict)
 
     p = sub.add_parser("ls", parents=[common], help="list cached models")
     p.set_defaults(func=cmd_ls)

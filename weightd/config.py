@@ -111,6 +111,21 @@ def _bool(v: Any) -> bool:
     raise ConfigError(f"not a boolean: {v!r} (use true or false)")
 
 
+def _opt_budget(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    text = str(v).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError as e:
+            raise ConfigError(f"not a share: {v!r} (use e.g. 90%)") from e
+        if not 0 < share <= 100:
+            raise ConfigError(f"a share must be in (0, 100]%: {v!r}")
+        return text
+    return str(parse_size(text))
+
+
 def _path(v: Any) -> Path:
     return Path(os.path.expanduser(str(v)))
 
@@ -158,6 +173,22 @@ class Config:
         None, _opt_size, "bytes the host tier may keep resident (default: half of the RAM)"
     )
     host_mlock: bool = _setting(True, _bool, "pin resident pages with mlock")
+    disk_budget: int | None = _setting(
+        None, _opt_size, "bytes the blobs may take; LRU models beyond it are evicted"
+    )
+    gpu_budget: str | None = _setting(
+        None, _opt_budget, "per-GPU budget: bytes (40GiB) or a share of the device (90%)"
+    )
+    staging_buffers: int = _setting(4, _int, "pinned host staging buffers for GPU loads")
+    staging_buffer_size: int = _setting(
+        64 * 1024 * 1024, _size, "bytes per pinned staging buffer"
+    )
+    gpu_register_host: bool = _setting(
+        False, _bool, "copy to the GPU from the registered mmap instead of staging buffers"
+    )
+    metrics_address: str | None = _setting(
+        None, _opt_str, "host:port for the Prometheus endpoint (default: none)"
+    )
     log_level: str = _setting("INFO", str, "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
@@ -167,6 +198,8 @@ class Config:
             raise ConfigError(f"concurrency must be 1..256, got {self.concurrency}")
         if not 1 <= self.max_parallel_files <= 64:
             raise ConfigError(f"max_parallel_files must be 1..64, got {self.max_parallel_files}")
+        if self.staging_buffers < 1 or self.staging_buffer_size < 1024 * 1024:
+            raise ConfigError("staging_buffers must be >= 1 and staging_buffer_size >= 1MiB")
         if self.retry_attempts < 1:
             raise ConfigError(f"retry_attempts must be at least 1, got {self.retry_attempts}")
 

@@ -4,6 +4,7 @@ so that the daemon raises and the client re-raises the very same classes; see th
 from weightd_client.errors import (
     BudgetExceeded,
     CacheLocked,
+    DaemonUnavailable,
     FormatError,
     GpuUnavailable,
     IntegrityError,
@@ -18,6 +19,7 @@ from weightd_client.errors import (
 __all__ = [
     "BudgetExceeded",
     "CacheLocked",
+    "DaemonUnavailable",
     "FormatError",
     "GpuUnavailable",
     "IntegrityError",

@@ -53,6 +53,10 @@ MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
 
 
+_TIERS = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "cuda": pb.TIER_CUDA}
+_TIER_NAMES = {v: k for k, v in _TIERS.items()}
+
+
 def status_for(e: BaseException) -> grpc.StatusCode:
     for cls in type(e).__mro__:
         if cls in ERROR_CODES:
@@ -249,6 +253,9 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 pb.TierStatus(tier=pb.TIER_CUDA, available=False,
                               reason="no GPU support in this build"),
             ]
+            pins = [pb.PinInfo(model=p.model, source=p.source, tier=_TIERS[p.tier],
+                               device=p.device, state=p.state, since=p.since)
+                    for p in node.pins()]
             leases = [pb.LeaseInfo(lease_id=lease.lease_id, model=lease.model,
                                    tier=pb.TIER_HOST, device=lease.device, pid=lease.pid,
                                    client_name=lease.client_name, since=lease.since)
@@ -259,7 +266,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         return pb.StatusResponse(version=__version__, pid=os.getpid(),
                                  uptime_seconds=time.time() - node.started,
                                  cache_dir=str(node.store.root), tiers=tiers, leases=leases,
-                                 problems=problems)
+                                 problems=problems, pins=pins)
 
     def Evict(self, request: pb.EvictRequest,  # noqa: N802
               context: grpc.ServicerContext) -> pb.EvictResponse:
@@ -274,3 +281,35 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             calls.fail(e)
         calls.ok(bytes=freed)
         return pb.EvictResponse(bytes_freed=freed)
+
+    def _pin_args(self, request: pb.PinRequest | pb.UnpinRequest) -> tuple[str, str]:
+        _check_source(request.source)
+        tier = _TIER_NAMES.get(request.tier or pb.TIER_HOST)
+        if tier is None:
+            raise _BadRequest("request", f"unknown tier {request.tier}")
+        device = request.device or ("cpu" if tier != "cuda" else "")
+        if tier == "cuda" and not device.startswith("cuda:"):
+            raise _BadRequest("request", "a CUDA pin needs device 'cuda:<GPU UUID>'")
+        return tier, device
+
+    def Pin(self, request: pb.PinRequest,  # noqa: N802
+            context: grpc.ServicerContext) -> pb.PinResponse:
+        calls = _Calls(context, "Pin", source=request.source)
+        try:
+            tier, device = self._pin_args(request)
+            model = self.node.pin(request.source, tier=tier, device=device)
+        except Exception as e:
+            calls.fail(e)
+        calls.ok(model=model, tier=tier)
+        return pb.PinResponse(model=model)
+
+    def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> pb.UnpinResponse:
+        calls = _Calls(context, "Unpin", source=request.source)
+        try:
+            tier, device = self._pin_args(request)
+            removed = self.node.unpin(request.source, tier=tier, device=device)
+        except Exception as e:
+            calls.fail(e)
+        calls.ok(was_pinned=removed)
+        return pb.UnpinResponse(was_pinned=removed)

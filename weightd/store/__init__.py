@@ -6,7 +6,7 @@ budgets and eviction of blobs, and fetching into it. Must not import grpc.
 
 from weightd.store.cas import GcPlan, Store, VerifyReport, hash_file
 from weightd.store.fetch import Fetcher, FetchStats, Snapshot
-from weightd.store.index import Index, ModelFile, ModelRecord
+from weightd.store.index import Index, ModelFile, ModelRecord, PinRecord
 
 __all__ = [
     "FetchStats",
@@ -15,6 +15,7 @@ __all__ = [
     "Index",
     "ModelFile",
     "ModelRecord",
+    "PinRecord",
     "Snapshot",
     "Store",
     "VerifyReport",

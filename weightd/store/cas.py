@@ -27,7 +27,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,8 +296,11 @@ class Store:
     def blob_bytes(self) -> int:
         return sum(b.size for b in self.index.blobs() if self.has_blob(b.digest))
 
-    def plan_gc(self, budget: int) -> GcPlan:
-        """Plan evictions until blobs take at most ``budget`` bytes (nothing is deleted)."""
+    def plan_gc(self, budget: int, *, keep: Collection[str] = ()) -> GcPlan:
+        """Plan evictions until blobs take at most ``budget`` bytes (nothing is deleted).
+
+        Models named in ``keep`` (resident, leased or pinned ones) are never evicted.
+        """
         blobs = {b.digest: b for b in self.index.blobs() if self.has_blob(b.digest)}
         before = sum(b.size for b in blobs.values())
         models = sorted(self.index.models(), key=lambda m: m.last_used)
@@ -322,6 +325,8 @@ class Store:
         for m in models:
             if size <= budget:
                 break
+            if m.name in keep:
+                continue
             evict_models.append(m.name)
             for f in m.files:
                 holders = users.get(f.digest, set())

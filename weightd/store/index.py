@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS model_files (
     PRIMARY KEY (model, relpath)
 );
 CREATE INDEX IF NOT EXISTS model_files_digest ON model_files(digest);
+CREATE TABLE IF NOT EXISTS pins (
+    source TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    device TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (source, tier, device)
+);
 """
 
 
@@ -72,6 +79,14 @@ class ModelRecord:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class PinRecord:
+    source: str
+    tier: str
+    device: str
+    created: float
 
 
 @dataclass(frozen=True)
@@ -166,20 +181,40 @@ class Index:
             db.execute("UPDATE blobs SET last_used=? WHERE digest IN "
                        "(SELECT digest FROM model_files WHERE model=?)", (now, name))
 
-    def models(self) -> list[ModelRecord]:
+    def models(self, name: str | None = None) -> list[ModelRecord]:
+        """Every model (or the one named), with its files."""
+        where, args = ("WHERE model=?", (name,)) if name is not None else ("", ())
         files: dict[str, list[ModelFile]] = {}
         for m, rel, url, digest, size in self._query(
-                "SELECT model,relpath,url,digest,size FROM model_files ORDER BY model,relpath"):
-            files.setdefault(str(m), []).append(ModelFile(str(rel), str(url), str(digest),
-                                                          int(size)))
-        return [ModelRecord(str(n), str(s), str(r), float(f), float(u),
-                            tuple(files.get(str(n), ())))
+                f"SELECT model,relpath,url,digest,size FROM model_files {where} "
+                "ORDER BY model,relpath", args):
+            files.setdefault(m, []).append(ModelFile(rel, url, digest, size))
+        where = "WHERE name=?" if name is not None else ""
+        return [ModelRecord(n, s, r, f, u, tuple(files.get(n, ())))
                 for n, s, r, f, u in self._query(
-                    "SELECT name,source,revision,fetched,last_used FROM models ORDER BY name")]
+                    f"SELECT name,source,revision,fetched,last_used FROM models {where} "
+                    "ORDER BY name", args)]
 
     def model(self, name: str) -> ModelRecord | None:
-        return next((m for m in self.models() if m.name == name), None)
+        found = self.models(name)
+        return found[0] if found else None
 
     def forget_model(self, name: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM models WHERE name=?", (name,))
+
+    # pins -----------------------------------------------------------------------------
+
+    def add_pin(self, source: str, tier: str, device: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO pins VALUES (?,?,?,?)",
+                       (source, tier, device, time.time()))
+
+    def remove_pin(self, source: str, tier: str, device: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM pins WHERE source=? AND tier=? AND device=?",
+                              (source, tier, device)).rowcount > 0
+
+    def pins(self) -> list[PinRecord]:
+        return [PinRecord(*row) for row in self._query(
+            "SELECT source, tier, device, created FROM pins ORDER BY created")]

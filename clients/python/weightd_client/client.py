@@ -84,6 +84,18 @@ class ProgressCallback(Protocol):
     def relative_update(self, inc: int = 1) -> None: ...
 
 
+def _wire_tier(tier: str | int | None) -> Any:
+    """``"host"`` / ``"disk"`` / ``"cuda"`` / a ``Tier`` name or value → the wire value."""
+    if tier is None:
+        return int(pb.TIER_UNSPECIFIED)
+    if isinstance(tier, str):
+        try:
+            return int(_TIERS[tier.lower()] if tier.lower() in _TIERS else pb.Tier.Value(tier))
+        except ValueError as e:
+            raise ValueError(f"unknown tier {tier!r}: one of disk, host, cuda") from e
+    return int(tier)
+
+
 def default_socket() -> str:
     """The daemon's socket, as the daemon chooses it by default.
 
@@ -648,17 +660,35 @@ class Client:
             ModelInUse: the model is leased on that tier.
             DaemonUnavailable: the daemon is unreachable.
         """
-        text = os.fspath(source)
-        if isinstance(tier, str):
-            try:
-                wire_tier = _TIERS[tier.lower()] if tier.lower() in _TIERS else pb.Tier.Value(tier)
-            except ValueError as e:
-                raise ValueError(f"unknown tier {tier!r}: one of disk, host, cuda") from e
-        else:
-            wire_tier = pb.TIER_UNSPECIFIED if tier is None else tier
-        request = pb.EvictRequest(source=text, tier=wire_tier)
+        request = pb.EvictRequest(source=os.fspath(source), tier=_wire_tier(tier))
         response: pb.EvictResponse = self._invoke("Evict", request, precondition=ModelInUse)
         return int(response.bytes_freed)
+
+    def pin(self, source: str | os.PathLike[str], tier: str | int = "host",
+            device: str = "") -> str:
+        """Keep a model resident on a tier (a warm pool that survives daemon restarts).
+
+        Args:
+            source: the model reference.
+            tier: ``"host"`` (default), ``"disk"`` (cached only) or ``"cuda"``.
+            device: for ``"cuda"``, the device (``"cuda:1"`` or a torch.device).
+
+        Returns:
+            The model's name. Warming happens in the background: see :meth:`status`.
+        """
+        wire = _wire_tier(tier)
+        request = pb.PinRequest(source=_source_text(source), tier=wire,
+                                device=device_to_wire(device) if device else "")
+        response: pb.PinResponse = self._invoke("Pin", request)
+        return str(response.model)
+
+    def unpin(self, source: str | os.PathLike[str], tier: str | int = "host",
+              device: str = "") -> bool:
+        """Drop a pin; the model becomes evictable again. Returns whether it was pinned."""
+        request = pb.UnpinRequest(source=_source_text(source), tier=_wire_tier(tier),
+                                  device=device_to_wire(device) if device else "")
+        response: pb.UnpinResponse = self._invoke("Unpin", request)
+        return bool(response.was_pinned)
 
     def close(self) -> None:
         """Release the leases this client still holds and close the channel (idempotent)."""

@@ -64,6 +64,16 @@ class WeightdStub:
                 request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictRequest.SerializeToString,
                 response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictResponse.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/weightd.v1.Weightd/Pin',
+                request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinRequest.SerializeToString,
+                response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/weightd.v1.Weightd/Unpin',
+                request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.FromString,
+                _registered_method=True)
 
 
 class WeightdServicer:
@@ -111,6 +121,20 @@ class WeightdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Keep a model resident on a tier (a warm pool): recorded in the index, survives a
+        restart, warmed in the background; a pinned model is never evicted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +167,16 @@ def add_WeightdServicer_to_server(servicer, server):
                     servicer.Evict,
                     request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictRequest.FromString,
                     response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinRequest.FromString,
+                    response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.FromString,
+                    response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +341,60 @@ class Weightd:
             '/weightd.v1.Weightd/Evict',
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictRequest.SerializeToString,
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightd.v1.Weightd/Pin',
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinRequest.SerializeToString,
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightd.v1.Weightd/Unpin',
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.SerializeToString,
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,
