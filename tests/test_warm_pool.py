@@ -1,0 +1,170 @@
+"""Budgets, LRU eviction, pins that survive restarts, and the daemon-backed CLI."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+
+from tests.conftest import run_cli
+from tests.daemon import DaemonProcess
+from weightd.leases import process_start_time
+from weightd.testing import write_synthetic_model
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, str]:
+    out = {}
+    for i, name in enumerate("abc"):
+        write_synthetic_model(tmp_path / "src" / name, total_bytes=12 * MiB, tensors=8, seed=i)
+        out[name] = str(tmp_path / "src" / name)
+    return out
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path, env={"WEIGHTD_HOST_BUDGET": "30MiB"})
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+def acquire(d: DaemonProcess, source: str) -> pb.AcquireResponse:
+    me = os.getpid()
+    return d.stub().Acquire(pb.AcquireRequest(
+        source=source, client=pb.ClientInfo(pid=me, start_time=process_start_time(me))),
+        timeout=60)
+
+
+def release(d: DaemonProcess, lease_id: str) -> None:
+    d.stub().Release(pb.ReleaseRequest(lease_id=lease_id), timeout=10)
+
+
+def host_resident(d: DaemonProcess) -> set[str]:
+    listed = d.stub().List(pb.ListRequest(), timeout=10).models
+    return {m.source.rsplit("/", 1)[-1] for m in listed
+            if any(r.tier == pb.TIER_HOST for r in m.resident)}
+
+
+def test_lru_unleased_model_is_evicted_first(tight, models):
+    for name in ("a", "b", "a"):  # a is used again after b: b is least recently used
+        release(tight, acquire(tight, models[name]).lease_id)
+        time.sleep(0.02)
+    got = acquire(tight, models["c"])
+    assert got.loaded
+    assert host_resident(tight) == {"a", "c"}
+    assert "evicted" in tight.log()
+
+
+def test_leased_models_survive_pressure(tight, models):
+    la = acquire(tight, models["a"])
+    lb = acquire(tight, models["b"])
+    with pytest.raises(grpc.RpcError) as e:
+        acquire(tight, models["c"])
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "need" in e.value.details() and "free" in e.value.details()
+    assert host_resident(tight) == {"a", "b"}
+    release(tight, la.lease_id)
+    assert acquire(tight, models["c"]).loaded  # a, now unleased, makes room
+    assert host_resident(tight) == {"b", "c"}
+    release(tight, lb.lease_id)
+
+
+def test_pinned_model_is_never_evicted(tight, models):
+    tight.stub().Pin(pb.PinRequest(source=models["a"]), timeout=10)
+    wait_pins(tight, "resident")
+    for name in ("b", "c"):
+        release(tight, acquire(tight, models[name]).lease_id)
+    assert "a" in host_resident(tight)
+    with pytest.raises(grpc.RpcError) as e:
+        tight.stub().Evict(pb.EvictRequest(source=models["a"]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def wait_pins(d: DaemonProcess, state: str, timeout: float = 30) -> list[pb.PinInfo]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pins = list(d.status().pins)
+        if pins and all(p.state == state for p in pins):
+            return pins
+        time.sleep(0.05)
+    raise AssertionError(f"pins not {state}: {d.status().pins}")
+
+
+def test_pin_survives_a_restart_and_is_rewarmed(tmp_path, models):
+    d = DaemonProcess(tmp_path)
+    d.stub().Pin(pb.PinRequest(source=models["b"]), timeout=10)
+    wait_pins(d, "resident")
+    assert d.stop() == 0
+    d2 = DaemonProcess(tmp_path)
+    try:
+        pins = wait_pins(d2, "resident")  # no client asked
+        assert [p.source for p in pins] == [f"file://{models['b']}"]
+        assert host_resident(d2) == {"b"}
+        host = next(t for t in d2.status().tiers if t.tier == pb.TIER_HOST)
+        assert host.bytes_used >= 12 * MiB
+        assert d2.stub().Unpin(pb.UnpinRequest(source=models["b"]), timeout=10).was_pinned
+        assert list(d2.status().pins) == []
+    finally:
+        assert d2.stop() == 0
+    d3 = DaemonProcess(tmp_path)
+    try:
+        time.sleep(0.5)
+        assert list(d3.status().pins) == [] and host_resident(d3) == set()
+    finally:
+        assert d3.stop() == 0
+
+
+def test_a_pin_that_cannot_warm_says_why(tmp_path):
+    d = DaemonProcess(tmp_path)
+    try:
+        d.stub().Pin(pb.PinRequest(source=str(tmp_path / "nothing")), timeout=10)
+        pins = wait_pins(d, f"failed: file://{tmp_path}/nothing: no files at the source")
+        assert len(pins) == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_disk_budget_evicts_least_recently_used_cached_models(tmp_path, models):
+    d = DaemonProcess(tmp_path, env={"WEIGHTD_DISK_BUDGET": "30MiB"})
+    try:
+        held = acquire(d, models["a"])  # resident and leased: never evicted from disk
+        for name in ("b", "c"):
+            list(d.stub().Fetch(pb.FetchRequest(source=models[name]), timeout=60))
+            time.sleep(0.02)
+        cached = {m.source.rsplit("/", 1)[-1] for m in
+                  d.stub().List(pb.ListRequest(), timeout=10).models}
+        assert cached == {"a", "c"}
+        snaps = {p.name for p in (d.cache_dir / "snapshots").iterdir()}
+        assert not any(s.endswith("--b") for s in snaps)
+        release(d, held.lease_id)
+    finally:
+        assert d.stop() == 0
+
+
+def test_cli_talks_to_the_daemon(tmp_path, models):
+    d = DaemonProcess(tmp_path)
+    env = {"WEIGHTD_SOCKET": str(d.socket), "WEIGHTD_CACHE_DIR": str(d.cache_dir)}
+    try:
+        path = run_cli("fetch", models["a"], env=env, check=True).stdout.strip()
+        assert Path(path).is_dir()
+        assert "--a" in run_cli("ls", env=env, check=True).stdout
+        run_cli("pin", models["a"], env=env, check=True)
+        wait_pins(d, "resident")
+        status = run_cli("status", env=env, check=True).stdout
+        assert "pin " in status and "resident" in status and "host" in status
+        evict = run_cli("evict", models["a"], env=env)
+        assert evict.returncode == 1 and "pinned" in evict.stderr
+        run_cli("unpin", models["a"], env=env, check=True)
+        assert run_cli("evict", models["a"], env=env, check=True).returncode == 0
+        assert run_cli("unpin", models["a"], env=env).returncode == 1
+    finally:
+        assert d.stop() == 0
+    gone = run_cli("status", env=env)
+    assert gone.returncode == 1 and "no weightd daemon answers" in gone.stderr
