@@ -168,3 +168,40 @@ def test_cli_talks_to_the_daemon(tmp_path, models):
         assert d.stop() == 0
     gone = run_cli("status", env=env)
     assert gone.returncode == 1 and "no weightd daemon answers" in gone.stderr
+
+
+def test_metrics_endpoint_changes_after_a_load(tmp_path, models):
+    import re
+    import urllib.parse
+    import urllib.request
+
+    d = DaemonProcess(tmp_path, env={"WEIGHTD_METRICS_ADDRESS": "127.0.0.1:0"})
+    try:
+        url = re.search(r"metrics on (http://\S+)", d.log())
+        assert url, d.log()
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url.group(1), timeout=10) as r:  # type: ignore[union-attr]
+                return r.read().decode()
+
+        def value(text: str, name: str) -> float:
+            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        before = scrape()
+        got = acquire(d, models["a"])
+        with pytest.raises(grpc.RpcError):
+            acquire(d, str(tmp_path / "missing"))
+        after = scrape()
+        assert value(after, 'weightd_resident_bytes{device="cpu",tier="host"}') >= 12 * MiB
+        assert value(before, 'weightd_resident_bytes{device="cpu",tier="host"}') == 0
+        assert value(after, 'weightd_acquire_seconds_count{tier="host"}') == 1
+        assert value(after, 'weightd_leases{tier="host"}') == 1
+        assert value(after, 'weightd_fetched_bytes_total{protocol="file"}') >= 12 * MiB
+        assert value(after, 'weightd_errors_total{code="NOT_FOUND",method="Acquire"}') == 1
+        release(d, got.lease_id)
+        env = {"WEIGHTD_METRICS_ADDRESS": urllib.parse.urlsplit(url.group(1)).netloc}
+        table = run_cli("stats", env=env, check=True).stdout
+        assert "weightd_resident_bytes" in table
+    finally:
+        assert d.stop() == 0

@@ -197,6 +197,21 @@ def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(cfg: Config, ns: argparse.Namespace) -> int:
+    from weightd.metrics import render_table, scrape
+
+    if not cfg.metrics_address:
+        raise DaemonUnavailable("metrics_address is not set: the daemon serves no metrics "
+                                "(set it in the config, WEIGHTD_METRICS_ADDRESS or "
+                                "--metrics-address)")
+    try:
+        text = scrape(cfg.metrics_address)
+    except OSError as e:
+        raise DaemonUnavailable(f"no metrics at {cfg.metrics_address}: {e}") from e
+    print(render_table(text), end="")
+    return 0
+
+
 def cmd_serve(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.server import serve
 
@@ -243,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="the reference or the model name (see `weightd status`)")
     p.add_argument("--tier", choices=("host",), default="host")
     p.set_defaults(func=cmd_evict)
+
+    p = sub.add_parser("stats", parents=[common],
+                       help="the daemon's metrics (from metrics_address) as a table")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("ls", parents=[common], help="list cached models")
     p.set_defaults(func=cmd_ls)

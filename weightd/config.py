@@ -186,6 +186,9 @@ class Config:
     gpu_register_host: bool = _setting(
         False, _bool, "copy to the GPU from the registered mmap instead of staging buffers"
     )
+    watchdog: bool = _setting(
+        True, _bool, "send systemd watchdog keep-alives when WATCHDOG_USEC is set"
+    )
     metrics_address: str | None = _setting(
         None, _opt_str, "host:port for the Prometheus endpoint (default: none)"
     )

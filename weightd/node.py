@@ -23,6 +23,7 @@ from weightd.config import Config, format_size
 from weightd.errors import BudgetExceeded, GpuUnavailable, ModelInUse, SourceNotFound
 from weightd.formats import ShardLayout, read_layout
 from weightd.leases import Lease, LeaseTable
+from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name
 from weightd.store import Fetcher, ModelRecord, Snapshot, Store
 from weightd.tiers import HostTier
@@ -86,13 +87,17 @@ class _Residency:
 class Node:
     """The daemon's state and decisions. Thread-safe; one per cache."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
+        self.metrics = metrics or Metrics(process=False)
         self.fetcher = Fetcher(store, config)
         self.host = HostTier(lock=config.host_mlock)
         self.host_budget = config.host_budget or psutil.virtual_memory().total // 2
         self.leases = LeaseTable(on_end=self._lease_ended)
+        self.metrics.set_budget("host", "cpu", self.host_budget)
+        if config.disk_budget is not None:
+            self.metrics.set_budget("disk", "disk", config.disk_budget)
         self.started = time.time()
         self._flights: dict[str, threading.Lock] = {}
         self._flights_guard = threading.Lock()
@@ -184,6 +189,7 @@ class Node:
             log.info("disk budget %s: evicting %s (%s)", format_size(budget),
                      ", ".join(plan.models) or "orphan blobs", format_size(plan.freed))
             self.store.run_gc(plan)
+            self.metrics.evicted("disk", len(plan.models))
 
     # single flight per model ------------------------------------------------------------
 
@@ -202,9 +208,16 @@ class Node:
         """Fetch (or refresh) a model into the cache; concurrent calls fetch once."""
         _, name = self.resolve(source)
         with self._flight(name):
-            snap = self.fetcher.fetch(source, include=include, exclude=exclude,
-                                      callback=callback)
-        self._enforce_disk_budget(name)
+            snap = self._fetch(source, include, exclude, callback)
+        return snap
+
+    def _fetch(self, source: str, include: Sequence[str] | None, exclude: Sequence[str],
+               callback: Callback | None = None) -> Snapshot:
+        snap = self.fetcher.fetch(source, include=include, exclude=exclude, callback=callback)
+        self.metrics.fetched(snap.source.split("://", 1)[0], snap.stats.bytes_fetched,
+                             snap.stats.seconds)
+        self._enforce_disk_budget(snap.name)
+        self.metrics.set_resident("disk", "disk", self.store.blob_bytes())
         return snap
 
     def _ensure_cached(self, source: str, name: str, include: Sequence[str] | None,
@@ -212,8 +225,7 @@ class Node:
         record = self.store.index.model(name)
         if record is not None and self.store.model_complete(record):
             return record, False
-        self.fetcher.fetch(source, include=include, exclude=exclude)
-        self._enforce_disk_budget(name)
+        self._fetch(source, include, exclude)
         record = self.store.index.model(name)
         if record is None:  # pragma: no cover - fetch records the model or raises
             raise SourceNotFound(f"{source}: nothing was fetched")
@@ -237,10 +249,14 @@ class Node:
                 f"{device}: this daemon serves the disk and host tiers only "
                 "(the CUDA tier is not available: no GPU support in this build)")
         _, name = self.resolve(source)
+        t0 = time.perf_counter()
         lease_args = (pid, start_time, client_name)
         record, fetched, loaded, lease = self._make_resident(source, name, include, exclude,
                                                              lease_args)
         lease = cast(Lease, lease)  # _make_resident leases when given lease_args
+        self.metrics.observe_acquire("host", time.perf_counter() - t0, hit=not loaded)
+        self.metrics.lookup("disk", hit=not fetched)
+        self.metrics.set_leases("host", len(self.leases.all()))
         self.store.index.touch_model(name)
         shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
         infos = tuple(ShardInfo(f.relpath, f.digest, f.size, str(self.store.blob_path(f.digest)))
@@ -273,6 +289,7 @@ class Node:
                     self._make_room(sum(f.size for f in shards), exclude=name)
                     self.host.load(name, [(f.digest, self.store.blob_path(f.digest))
                                           for f in shards])
+                    self.metrics.set_resident("host", "cpu", self.host.bytes_used)
                     loaded = True
                 self._host_models.setdefault(name, _Residency()).last_used = time.time()
                 lease = None
@@ -291,6 +308,7 @@ class Node:
         return self.leases.release(lease_id)
 
     def _lease_ended(self, lease: Lease, why: str) -> None:
+        self.metrics.set_leases("host", len(self.leases.all()))
         with self._residency:
             res = self._host_models.get(lease.model)
             if res is not None:
@@ -310,6 +328,8 @@ class Node:
         for _, name in candidates:
             freed = self.host.unload(name)
             self._host_models.pop(name, None)
+            self.metrics.evicted("host")
+            self.metrics.set_resident("host", "cpu", self.host.bytes_used)
             log.info("evicted %s from host memory (%s) to make room", name, format_size(freed))
             if self.host.bytes_used + need <= self.host_budget:
                 return
@@ -329,7 +349,11 @@ class Node:
             if self._pinned(name, "host"):
                 raise ModelInUse(f"{name}: pinned on the host tier (unpin it first)")
             self._host_models.pop(name, None)
-            return self.host.unload(name)
+            freed = self.host.unload(name)
+            if freed:
+                self.metrics.evicted("host")
+            self.metrics.set_resident("host", "cpu", self.host.bytes_used)
+            return freed
 
     # introspection ----------------------------------------------------------------------
 

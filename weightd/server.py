@@ -25,6 +25,7 @@ from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from weightd.config import Config
+from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
 from weightd.service import WeightdServicer
 from weightd.store import Store
@@ -73,7 +74,9 @@ class Daemon:
         self.config = config
         self.socket = Path(config.socket).absolute()
         self.store = Store.open(config.cache_dir, exclusive=True)
-        self.node = Node(config, self.store)
+        self.metrics = Metrics()
+        self.metrics_http: MetricsServer | None = None
+        self.node = Node(config, self.store, self.metrics)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="weightd-rpc"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -95,6 +98,9 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(self.socket, 0o660)
+        if self.config.metrics_address:
+            self.metrics_http = start_http(self.config.metrics_address, self.metrics)
+            log.info("metrics on %s", self.metrics_http.url)
         self.node.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -112,6 +118,8 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.node.close()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
         self.store.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
@@ -134,6 +142,12 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
     sd_notify("READY=1")
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if config.watchdog and usec > 0:
+        # systemd's watchdog: keep-alives at half the interval, while the server runs
+        interval = usec / 2e6
+        while not stop.wait(interval):
+            sd_notify("WATCHDOG=1")
     stop.wait()
     daemon.stop()
     return 0

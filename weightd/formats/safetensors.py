@@ -5,33 +5,51 @@ UTF-8 JSON, then the data section. The JSON maps tensor names to
 ``{"dtype": ..., "shape": [...], "data_offsets": [start, end]}`` (offsets relative to
 the data section) and may hold one ``"__metadata__"`` object of string to string.
 
-This parser accepts what the safetensors library (0.8) accepts, with a few deliberate
-refusals where the library is lenient (duplicate tensor names, unknown keys in a
-tensor entry, a ``null`` ``__metadata__``, empty tensor names), and explains every
-refusal with a :class:`~weightd.errors.FormatError` that names the file, the tensor
-and what is wrong. No other exception escapes for any input bytes.
+Every file this parser accepts, the safetensors library (0.8) accepts too, and reads
+the same tensors (a fuzz test checks it). The parser refuses on purpose some files the
+library accepts: duplicate tensor names (the library keeps the last), unknown keys in a
+tensor entry (ignored by the library), a ``null`` ``__metadata__``, duplicate
+``__metadata__`` keys, empty tensor names, dimensions above 2**63-1 (torch's limit),
+tensor entries over 16 KiB and more than :data:`MAX_METADATA_ENTRIES` metadata pairs
+(see the Note). Each refusal is a :class:`~weightd.errors.FormatError` that names the
+file, the tensor and what is wrong; no other exception escapes for any input bytes.
+
+Like the library, the parser requires the tensors' byte ranges to tile the data
+section exactly (no gap, no overlap, nothing after the last tensor). It does not
+require alignment, which older writers do not give: :attr:`ShardLayout.aligned` says
+whether every tensor can be viewed in place.
 
 Note [hostile headers]
 ----------------------
 Headers come from remote sources, so a header of up to :data:`MAX_HEADER_BYTES` must
-be refused or parsed in seconds and in a few times its size of memory. Python's JSON
-decoder turns small tokens into large objects (``[],`` is 3 bytes of JSON and about
-60 bytes of list), so before decoding, one regular-expression pass (C speed, no
-backtracking) checks that every array holds only scalars: the schema has no other
-arrays, and this also bounds the nesting of arrays. Floats and ``NaN``/``Infinity``
-decode to one shared marker instead of new objects, and each tensor entry is turned
-into a compact tuple while the decoder runs (``object_pairs_hook``), so the memory of
-a parsed header stays within a small multiple of its size. Deeply nested objects hit
-the interpreter's recursion limit, which is caught and reported.
+be refused or parsed in seconds and in a few times its size of memory. Decoding the
+whole JSON at once cannot promise that: Python objects are much larger than the JSON
+that makes them (``"ab":{},`` is 8 bytes of JSON and about 200 bytes of objects), and
+nothing can be refused before the whole document is decoded. So the top-level object
+is walked member by member, and each member is refused as soon as it is read:
+
+- a tensor entry must be a flat object (no nested object) of at most
+  ``_MAX_ENTRY_CHARS`` characters, checked by a regular expression (C speed, no
+  backtracking) before the C JSON scanner decodes it and a hook turns it into a
+  compact tuple; anything nested inside it is bounded by that size, and nesting too
+  deep for the interpreter is caught as ``RecursionError``;
+- ``__metadata__`` is read pair by pair; a value that is not a string is refused
+  before it is decoded, and at most ``MAX_METADATA_ENTRIES`` pairs are accepted.
+
+What remains is 3 to 5 times the header: per tensor, its name, a ``TensorInfo``, its
+shape tuple and an entry in the by-name index. The cyclic garbage collector is paused
+while parsing: it would otherwise rescan the growing list of tensors again and again.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, BinaryIO
@@ -41,6 +59,7 @@ from weightd.errors import FormatError
 __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
+    "MAX_METADATA_ENTRIES",
     "ShardLayout",
     "TensorInfo",
     "header_length",
@@ -80,27 +99,52 @@ DTYPE_BITS: dict[str, int] = {
 #: same limit as the safetensors library's ``MAX_HEADER_SIZE``.
 MAX_HEADER_BYTES = 100_000_000
 
+#: The most ``__metadata__`` pairs accepted (files in the wild have a handful; see the
+#: Note in the module docstring). The safetensors library has no such limit.
+MAX_METADATA_ENTRIES = 100_000
+
 _PREFIX_BYTES = 8
 _METADATA_KEY = "__metadata__"
-_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
 _ENTRY_KEYS_TEXT = "dtype, shape, data_offsets"
+# A real entry is under 2 KB even pretty-printed with a 64-dimension shape.
+_MAX_ENTRY_CHARS = 16_384
 # torch (and every consumer we know) stores sizes as int64.
 _MAX_DIM = 2**63 - 1
-# Shapes with more dimensions than this are multiplied out with an early exit so a
-# hostile shape cannot make us multiply huge integers.
+# The library computes sizes in usize (64 bits) and refuses what overflows.
+_MAX_NUMEL = 2**64 - 1
+# Longer shapes take the slow path, which stops multiplying as soon as the product is
+# too large, so a hostile shape cannot make us multiply huge integers.
 _FAST_PROD_NDIM = 16
 _CANONICAL_DTYPE = {name: name for name in DTYPE_BITS}
+_DTYPE_BITS_GET = DTYPE_BITS.get
 _KNOWN_DTYPES_TEXT = ", ".join(sorted(DTYPE_BITS))
 _SHOW_LIMIT = 80
 
-# Matches the longest prefix of a JSON text made of: runs of anything but quotes and
-# '[', complete strings, and arrays holding no array, object or string. Possessive
-# quantifiers keep it linear. Where it stops short of the end there is either an
-# array holding something it must not, or a string with no closing quote.
-_FLAT_PREFIX_RE = re.compile(
-    r'(?:[^"\[]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"|\[[^\]\[{"]*+\])*+',
-    re.DOTALL,
-)
+# json's C string scanner: (text, index after the opening quote) -> (str, end).
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_WS_RE = re.compile(r"[ \t\n\r]*+")
+_COLON_RE = re.compile(r"[ \t\n\r]*+:[ \t\n\r]*+")
+# After a member: optional whitespace, then ',' or '}' (group 1), then whitespace.
+_SEPARATOR_RE = re.compile(r"[ \t\n\r]*+([,}])[ \t\n\r]*+")
+# The longest prefix of a flat object: '{' then anything but quotes and braces, or
+# complete strings. Possessive quantifiers keep it linear.
+_FLAT_OBJECT_PREFIX_RE = re.compile(r'\{(?:[^"{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
+# A JSON "-0" (serde_json, in the library, reads it as a float and refuses it). The
+# search ignores strings, so a match only means the careful decoder is used.
+_NEGATIVE_ZERO_RE = re.compile(r"-0(?![0-9.eE])")
+_FIRST_CHAR_KIND = {
+    "{": "an object",
+    "[": "an array",
+    '"': "a string",
+    "t": "a boolean",
+    "f": "a boolean",
+    "n": "null",
+    "-": "a number",
+    "N": "a number",
+    "I": "a number",
+    **{digit: "a number" for digit in "0123456789"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +215,12 @@ class ShardLayout:
     file_size: int
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str]
-    _by_name: dict[str, TensorInfo] = field(init=False, repr=False, compare=False)
+    # The by-name index; the parser passes the one it built, others leave it empty.
+    _by_name: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_name", {t.name: t for t in self.tensors})
+        if len(self._by_name) != len(self.tensors):
+            object.__setattr__(self, "_by_name", {t.name: t for t in self.tensors})
 
     @property
     def data_size(self) -> int:
@@ -293,10 +339,18 @@ def parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> Sh
     >>> layout.tensor("w").offset == 8 + len(hdr)
     True
     """
+    # Many small containers make the cyclic GC run over and over while decoding a big
+    # header, for nothing: nothing here makes cycles. Pause it (process-wide, so only
+    # re-enable what we disabled).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         return _parse_header(header, path=path, file_size=file_size)
     except MemoryError as e:
         raise FormatError(path, "header is too large to parse in the memory available") from e
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def read_layout(path: str | os.PathLike[str], *, fileobj: BinaryIO | None = None) -> ShardLayout:
@@ -401,20 +455,8 @@ def _read_exactly(f: BinaryIO, n: int, name: str) -> bytes:
     return data
 
 
-class _NonInteger:
-    """The one object every JSON float, NaN and Infinity decodes to (see the Note)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<non-integer number>"
-
-
-_NON_INTEGER = _NonInteger()
-
-
 class _Bad:
-    """A tensor entry found invalid while decoding; reported once its name is known."""
+    """Why a tensor entry is invalid; reported by the caller, who knows its name."""
 
     __slots__ = ("reason",)
 
@@ -422,21 +464,30 @@ class _Bad:
         self.reason = reason
 
 
-# A tensor entry validated while decoding: (dtype, shape, start, end).
+class _DuplicateKey(Exception):
+    """A key repeated inside one tensor entry (raised from the decoder's hook)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+# A validated tensor entry: (dtype, shape, start, end).
 _Entry = tuple[str, tuple[int, ...], int, int]
 
 
-def _non_integer(_text: str) -> _NonInteger:
-    return _NON_INTEGER
+def _skip_ws(text: str, i: int = 0) -> int:
+    m = _WS_RE.match(text, i)
+    return m.end() if m else i
 
 
 def _kind(value: object) -> str:
-    if value is _NON_INTEGER:
-        return "a non-integer number"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
         return "an integer"
+    if isinstance(value, float):
+        return f"a non-integer number ({_show(value)})"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
@@ -444,6 +495,13 @@ def _kind(value: object) -> str:
     if value is None:
         return "null"
     return "an object"
+
+
+def _kind_at(text: str, i: int) -> str:
+    """Say what JSON value starts at ``text[i]`` without decoding it."""
+    if i >= len(text):
+        return "the end of the header"
+    return _FIRST_CHAR_KIND.get(text[i], repr(text[i]))
 
 
 def _show(value: object) -> str:
@@ -465,6 +523,29 @@ def _is_utf8(text: str) -> bool:
 
 def _check_entry(dtype: object, shape: object, offsets: object, data_size: int) -> _Entry | _Bad:
     """Validate one tensor entry's values; return the compact entry or why it is bad."""
+    # Fast path for the valid non-empty entries of ordinary files (no dimension is 0,
+    # so the product is small); _explain_entry decides the rest.
+    if type(dtype) is str and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+        bits = _DTYPE_BITS_GET(dtype)
+        start, end = offsets
+        if (
+            bits is not None
+            and type(start) is int
+            and type(end) is int
+            and 0 <= start < end <= data_size
+            and len(shape) <= _FAST_PROD_NDIM
+        ):
+            for dim in shape:
+                if type(dim) is not int or dim < 0 or dim > _MAX_DIM:
+                    break
+            else:
+                if math.prod(shape) * bits == (end - start) * 8:
+                    return (_CANONICAL_DTYPE[dtype], tuple(shape), start, end)
+    return _explain_entry(dtype, shape, offsets, data_size)
+
+
+def _explain_entry(dtype: object, shape: object, offsets: object, data_size: int) -> _Entry | _Bad:
+    """The slow path of _check_entry: every check, in order, with its reason."""
     if type(dtype) is not str:
         return _Bad(f"dtype must be a string, got {_kind(dtype)}")
     canonical = _CANONICAL_DTYPE.get(dtype)
@@ -502,20 +583,21 @@ def _check_entry(dtype: object, shape: object, offsets: object, data_size: int) 
             f"({data_size} bytes)"
         )
 
-    if 0 in dims:
-        numel = 0
-    elif len(dims) <= _FAST_PROD_NDIM:
-        numel = math.prod(dims)
-    else:
-        limit = data_size * 8 // bits
-        numel = 1
-        for dim in dims:
-            numel *= dim
-            if numel > limit:
+    # Multiply left to right like the library, which refuses a shape whose running
+    # product overflows 64 bits even when a later dimension is 0.
+    numel = 1
+    for dim in dims:
+        numel *= dim
+        if numel > _MAX_NUMEL:
+            if 0 in dims:
                 return _Bad(
-                    f"shape {_show(shape)} of {canonical} needs more bytes than the whole "
-                    f"data section ({data_size} bytes)"
+                    f"shape {_show(shape)} overflows 64 bits before its zero dimension "
+                    "(the safetensors library refuses it)"
                 )
+            return _Bad(
+                f"shape {_show(shape)} of {canonical} needs more bytes than the whole "
+                f"data section ({data_size} bytes)"
+            )
     nbits = numel * bits
     if nbits % 8:
         return _Bad(
@@ -530,13 +612,229 @@ def _check_entry(dtype: object, shape: object, offsets: object, data_size: int) 
     return (canonical, dims, start, end)
 
 
-def _duplicate_key(pairs: list[tuple[str, Any]]) -> str:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            return key
-        seen.add(key)
-    return ""  # not reached: only called when a duplicate exists
+def _parse_int(literal: str) -> int | float:
+    """Decode a JSON integer; "-0" becomes a float, which every check refuses."""
+    return -0.0 if literal == "-0" else int(literal)
+
+
+def _entry_hook(data_size: int) -> Any:
+    """The decoder's object_pairs_hook: validate a tensor entry as soon as it is read."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> _Entry | _Bad | dict[str, Any]:
+        if len(pairs) == 3:
+            (k0, dtype), (k1, shape), (k2, offsets) = pairs
+            if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":
+                return _check_entry(dtype, shape, offsets, data_size)
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise _DuplicateKey(key)
+                seen.add(key)
+        return obj
+
+    return hook
+
+
+class _HeaderReader:
+    """Walks the top-level object of one header (see the Note in the module docstring).
+
+    ``read`` is the hot loop (one pass per tensor), written for speed: messages are
+    built only on failure, and the C scanner is called directly.
+    """
+
+    def __init__(self, text: str, *, path: str, data_size: int, data_offset: int) -> None:
+        self.text = text
+        self.path = path
+        self.data_size = data_size
+        self.data_offset = data_offset
+        decoder = json.JSONDecoder(
+            object_pairs_hook=_entry_hook(data_size),
+            parse_int=_parse_int if _NEGATIVE_ZERO_RE.search(text) else None,
+        )
+        # The C scanner behind raw_decode, without its Python wrapper (hot loop).
+        self.scan_once: Callable[[str, int], tuple[Any, int]] = decoder.scan_once  # type: ignore[attr-defined]
+
+    def fail(self, reason: str) -> FormatError:
+        return FormatError(self.path, reason)
+
+    def syntax(self, expected: str, i: int, where: str) -> FormatError:
+        return self.fail(
+            f"header is not valid JSON: expected {expected} {where}at character {i}, "
+            f"found {_kind_at(self.text, i)}"
+        )
+
+    def read(self) -> tuple[list[TensorInfo], dict[str, TensorInfo], dict[str, str]]:
+        text = self.text
+        n = len(text)
+        i = _skip_ws(text)
+        if i >= n or text[i] != "{":
+            raise self.fail(
+                "header must be a JSON object mapping tensor names to entries, "
+                f"got {_kind_at(text, i)}"
+            )
+        tensors: list[TensorInfo] = []
+        by_name: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] | None = None
+        i = _skip_ws(text, i + 1)
+        more = i >= n or text[i] != "}"
+        if not more:
+            i += 1
+        name = ""
+        # Locals for the hot loop.
+        scanstring = _scanstring
+        colon = _COLON_RE.match
+        flat_prefix = _FLAT_OBJECT_PREFIX_RE.match
+        separator = _SEPARATOR_RE.match
+        scan_once = self.scan_once
+        append = tensors.append
+        data_offset = self.data_offset
+        try:
+            while more:
+                if i >= n or text[i] != '"':
+                    raise self.syntax("a string (a tensor name)", i, "")
+                name, i = scanstring(text, i + 1)
+                m = colon(text, i)
+                if m is None:
+                    raise self.syntax("':'", _skip_ws(text, i), f"after key {_show(name)} ")
+                i = m.end()
+                if name == _METADATA_KEY:
+                    if metadata is not None:
+                        raise self.fail("header has two __metadata__ keys")
+                    metadata, i = self.read_metadata(i)
+                else:
+                    if name in by_name or not name or not name.isascii():
+                        self.check_name(name, by_name)
+                    if i >= n or text[i] != "{":
+                        raise self.fail(
+                            f"tensor {_show(name)}: entry must be an object with keys "
+                            f"{_ENTRY_KEYS_TEXT}, got {_kind_at(text, i)}"
+                        )
+                    limit = i + _MAX_ENTRY_CHARS
+                    m = flat_prefix(text, i, limit)
+                    stop = m.end() if m else i
+                    if stop >= n or text[stop] != "}":
+                        raise self.fail(f"tensor {_show(name)}: {self.why_not_flat(stop, limit)}")
+                    try:
+                        entry, i = scan_once(text, i)
+                    except _DuplicateKey as e:
+                        raise self.fail(
+                            f"tensor {_show(name)}: key {_show(e.key)} appears twice"
+                        ) from e
+                    if type(entry) is not tuple:
+                        entry = self.entry_from(name, entry)
+                    info = TensorInfo(name, entry[0], entry[1], entry[2], entry[3], data_offset)
+                    by_name[name] = info
+                    append(info)
+                m = separator(text, i)
+                if m is None:
+                    raise self.syntax(
+                        "',' or '}'", _skip_ws(text, i), f"after the value of {_show(name)} "
+                    )
+                more = m.group(1) == ","
+                i = m.end()
+        except RecursionError as e:
+            raise self.fail(f"tensor {_show(name)}: entry is nested too deeply") from e
+        except json.JSONDecodeError as e:
+            raise self.fail(f"header is not valid JSON: {e.msg} at character {e.pos}") from e
+        except (StopIteration, ValueError) as e:
+            if isinstance(e, FormatError):
+                raise
+            # StopIteration: no JSON value where one must be; ValueError: e.g. an
+            # integer with more digits than int() accepts.
+            raise self.fail(
+                f"header is not valid JSON near tensor {_show(name)}: {e or 'expected a value'}"
+            ) from e
+        if i != n and _skip_ws(text, i) != n:
+            raise self.fail(
+                f"header is not valid JSON: extra data after the top-level object at character {i}"
+            )
+        return tensors, by_name, metadata or {}
+
+    def check_name(self, name: str, by_name: dict[str, TensorInfo]) -> None:
+        if name in by_name:
+            raise self.fail(f"tensor name {_show(name)} appears twice in the header")
+        if not name:
+            raise self.fail("a tensor has an empty name")
+        if not _is_utf8(name):
+            raise self.fail(f"tensor name {_show(name)} is not valid Unicode (lone surrogate)")
+
+    def why_not_flat(self, stop: int, limit: int) -> str:
+        """Explain why the entry starting before ``stop`` is not a short flat object."""
+        text = self.text
+        if stop < min(limit, len(text)) and text[stop] == "{":
+            reason = "entry holds a nested object"
+        elif stop >= limit and limit < len(text):
+            reason = f"entry is longer than {_MAX_ENTRY_CHARS} characters"
+        else:
+            reason = "entry is not valid JSON (an unterminated string, or no closing '}')"
+        return f"{reason}; a tensor entry is {{{_ENTRY_KEYS_TEXT}}}"
+
+    def entry_from(self, name: str, value: _Bad | dict[str, Any]) -> _Entry:
+        """Validate an entry the decoder's hook could not (bad, or keys in another order)."""
+        where = f"tensor {_show(name)}"
+        if isinstance(value, _Bad):
+            raise self.fail(f"{where}: {value.reason}")
+        for key in _ENTRY_KEYS:
+            if key not in value:
+                raise self.fail(f"{where}: missing key {key!r}")
+        for key in value:
+            if key not in _ENTRY_KEYS:
+                raise self.fail(
+                    f"{where}: unknown key {_show(key)} "
+                    f"(a tensor entry has exactly {_ENTRY_KEYS_TEXT})"
+                )
+        checked = _check_entry(
+            value["dtype"], value["shape"], value["data_offsets"], self.data_size
+        )
+        if isinstance(checked, _Bad):
+            raise self.fail(f"{where}: {checked.reason}")
+        return checked
+
+    def read_metadata(self, i: int) -> tuple[dict[str, str], int]:
+        """Read ``__metadata__`` pair by pair; refuse a non-string before decoding it."""
+        text = self.text
+        n = len(text)
+        if i >= n or text[i] != "{":
+            raise self.fail(
+                f"__metadata__ must be an object of string to string, got {_kind_at(text, i)}"
+            )
+        scanstring = _scanstring
+        metadata: dict[str, str] = {}
+        i = _skip_ws(text, i + 1)
+        more = i >= n or text[i] != "}"
+        if not more:
+            i += 1
+        while more:
+            if i >= n or text[i] != '"':
+                raise self.syntax("a string", i, "(a key in __metadata__) ")
+            key, i = scanstring(text, i + 1)
+            m = _COLON_RE.match(text, i)
+            if m is None:
+                raise self.syntax("':'", _skip_ws(text, i), f"after __metadata__ key {_show(key)} ")
+            i = m.end()
+            if i >= n or text[i] != '"':
+                raise self.fail(
+                    f"__metadata__[{_show(key)}] must be a string, got {_kind_at(text, i)} "
+                    "(__metadata__ maps strings to strings)"
+                )
+            value, i = scanstring(text, i + 1)
+            if key in metadata:
+                raise self.fail(f"__metadata__ key {_show(key)} appears twice")
+            if not (_is_utf8(key) and _is_utf8(value)):
+                raise self.fail(f"__metadata__[{_show(key)}] is not valid Unicode (lone surrogate)")
+            metadata[key] = value
+            if len(metadata) > MAX_METADATA_ENTRIES:
+                raise self.fail(f"__metadata__ has more than {MAX_METADATA_ENTRIES} entries")
+            m = _SEPARATOR_RE.match(text, i)
+            if m is None:
+                raise self.syntax(
+                    "',' or '}'", _skip_ws(text, i), f"after __metadata__[{_show(key)}] "
+                )
+            more = m.group(1) == ","
+            i = m.end()
+        return metadata, i
 
 
 def _parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> ShardLayout:
@@ -554,80 +852,13 @@ def _parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> S
             f"header of {header_len} bytes does not fit in a file of {file_size} bytes",
         )
     data_size = file_size - data_offset
-
     try:
         text = str(header, "utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(path, f"header is not valid UTF-8 (byte {e.start}: {e.reason})") from e
 
-    stop = _FLAT_PREFIX_RE.match(text)
-    if stop is not None and stop.end() < len(text) and text[stop.end()] == "[":
-        raise FormatError(
-            path,
-            f"header JSON has an array holding an array, object or string at character "
-            f"{stop.end()}; the only arrays in a safetensors header are shape and "
-            "data_offsets, which hold integers",
-        )
-
-    def object_hook(pairs: list[tuple[str, Any]]) -> Any:
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            key = _duplicate_key(pairs)
-            raise FormatError(path, f"header JSON repeats the key {_show(key)} in one object")
-        if len(obj) == 3 and obj.keys() == _ENTRY_KEYS:
-            values = obj.values()
-            if not any(isinstance(v, dict | tuple | _Bad) for v in values) and not all(
-                type(v) is str for v in values
-            ):
-                # A tensor entry (see the Note): keep only the compact form.
-                return _check_entry(obj["dtype"], obj["shape"], obj["data_offsets"], data_size)
-        return obj
-
-    try:
-        root = json.loads(
-            text,
-            object_pairs_hook=object_hook,
-            parse_float=_non_integer,
-            parse_constant=_non_integer,
-        )
-    except FormatError:
-        raise
-    except json.JSONDecodeError as e:
-        raise FormatError(path, f"header is not valid JSON: {e.msg} at character {e.pos}") from e
-    except RecursionError as e:
-        raise FormatError(path, "header JSON is nested too deeply") from e
-    except ValueError as e:  # e.g. an integer with more digits than int() allows
-        raise FormatError(path, f"header is not valid JSON: {e}") from e
-    del text
-
-    if not isinstance(root, dict):
-        if isinstance(root, tuple | _Bad):
-            raise FormatError(
-                path,
-                "header must be a JSON object mapping tensor names to entries, but it "
-                "is a single tensor entry (keys dtype, shape, data_offsets)",
-            )
-        raise FormatError(
-            path,
-            f"header must be a JSON object mapping tensor names to entries, got {_kind(root)}",
-        )
-
-    metadata: dict[str, str] = {}
-    tensors: list[TensorInfo] = []
-    for name, value in root.items():
-        if name == _METADATA_KEY:
-            metadata = _check_metadata(value, path)
-            continue
-        if not name:
-            raise FormatError(path, "a tensor has an empty name")
-        if not _is_utf8(name):
-            raise FormatError(
-                path, f"tensor name {_show(name)} is not valid Unicode (lone surrogate)"
-            )
-        entry = _tensor_entry(name, value, data_size, path)
-        tensors.append(TensorInfo(name, entry[0], entry[1], entry[2], entry[3], data_offset))
-    del root
-
+    reader = _HeaderReader(text, path=path, data_size=data_size, data_offset=data_offset)
+    tensors, by_name, metadata = reader.read()
     tensors.sort(key=attrgetter("start", "end", "name"))
     _check_tiling(tensors, data_size, path)
     return ShardLayout(
@@ -637,53 +868,8 @@ def _parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> S
         file_size=file_size,
         tensors=tuple(tensors),
         metadata=metadata,
+        _by_name=by_name,
     )
-
-
-def _tensor_entry(name: str, value: object, data_size: int, path: str) -> _Entry:
-    if isinstance(value, tuple):
-        return value
-    if isinstance(value, _Bad):
-        raise FormatError(path, f"tensor {_show(name)}: {value.reason}")
-    if not isinstance(value, dict):
-        raise FormatError(
-            path,
-            f"tensor {_show(name)}: entry must be an object with keys {_ENTRY_KEYS_TEXT}, "
-            f"got {_kind(value)}",
-        )
-    for key in ("dtype", "shape", "data_offsets"):
-        if key not in value:
-            raise FormatError(path, f"tensor {_show(name)}: missing key {key!r}")
-    for key in value:
-        if key not in _ENTRY_KEYS:
-            raise FormatError(
-                path,
-                f"tensor {_show(name)}: unknown key {_show(key)} "
-                f"(a tensor entry has exactly {_ENTRY_KEYS_TEXT})",
-            )
-    checked = _check_entry(value["dtype"], value["shape"], value["data_offsets"], data_size)
-    if isinstance(checked, _Bad):
-        raise FormatError(path, f"tensor {_show(name)}: {checked.reason}")
-    return checked
-
-
-def _check_metadata(value: object, path: str) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise FormatError(
-            path, f"__metadata__ must be an object of string to string, got {_kind(value)}"
-        )
-    for key, item in value.items():
-        if type(item) is not str:
-            raise FormatError(
-                path,
-                f"__metadata__[{_show(key)}] must be a string, got {_kind(item)} "
-                "(__metadata__ maps strings to strings)",
-            )
-        if not (_is_utf8(key) and _is_utf8(item)):
-            raise FormatError(
-                path, f"__metadata__[{_show(key)}] is not valid Unicode (lone surrogate)"
-            )
-    return value
 
 
 def _check_tiling(tensors: list[TensorInfo], data_size: int, path: str) -> None:

@@ -29,6 +29,7 @@ from weightd.errors import (
     SourceUnavailable,
     WeightdError,
 )
+from weightd.metrics import Metrics
 from weightd.node import Node
 
 log = logging.getLogger("weightd.requests")
@@ -84,8 +85,10 @@ def _check_globs(*lists: Any) -> None:
 class _Calls:
     """Times a call and writes its one log line; turns errors into status codes."""
 
-    def __init__(self, context: grpc.ServicerContext, method: str, **fields: Any) -> None:
+    def __init__(self, context: grpc.ServicerContext, method: str, metrics: Metrics,
+                 **fields: Any) -> None:
         self.context = context
+        self.metrics = metrics
         self.method = method
         self.fields = fields
         self.start = time.perf_counter()
@@ -107,6 +110,7 @@ class _Calls:
         else:
             message = str(e)
         self._log(f"{code.name} ({message})", logging.WARNING, {})
+        self.metrics.error(self.method, code.name)
         name = type(e).__name__ if isinstance(e, WeightdError) else "WeightdError"
         if isinstance(e, _BadRequest):
             name = "FormatError"
@@ -130,7 +134,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Fetch(self, request: pb.FetchRequest,  # noqa: N802
               context: grpc.ServicerContext) -> Iterator[pb.FetchProgress]:
-        calls = _Calls(context, "Fetch", source=request.source)
+        calls = _Calls(context, "Fetch", self.node.metrics, source=request.source)
         try:
             _check_source(request.source)
             _check_globs(request.include, request.exclude)
@@ -177,8 +181,8 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
     def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.AcquireResponse:
         t0 = time.perf_counter()
-        calls = _Calls(context, "Acquire", source=request.source, device=request.device or "cpu",
-                       pid=request.client.pid)
+        calls = _Calls(context, "Acquire", self.node.metrics, source=request.source,
+                       device=request.device or "cpu", pid=request.client.pid)
         try:
             _check_source(request.source)
             _check_globs(request.include, request.exclude)
@@ -205,7 +209,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Release(self, request: pb.ReleaseRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        calls = _Calls(context, "Release", lease=request.lease_id)
+        calls = _Calls(context, "Release", self.node.metrics, lease=request.lease_id)
         try:
             if not request.lease_id or len(request.lease_id) > 128:
                 raise LeaseNotFound(f"no lease {request.lease_id[:128]!r}")
@@ -217,7 +221,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def List(self, request: pb.ListRequest,  # noqa: N802
              context: grpc.ServicerContext) -> pb.ListResponse:
-        calls = _Calls(context, "List")
+        calls = _Calls(context, "List", self.node.metrics)
         try:
             resident = self.node.host_models()
             leases = self.node.leases.all()
@@ -240,7 +244,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Status(self, request: pb.StatusRequest,  # noqa: N802
                context: grpc.ServicerContext) -> pb.StatusResponse:
-        calls = _Calls(context, "Status")
+        calls = _Calls(context, "Status", self.node.metrics)
         try:
             node = self.node
             problems = node.problems()
@@ -270,7 +274,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Evict(self, request: pb.EvictRequest,  # noqa: N802
               context: grpc.ServicerContext) -> pb.EvictResponse:
-        calls = _Calls(context, "Evict", source=request.source)
+        calls = _Calls(context, "Evict", self.node.metrics, source=request.source)
         try:
             _check_source(request.source)
             if request.tier not in (pb.TIER_UNSPECIFIED, pb.TIER_HOST):
@@ -294,7 +298,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Pin(self, request: pb.PinRequest,  # noqa: N802
             context: grpc.ServicerContext) -> pb.PinResponse:
-        calls = _Calls(context, "Pin", source=request.source)
+        calls = _Calls(context, "Pin", self.node.metrics, source=request.source)
         try:
             tier, device = self._pin_args(request)
             model = self.node.pin(request.source, tier=tier, device=device)
@@ -305,7 +309,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
     def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
               context: grpc.ServicerContext) -> pb.UnpinResponse:
-        calls = _Calls(context, "Unpin", source=request.source)
+        calls = _Calls(context, "Unpin", self.node.metrics, source=request.source)
         try:
             tier, device = self._pin_args(request)
             removed = self.node.unpin(request.source, tier=tier, device=device)
