@@ -345,3 +345,47 @@ def test_snapshot_dir_outlives_source(config, tmp_path):
     snap = fetch(config, str(tmp_path / "m"))
     shutil.rmtree(tmp_path / "m")
     assert len(load_file(os.path.join(snap.path, "model.safetensors"))) == 4
+
+
+def test_a_link_out_of_the_allowed_roots_is_refused(config, tmp_path):
+    models = tmp_path / "models"
+    write_synthetic_model(models / "m", total_bytes=MiB, tensors=4)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token.json").write_text('{"token": "do not serve"}')
+    os.symlink(secret / "token.json", models / "m" / "tokenizer_config.json")
+    cfg = config.replace(allowed_sources=(str(models),))
+    with pytest.raises(NotPermitted, match="tokenizer_config.json"):
+        fetch(cfg, str(models / "m"))
+    assert not list((config.cache_dir / "blobs").rglob("*/*"))
+    # a link that stays inside the allowed roots is fine
+    os.unlink(models / "m" / "tokenizer_config.json")
+    (models / "shared.json").write_text("{}")
+    os.symlink(models / "shared.json", models / "m" / "tokenizer_config.json")
+    assert fetch(cfg, str(models / "m")).stats.files == 3
+
+
+def test_lost_or_damaged_index_is_rebuilt_from_manifests(cache_dir, http_server, model_dir):
+    env = {"WEIGHTD_CACHE_DIR": str(cache_dir)}
+    url = f"{http_server.url}/org/model"
+    first = run_cli("fetch", url, env=env, check=True).stdout.strip()
+    for damage in ("delete", "garbage"):
+        index = cache_dir / "index.sqlite3"
+        if damage == "delete":
+            for p in cache_dir.glob("index.sqlite3*"):
+                p.unlink()
+        else:
+            index.write_bytes(b"this is not a database" * 10)
+        # a shared-lock command refuses, and says how to rebuild
+        res = run_cli("ls", env=env)
+        assert res.returncode == 1
+        assert ("damaged" if damage == "garbage" else "missing") in res.stderr
+        # verify (exclusive) rebuilds and finds everything clean
+        res = run_cli("verify", env=env)
+        assert res.returncode == 0, res.stderr
+        if damage == "garbage":
+            assert list(cache_dir.glob("index.sqlite3.damaged-*"))
+        assert " ok " in run_cli("ls", env=env, check=True).stdout
+        http_server.log.reset()
+        assert run_cli("fetch", url, env=env, check=True).stdout.strip() == first
+        assert http_server.log.count("GET") == 0  # identities restored: no data read

@@ -13,6 +13,7 @@ from weightd.formats.hf_index import MAX_INDEX_BYTES, IndexJson, parse_index_jso
 from weightd.formats.safetensors import (
     DTYPE_BITS,
     MAX_HEADER_BYTES,
+    MAX_METADATA_ENTRIES,
     ShardLayout,
     TensorInfo,
     header_length,
@@ -25,6 +26,7 @@ __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES",
+    "MAX_METADATA_ENTRIES",
     "IndexJson",
     "ShardLayout",
     "TensorInfo",

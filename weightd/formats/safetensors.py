@@ -133,6 +133,15 @@ _FLAT_OBJECT_PREFIX_RE = re.compile(r'\{(?:[^"{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")
 # A JSON "-0" (serde_json, in the library, reads it as a float and refuses it). The
 # search ignores strings, so a match only means the careful decoder is used.
 _NEGATIVE_ZERO_RE = re.compile(r"-0(?![0-9.eE])")
+# One whole top-level member: a name with no escape and no control character (group
+# 1), ':', a flat object (group 2), then ',' or '}' (group 3), with whitespace
+# wherever JSON allows it. Members it does not match take the careful path.
+_MEMBER_RE = re.compile(
+    r'"([^"\\\x00-\x1f]*+)"[ \t\n\r]*+:[ \t\n\r]*+'
+    r'(\{(?:[^"{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+\})'
+    r"[ \t\n\r]*+([,}])[ \t\n\r]*+",
+    re.DOTALL,
+)
 _FIRST_CHAR_KIND = {
     "{": "an object",
     "[": "an array",
@@ -690,8 +699,36 @@ class _HeaderReader:
         scan_once = self.scan_once
         append = tensors.append
         data_offset = self.data_offset
+        member = _MEMBER_RE.match
         try:
             while more:
+                # Fast path: a whole member `"name": {flat entry},` in one match, for
+                # names without escapes; anything else takes the careful steps below.
+                m = member(text, i)
+                if m is not None:
+                    name, sep = m.group(1, 3)
+                    start, stop = m.span(2)
+                    if (
+                        stop - start <= _MAX_ENTRY_CHARS
+                        and name
+                        and name not in by_name
+                        and name != _METADATA_KEY
+                        and name.isascii()
+                    ):
+                        try:
+                            entry, _ = scan_once(text, start)
+                        except _DuplicateKey as e:
+                            raise self.fail(
+                                f"tensor {_show(name)}: key {_show(e.key)} appears twice"
+                            ) from e
+                        if type(entry) is not tuple:
+                            entry = self.entry_from(name, entry)
+                        info = TensorInfo(name, entry[0], entry[1], entry[2], entry[3], data_offset)
+                        by_name[name] = info
+                        append(info)
+                        more = sep == ","
+                        i = m.end()
+                        continue
                 if i >= n or text[i] != '"':
                     raise self.syntax("a string (a tensor name)", i, "")
                 name, i = scanstring(text, i + 1)
@@ -838,6 +875,8 @@ class _HeaderReader:
 
 
 def _parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> ShardLayout:
+    if isinstance(header, memoryview) and (header.ndim != 1 or header.itemsize != 1):
+        header = header.cast("B")
     header_len = len(header)
     if header_len == 0:
         raise FormatError(path, "header length is 0 (the smallest header is '{}')")

@@ -252,6 +252,13 @@ class Source:
             raise translate_error(e, self._url_of(path)) from e
 
     def _remote(self, path: str, relpath: str, info: dict[str, Any]) -> RemoteFile:
+        if self.protocol == "file":
+            # listings describe a link itself; what is read is its target
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise translate_error(e, self._url_of(path)) from e
+            info = {"size": st.st_size, "mtime": st.st_mtime_ns, "ino": st.st_ino}
         size = info.get("size")
         if size is None:
             info = self._info(path)
@@ -282,6 +289,7 @@ class Source:
         path = self.path.rstrip("/")
         lower = path.lower()
         if lower.endswith(".safetensors"):
+            self._check_link(path)
             info = self._info(path)
             if info.get("type") == "directory":
                 raise SourceNotFound(f"{self.url}: is a directory, not a .safetensors file")
@@ -310,8 +318,21 @@ class Source:
             if not p.startswith(prefix):
                 # http listings can link outside the directory; never follow them
                 continue
+            self._check_link(p)
             out.append((p, p[len(prefix):], dict(info)))
         return out
+
+    def _check_link(self, path: str) -> None:
+        """A local file reached through a link must still lie under allowed_sources."""
+        if self.protocol != "file" or not self.config.allowed_sources:
+            return
+        real = os.path.realpath(path)
+        if real != os.path.normpath(path):
+            try:
+                check_allowed("file://" + real, self.config.allowed_sources)
+            except NotPermitted as e:
+                raise NotPermitted(f"file://{path}: a link to {real}, outside "
+                                   "allowed_sources") from e
 
     def _list_index(self, path: str, include: Sequence[str],
                     exclude: Sequence[str]) -> list[RemoteFile]:

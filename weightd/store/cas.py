@@ -19,12 +19,15 @@ correctness comes from the rename.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -51,6 +54,15 @@ def hash_file(path: str | os.PathLike[str], *, block: int = HASH_BLOCK) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,10 +123,78 @@ class Store:
                 f"({'a daemon or another command' if exclusive else 'probably the daemon'}); "
                 "talk to the daemon, or stop it first") from e
         self.exclusive = exclusive
-        self.index = Index(self.root / "index.sqlite3")
+        self.index = self._open_index()
         self._flight: dict[str, threading.Lock] = {}
         self._flight_guard = threading.Lock()
         self.clean_tmp()
+
+    def _open_index(self) -> Index:
+        """Open the index; rebuild it from the snapshot manifests when it is missing or
+        damaged (only under the exclusive lock: the daemon, verify, gc)."""
+        path = self.root / "index.sqlite3"
+        has_snapshots = any(not p.name.startswith(".")
+                            for p in (self.root / "snapshots").iterdir())
+        if not path.exists() and has_snapshots and not self.exclusive:
+            os.close(self._lock_fd)
+            raise IntegrityError(
+                f"{path}: the index is missing; start the daemon or run `weightd verify` to "
+                "rebuild it from the snapshots")
+        try:
+            index = Index(path)
+        except sqlite3.DatabaseError as e:
+            if not self.exclusive:
+                os.close(self._lock_fd)
+                raise IntegrityError(
+                    f"{path}: the index is damaged ({e}); start the daemon or run "
+                    "`weightd verify` to rebuild it from the snapshots") from e
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            log.error("%s: the index is damaged (%s): moved to %s; rebuilding it from the "
+                      "snapshot manifests", path, e, aside)
+            os.rename(path, aside)
+            for suffix in ("-wal", "-shm"):
+                side = path.with_name(path.name + suffix)
+                if side.exists():
+                    os.rename(side, aside.with_name(aside.name + suffix))
+            index = Index(path)
+        if self.exclusive and has_snapshots and not index.models():
+            self._rebuild(index)
+        return index
+
+    def _rebuild(self, index: Index) -> None:
+        """Register every model whose current revision's manifest names blobs that are all
+        present with the right size; skip (and log) the others."""
+        revs = self.root / "snapshots" / ".revs"
+        restored = skipped = 0
+        for link in sorted((self.root / "snapshots").iterdir()):
+            if link.name.startswith(".") or not link.is_symlink():
+                continue
+            rev_dir = Path(os.path.realpath(link))
+            manifest = revs / link.name / f"{rev_dir.name}.manifest.json"
+            try:
+                data = json.loads(manifest.read_text())
+                files = {f["relpath"]: ModelFile(f["relpath"], f["url"], f["digest"],
+                                                 int(f["size"]), f.get("identity", ""))
+                         for f in data["files"]}
+                source = str(data["source"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("%s: no usable manifest (%s): not restored", link.name, e)
+                skipped += 1
+                continue
+            if not all(self.has_blob(f.digest)
+                       and self.blob_path(f.digest).stat().st_size == f.size
+                       for f in files.values()):
+                log.warning("%s: some blobs are missing: not restored (fetch it again)",
+                            link.name)
+                skipped += 1
+                continue
+            for f in files.values():
+                if f.identity:
+                    index.record_file(f.url, f.identity, f.size, f.digest)
+            index.record_model(link.name, source, rev_dir.name, files)
+            restored += 1
+        if restored or skipped:
+            log.warning("index rebuilt from manifests: %d models restored, %d skipped",
+                        restored, skipped)
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, exclusive: bool = False,
@@ -234,6 +314,12 @@ class Store:
         rev = xxhash.xxh3_64_hexdigest(manifest.encode())
         revs = self.root / "snapshots" / ".revs" / name
         rev_dir = revs / rev
+        revs.mkdir(parents=True, exist_ok=True)
+        # beside the revision (not in it: the snapshot stays a plain directory of the model's
+        # files): what the index needs to be rebuilt if it is ever lost
+        record = {"source": source, "name": name, "revision": rev,
+                  "files": [dataclasses.asdict(f) for _, f in sorted(files.items())]}
+        _write_atomic(revs / f"{rev}.manifest.json", json.dumps(record, indent=1).encode())
         if not rev_dir.is_dir():
             staging = revs / f".{rev}.{os.getpid()}.{threading.get_ident()}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
@@ -308,7 +394,7 @@ class Store:
         revisions = tuple(
             rev for model_dir in sorted((self.root / "snapshots" / ".revs").iterdir())
             for rev in sorted(model_dir.iterdir())
-            if (model_dir.name, rev.name) not in current)
+            if rev.is_dir() and (model_dir.name, rev.name) not in current)
         users: dict[str, set[str]] = {}
         for m in models:
             for f in m.files:
@@ -345,6 +431,8 @@ class Store:
             self.index.forget_model(name)
         for rev in plan.revisions:
             shutil.rmtree(rev, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rev.with_name(f"{rev.name}.manifest.json"))
         for digest, _ in plan.blobs:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.blob_path(digest))

@@ -193,7 +193,8 @@ class Fetcher:
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     f = futures[fut]
-                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size)
+                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
+                                                   f.identity)
             except BaseException:
                 for other in futures:
                     other.cancel()

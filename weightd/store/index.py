@@ -65,6 +65,7 @@ class ModelFile:
     url: str
     digest: str
     size: int
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,13 @@ class Index:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False,
                                    isolation_level=None)
+        try:
+            self._open()
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -114,6 +122,9 @@ class Index:
                 if stmt.strip():
                     db.execute(stmt)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        (check,) = self._db.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check}")
 
     def close(self) -> None:
         with self._lock:
