@@ -14,9 +14,9 @@ import traceback
 
 t_import = time.perf_counter()
 import torch  # noqa: E402
+from smaps import smaps_for  # noqa: E402  (tests/ is this script's sys.path[0])
 
 import weightd_client  # noqa: E402
-from smaps import smaps_for  # noqa: E402  (tests/ is this script's sys.path[0])
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from weightd.formats import read_layout
 from weightd_client import Client, LoadedModel
 from weightd_client import client as client_mod
 from weightd_client import tensors as tensors_mod
@@ -43,8 +45,6 @@ from weightd_client.errors import (
     WeightdError,
 )
 from weightd_client.tensors import build_host_tensors, build_tensors
-
-from weightd.formats import read_layout
 
 # helpers --------------------------------------------------------------------------------
 

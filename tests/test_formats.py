@@ -8,6 +8,7 @@ that names the file and says what is wrong.
 
 from __future__ import annotations
 
+import doctest
 import io
 import json
 import struct
@@ -30,6 +31,7 @@ from weightd.formats import (
     ShardLayout,
     TensorInfo,
     header_length,
+    hf_index,
     layout_from_bytes,
     parse_header,
     parse_index_json,
@@ -320,6 +322,10 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "trailing_comma": (
         shard_bytes('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},}', b"x"),
         "expected a string (a tensor name)",
+    ),
+    "raw_control_char_in_name": (
+        shard_bytes('{"a\nb":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+        "not valid JSON: Invalid control character",
     ),
     "json_array": (shard_bytes("[1, 2, 3]"), "must be a JSON object"),
     "json_string": (shard_bytes('"hello"'), "must be a JSON object"),
@@ -645,6 +651,13 @@ def test_index_json_refusals(data: bytes, reason: str) -> None:
 
 
 # --------------------------------------------------------------------------- hygiene
+
+
+@pytest.mark.parametrize("module", [st_format, hf_index], ids=["safetensors", "hf_index"])
+def test_docstring_examples_run(module: Any) -> None:
+    result = doctest.testmod(module)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 def test_formats_does_not_import_network_or_cache_modules() -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from weightd.config import env_values, load_config, settings
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 from tests.conftest import run_cli
 from tests.daemon import DaemonProcess
 from weightd.leases import process_start_time
 from weightd.testing import write_synthetic_model
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 MiB = 1024 * 1024
 

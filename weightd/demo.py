@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
 
     import weightd_client
-
     from weightd.config import format_size, load_config, parse_size
     from weightd.progress import progress_for
     from weightd.testing import RangeHTTPServer, write_synthetic_model

@@ -21,14 +21,14 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from weightd.config import Config
 from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
 from weightd.service import WeightdServicer
 from weightd.store import Store
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ from typing import Any, NoReturn
 
 import grpc
 from fsspec.callbacks import Callback
-from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from weightd import __version__
 from weightd.errors import (
@@ -31,6 +29,8 @@ from weightd.errors import (
 )
 from weightd.metrics import Metrics
 from weightd.node import Node
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("weightd.requests")
 
