@@ -149,7 +149,7 @@ def test_torch_file_agrees_with_library(tmp_path: Path) -> None:
 
 def test_numpy_file_agrees_with_library(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    arrays = {
+    arrays: dict[str, np.ndarray[Any, Any]] = {
         "a": rng.standard_normal((3, 4)).astype(np.float32),
         "b": rng.standard_normal(5).astype(np.float16),
         "c": rng.integers(0, 2**60, size=(2, 2), dtype=np.uint64),

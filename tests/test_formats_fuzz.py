@@ -114,7 +114,9 @@ NAMES = st.one_of(
     st.text(max_size=6),
     st.sampled_from(["", "__metadata__", "w", "layer.0.weight", "\ud800"]),
 )
-METADATA_VALUE = st.one_of(st.text(max_size=5), st.integers(0, 3), st.none(), st.just([]))
+METADATA_VALUE: st.SearchStrategy[Any] = st.one_of(
+    st.text(max_size=5), st.integers(0, 3), st.none(), st.just([])
+)
 
 
 @st.composite
@@ -135,7 +137,8 @@ def plausible_files(draw: st.DrawFn) -> bytes:
             and isinstance(shape, list)
             and all(type(d) is int and 0 <= d <= 5 for d in shape)
         ):
-            nbits = math.prod(shape) * DTYPE_BITS[dtype]
+            dims: list[int] = [d for d in shape if type(d) is int]  # all of them
+            nbits = math.prod(dims) * DTYPE_BITS[dtype]
             nbytes = nbits // 8 + draw(st.sampled_from([0, 0, 0, 0, 1, -1]))
             start = pos + draw(st.sampled_from([0, 0, 0, 0, 1, -1]))
             offsets: Any = [start, start + nbytes]
