@@ -241,10 +241,10 @@ def test_inconsistent_answers_are_format_errors(
         build_host_tensors(resp)
 
 
-def test_the_cuda_tier_is_refused_with_gpu_unavailable(tmp_path: Path) -> None:
+def test_a_cuda_answer_needs_a_cuda_device_here(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"x": torch.arange(8.0)}, str(path))
-    with pytest.raises(GpuUnavailable, match="CUDA tier"):
+    with pytest.raises(GpuUnavailable, match="needs a CUDA device"):
         build_tensors(response_for(path, tier=pb.TIER_CUDA))
 
 

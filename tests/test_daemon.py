@@ -19,6 +19,7 @@ from tests.daemon import ClientError, ClientProcess, DaemonProcess
 from tests.smaps import smaps_for
 from weightd.leases import process_start_time
 from weightd.store import hash_file
+from weightd.tiers import CudaTier
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
@@ -141,7 +142,8 @@ def test_release_list_status(daemon, model, clients):
     host = next(t for t in status.tiers if t.tier == pb.TIER_HOST)
     assert host.bytes_used >= 24 * MiB and host.available
     cuda = next(t for t in status.tiers if t.tier == pb.TIER_CUDA)
-    assert not cuda.available and cuda.reason
+    assert cuda.available == CudaTier().probe()[0]
+    assert cuda.available or cuda.reason
     a.call("release", source=str(model))
     assert list(daemon.status().leases) == []
     with pytest.raises(grpc.RpcError) as e:
@@ -226,7 +228,9 @@ def test_malformed_shard_is_invalid_argument_and_daemon_keeps_serving(daemon, cl
 @pytest.mark.parametrize("request_kw,code", [
     ({"source": ""}, grpc.StatusCode.INVALID_ARGUMENT),
     ({"source": "x" * 5000}, grpc.StatusCode.INVALID_ARGUMENT),
-    ({"source": "/m", "device": "cuda:GPU-0000"}, grpc.StatusCode.FAILED_PRECONDITION),
+    ({"source": "/m", "device": "cuda:0"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"source": "/m", "device": "cuda:GPU-00000000-0000-0000-0000-000000000000"},
+     grpc.StatusCode.FAILED_PRECONDITION),
     ({"source": "gopher://x/y"}, grpc.StatusCode.NOT_FOUND),
 ])
 def test_bad_requests_get_clear_codes(daemon, request_kw, code):

@@ -177,7 +177,7 @@ class Config:
         None, _opt_size, "bytes the blobs may take; LRU models beyond it are evicted"
     )
     gpu_budget: str | None = _setting(
-        None, _opt_budget, "per-GPU budget: bytes (40GiB) or a share of the device (90%)"
+        None, _opt_budget, "per-GPU budget: bytes (40GiB) or a share of the device (default: 90%)"
     )
     staging_buffers: int = _setting(4, _int, "pinned host staging buffers for GPU loads")
     staging_buffer_size: int = _setting(

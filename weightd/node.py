@@ -20,13 +20,15 @@ import psutil
 from fsspec.callbacks import Callback
 
 from weightd.config import Config, format_size
-from weightd.errors import BudgetExceeded, GpuUnavailable, ModelInUse, SourceNotFound
+from weightd.errors import GpuUnavailable, ModelInUse, SourceNotFound
 from weightd.formats import ShardLayout, read_layout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name
 from weightd.store import Fetcher, ModelRecord, Snapshot, Store
 from weightd.tiers import HostTier
+from weightd.tiers.budget import parse_gpu_budget, plan_eviction
+from weightd.tiers.cuda import CudaTier, device_uuid
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class ShardInfo:
     digest: str
     size: int
     path: str
+    ipc_handle: bytes = b""
+    device_uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class Node:
         self.fetcher = Fetcher(store, config)
         self.host = HostTier(lock=config.host_mlock)
         self.host_budget = config.host_budget or psutil.virtual_memory().total // 2
+        self.cuda = CudaTier(staging_buffers=config.staging_buffers,
+                             staging_buffer_size=config.staging_buffer_size,
+                             register_host=config.gpu_register_host)
         self.leases = LeaseTable(on_end=self._lease_ended)
         self.metrics.set_budget("host", "cpu", self.host_budget)
         if config.disk_budget is not None:
@@ -102,15 +109,21 @@ class Node:
         self._flights: dict[str, threading.Lock] = {}
         self._flights_guard = threading.Lock()
         self._residency = threading.RLock()
-        self._host_models: dict[str, _Residency] = {}
+        # (model, device) -> when it was last used; device is "cpu" or "cuda:<uuid>"
+        self._resident: dict[tuple[str, str], _Residency] = {}
         self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._warmer: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the lease reaper and re-warm the pins recorded in the index."""
+        """Start the lease reaper, the GPU tier (if any) and re-warm the recorded pins."""
         self.leases.start()
+        ok, why = self.cuda.start()
+        log.info("cuda tier: %s", why if not ok else "available")
+        if ok:
+            for d in self.cuda.devices():
+                self.metrics.set_budget("cuda", d.uuid, self.gpu_budget(d.uuid))
         for pin in self.store.index.pins():
             state = PinState(pin.source, pin.tier, pin.device, model_name(pin.source))
             self._pins[state.key] = state
@@ -124,14 +137,16 @@ class Node:
         if self._warmer is not None:
             self._warmer.join(timeout=5)
         self.leases.stop()
+        self.cuda.close()
         self.host.close()
 
     # pins (the warm pool) ---------------------------------------------------------------
 
     def pin(self, source: str, *, tier: str = "host", device: str = "cpu") -> str:
-        """Keep a model on a tier ("disk" or "host"); recorded, warmed in the background."""
+        """Keep a model on a tier ("disk", "host" or "cuda" with ``device``
+        "cuda:<uuid>"); recorded in the index, warmed in the background."""
         if tier == "cuda":
-            raise GpuUnavailable(f"{device}: the CUDA tier is not available in this build")
+            self._check_device(device)
         url, name = self.resolve(source)
         state = PinState(url, tier, device, name)
         self.store.index.add_pin(url, tier, device)
@@ -151,9 +166,9 @@ class Node:
         with self._residency:
             return sorted(self._pins.values(), key=lambda p: p.since)
 
-    def _pinned(self, name: str, tier: str | None = None) -> bool:
-        """Whether a pin holds the model on ``tier`` (any tier when None: disk keeps it)."""
-        return any(p.model == name and (tier is None or p.tier == tier)
+    def _pinned(self, name: str, device: str | None = None) -> bool:
+        """Whether a pin holds the model on ``device`` (on any tier when None)."""
+        return any(p.model == name and (device is None or p.device == device)
                    for p in list(self._pins.values()))
 
     def _warm_loop(self) -> None:
@@ -168,7 +183,8 @@ class Node:
                     with self._flight(state.model):
                         self._ensure_cached(state.source, state.model, None, ())
                 else:
-                    self._make_resident(state.source, state.model, None, (), None)
+                    self._make_resident(state.source, state.model, None, (), state.device,
+                                        None)
                 state.state = "resident"
                 log.info("pinned %s is resident on the %s tier", state.model, state.tier)
             except Exception as e:  # a pin that cannot warm is reported, not fatal
@@ -182,7 +198,8 @@ class Node:
         if budget is None:
             return
         with self._residency:
-            keep = ({fetched} | set(self._host_models) | {p.model for p in self._pins.values()}
+            keep = ({fetched} | {n for n, _ in self._resident}
+                    | {p.model for p in self._pins.values()}
                     | {lease.model for lease in self.leases.all()})
         plan = self.store.plan_gc(budget, keep=keep)
         if plan.models or plan.blobs:
@@ -233,34 +250,46 @@ class Node:
 
     # acquire / release ------------------------------------------------------------------
 
+    def _check_device(self, device: str) -> str | None:
+        """The GPU UUID of a ``cuda:<uuid>`` device (None for ``cpu``), refused early with
+        the reason when the CUDA tier cannot serve it."""
+        if device == "cpu":
+            return None
+        uuid = device_uuid(device)
+        if not self.cuda.available:
+            raise GpuUnavailable(f"{device}: the CUDA tier is unavailable: {self.cuda.reason}")
+        self.cuda.resolve(uuid)
+        return uuid
+
     def acquire(self, source: str, *, device: str, pid: int, start_time: int,
                 client_name: str = "", include: Sequence[str] | None = None,
                 exclude: Sequence[str] = ()) -> Acquired:
-        """Make a model resident on ``device`` and lease it to process ``pid``.
+        """Make a model resident on ``device`` ("cpu" or "cuda:<GPU UUID>") and lease it
+        to process ``pid``.
 
         Raises:
-            GpuUnavailable: a CUDA device was asked for (the GPU tier is not in this build).
+            GpuUnavailable: a CUDA device the tier cannot serve (with the reason).
             BudgetExceeded: the model does not fit even after evicting unleased models.
             SourceNotFound, SourceUnavailable, NotPermitted, FormatError: from the fetch.
         """
         device = device or "cpu"
-        if device != "cpu":
-            raise GpuUnavailable(
-                f"{device}: this daemon serves the disk and host tiers only "
-                "(the CUDA tier is not available: no GPU support in this build)")
+        uuid = self._check_device(device)  # before any fetch: fail fast
         _, name = self.resolve(source)
         t0 = time.perf_counter()
-        lease_args = (pid, start_time, client_name)
-        record, fetched, loaded, lease = self._make_resident(source, name, include, exclude,
-                                                             lease_args)
+        record, fetched, loaded, lease = self._make_resident(
+            source, name, include, exclude, device, (pid, start_time, client_name))
         lease = cast(Lease, lease)  # _make_resident leases when given lease_args
-        self.metrics.observe_acquire("host", time.perf_counter() - t0, hit=not loaded)
+        self.metrics.observe_acquire(lease.tier, time.perf_counter() - t0, hit=not loaded)
         self.metrics.lookup("disk", hit=not fetched)
-        self.metrics.set_leases("host", len(self.leases.all()))
+        self._count_leases()
         self.store.index.touch_model(name)
         shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-        infos = tuple(ShardInfo(f.relpath, f.digest, f.size, str(self.store.blob_path(f.digest)))
-                      for f in shards)
+        exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
+        infos = tuple(
+            ShardInfo(f.relpath, f.digest, f.size,
+                      "" if uuid else str(self.store.blob_path(f.digest)),
+                      exports[f.digest].ipc_handle if uuid else b"", uuid or "")
+            for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
         for i, f in enumerate(shards):
@@ -273,28 +302,34 @@ class Node:
 
     def _make_resident(
         self, source: str, name: str, include: Sequence[str] | None, exclude: Sequence[str],
-        lease_args: tuple[int, int, str] | None,
+        device: str, lease_args: tuple[int, int, str] | None,
     ) -> tuple[ModelRecord, bool, bool, Lease | None]:
-        """Fetch if needed, load into the host tier if needed, and lease if asked, all
-        under the model's single-flight lock; the lease is taken under the residency lock
-        so that no eviction can slip in between the load and the lease."""
+        """Fetch if needed, load onto ``device`` if needed, and lease if asked, all under
+        the model's single-flight lock; the lease is taken under the residency lock so
+        that no eviction can slip in between the load and the lease."""
         with self._flight(name):
             record, fetched = self._ensure_cached(source, name, include, exclude)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
             for f in shards:
                 self._layout(f.digest)  # validates every shard before it becomes resident
+            blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._residency:
                 loaded = False
-                if not self.host.resident(name):
-                    self._make_room(sum(f.size for f in shards), exclude=name)
-                    self.host.load(name, [(f.digest, self.store.blob_path(f.digest))
-                                          for f in shards])
-                    self.metrics.set_resident("host", "cpu", self.host.bytes_used)
+                if not self._is_resident(name, device):
+                    uuid = self._check_device(device)
+                    if uuid is None:
+                        self._make_room(device, sum(f.size for f in shards), exclude=name)
+                        self.host.load(name, [(d, p) for d, p, _ in blobs])
+                    else:
+                        self._make_room(device, self.cuda.missing_bytes(uuid, blobs),
+                                        exclude=name)
+                        self.cuda.load(name, uuid, blobs)
                     loaded = True
-                self._host_models.setdefault(name, _Residency()).last_used = time.time()
+                    self._update_resident_metric(device)
+                self._resident.setdefault((name, device), _Residency()).last_used = time.time()
                 lease = None
                 if lease_args is not None:
-                    lease = self.leases.add(name, "host", "cpu", *lease_args)
+                    lease = self.leases.add(name, _tier(device), device, *lease_args)
         return record, fetched, loaded, lease
 
     def _layout(self, digest: str) -> ShardLayout:
@@ -308,63 +343,105 @@ class Node:
         return self.leases.release(lease_id)
 
     def _lease_ended(self, lease: Lease, why: str) -> None:
-        self.metrics.set_leases("host", len(self.leases.all()))
+        self._count_leases()
         with self._residency:
-            res = self._host_models.get(lease.model)
+            res = self._resident.get((lease.model, lease.device))
             if res is not None:
                 res.last_used = time.time()
 
+    def _count_leases(self) -> None:
+        leases = self.leases.all()
+        for tier in ("host", "cuda"):
+            self.metrics.set_leases(tier, sum(1 for lease in leases if lease.tier == tier))
+
     # budgets and eviction ---------------------------------------------------------------
 
-    def _make_room(self, need: int, *, exclude: str) -> None:
-        """Evict unleased host-resident models, least recently used first, until ``need``
-        more bytes fit in the host budget. Caller holds the residency lock."""
-        if self.host.bytes_used + need <= self.host_budget:
-            return
-        candidates = sorted(
-            (res.last_used, name) for name, res in self._host_models.items()
-            if name != exclude and not self.leases.held(name) and self.host.resident(name)
-            and not self._pinned(name, "host"))
-        for _, name in candidates:
-            freed = self.host.unload(name)
-            self._host_models.pop(name, None)
-            self.metrics.evicted("host")
-            self.metrics.set_resident("host", "cpu", self.host.bytes_used)
-            log.info("evicted %s from host memory (%s) to make room", name, format_size(freed))
-            if self.host.bytes_used + need <= self.host_budget:
-                return
-        free = max(0, self.host_budget - self.host.bytes_used)
-        raise BudgetExceeded(
-            f"host tier: need {need} bytes ({format_size(need)}), {free} bytes free of a "
-            f"{format_size(self.host_budget)} budget; the rest is leased or pinned")
+    def gpu_budget(self, uuid: str) -> int:
+        return parse_gpu_budget(self.config.gpu_budget, self.cuda.total_bytes(uuid))
 
-    def evict(self, source_or_name: str) -> int:
-        """Drop a model from host memory (never while leased); return the bytes freed."""
-        name = source_or_name
-        if name not in self._host_models:
-            _, name = self.resolve(source_or_name)
-        with self._residency:
-            if self.leases.held(name):
-                raise ModelInUse(f"{name}: leased by {self.leases.count(name)} process(es)")
-            if self._pinned(name, "host"):
-                raise ModelInUse(f"{name}: pinned on the host tier (unpin it first)")
-            self._host_models.pop(name, None)
+    def _is_resident(self, name: str, device: str) -> bool:
+        if device == "cpu":
+            return self.host.resident(name)
+        return self.cuda.resident(name, device_uuid(device))
+
+    def _used(self, device: str) -> int:
+        return self.host.bytes_used if device == "cpu" else self.cuda.bytes_used(
+            device_uuid(device))
+
+    def _budget(self, device: str) -> int:
+        return self.host_budget if device == "cpu" else self.gpu_budget(device_uuid(device))
+
+    def _freeable(self, name: str, device: str) -> int:
+        if device == "cpu":
+            return self.host.model_bytes(name)
+        return self.cuda.freeable_bytes(name, device_uuid(device))
+
+    def _unload(self, name: str, device: str) -> int:
+        """Drop a model from a device. Caller holds the residency lock."""
+        self._resident.pop((name, device), None)
+        if device == "cpu":
             freed = self.host.unload(name)
-            if freed:
-                self.metrics.evicted("host")
-            self.metrics.set_resident("host", "cpu", self.host.bytes_used)
-            return freed
+        else:
+            freed = self.cuda.unload(name, device_uuid(device))
+        if freed:
+            self.metrics.evicted(_tier(device))
+        self._update_resident_metric(device)
+        return freed
+
+    def _update_resident_metric(self, device: str) -> None:
+        self.metrics.set_resident(_tier(device), device if device == "cpu"
+                                  else device_uuid(device), self._used(device))
+
+    def _make_room(self, device: str, need: int, *, exclude: str) -> None:
+        """Evict models with no lease and no pin from ``device``, least recently used
+        first, until ``need`` more bytes fit in its budget (or raise BudgetExceeded with
+        what was needed and what is free). Caller holds the residency lock."""
+        candidates = [
+            (res.last_used, name, self._freeable(name, device),
+             self.leases.held(name, device) or self._pinned(name, device))
+            for (name, dev), res in self._resident.items() if dev == device and name != exclude]
+        for name in plan_eviction(need, self._used(device), self._budget(device), candidates,
+                                  what=f"{_tier(device)} tier ({device})"):
+            freed = self._unload(name, device)
+            log.info("evicted %s from %s (%s) to make room", name, device, format_size(freed))
+
+    def evict(self, source_or_name: str, *, tier: str | None = None) -> int:
+        """Drop a model from host memory and/or GPUs (never while leased or pinned there);
+        ``tier`` None means every tier but disk. Returns the bytes freed."""
+        name = source_or_name
+        if not any(n == name for n, _ in self._resident):
+            _, name = self.resolve(source_or_name)
+        freed = 0
+        with self._residency:
+            devices = [d for n, d in self._resident if n == name
+                       and (tier is None or _tier(d) == tier)]
+            for device in devices:
+                if self.leases.held(name, device):
+                    raise ModelInUse(f"{name}: leased on {device} by "
+                                     f"{self.leases.count(name, device)} process(es)")
+                if self._pinned(name, device):
+                    raise ModelInUse(f"{name}: pinned on {device} (unpin it first)")
+            for device in devices:
+                freed += self._unload(name, device)
+        return freed
 
     # introspection ----------------------------------------------------------------------
 
-    def host_models(self) -> dict[str, float]:
-        """Host-resident models and when each was last used."""
+    def residency(self) -> list[tuple[str, str, int, float]]:
+        """(model, device, bytes, last used) for every model resident in memory."""
         with self._residency:
-            return {n: r.last_used for n, r in self._host_models.items()}
+            return [(n, d, self.host.model_bytes(n) if d == "cpu"
+                     else self.cuda.model_bytes(n, device_uuid(d)), r.last_used)
+                    for (n, d), r in sorted(self._resident.items())]
 
     def problems(self) -> list[str]:
         out = []
         if self.host.lock_problem:
             out.append(f"host tier: {self.host.lock_problem}")
-        out.append("cuda tier: not available (no GPU support in this build)")
+        if not self.cuda.available:
+            out.append(f"cuda tier: {self.cuda.reason}")
         return out
+
+
+def _tier(device: str) -> str:
+    return "host" if device == "cpu" else "cuda"

@@ -195,13 +195,15 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         except Exception as e:
             calls.fail(e)
         size = sum(s.size for s in got.shards)
-        calls.ok(model=got.model, tier="host", bytes=size, lease=got.lease.lease_id,
+        calls.ok(model=got.model, tier=got.lease.tier, bytes=size, lease=got.lease.lease_id,
                  fetched=got.fetched, loaded=got.loaded)
         return pb.AcquireResponse(
-            lease_id=got.lease.lease_id, model=got.model, tier=pb.TIER_HOST,
+            lease_id=got.lease.lease_id, model=got.model, tier=_TIERS[got.lease.tier],
             device=got.lease.device, snapshot_path=got.snapshot_path, metadata=got.metadata,
             fetched=got.fetched, loaded=got.loaded,
-            shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path)
+            shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
+                             ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
+                             device_offset=0)
                     for s in got.shards],
             tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape, shard=t.shard,
                                      offset=t.offset, length=t.length) for t in got.tensors],
@@ -223,20 +225,18 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
              context: grpc.ServicerContext) -> pb.ListResponse:
         calls = _Calls(context, "List", self.node.metrics)
         try:
-            resident = self.node.host_models()
             leases = self.node.leases.all()
-            models = []
-            for m in self.node.store.index.models():
-                res = []
-                if m.name in resident:
-                    res.append(pb.Residency(
-                        tier=pb.TIER_HOST, device="cpu", bytes=self.node.host.model_bytes(m.name),
-                        leases=sum(1 for lease in leases if lease.model == m.name),
-                        last_used=resident[m.name]))
-                models.append(pb.ModelInfo(
-                    model=m.name, source=m.source,
-                    snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
-                    files=len(m.files), resident=res))
+            resident: dict[str, list[pb.Residency]] = {}
+            for name, device, nbytes, last_used in self.node.residency():
+                resident.setdefault(name, []).append(pb.Residency(
+                    tier=_TIERS["host" if device == "cpu" else "cuda"], device=device,
+                    bytes=nbytes, last_used=last_used,
+                    leases=sum(1 for x in leases if x.model == name and x.device == device)))
+            models = [pb.ModelInfo(
+                model=m.name, source=m.source,
+                snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
+                files=len(m.files), resident=resident.get(m.name, []))
+                for m in self.node.store.index.models()]
         except Exception as e:
             calls.fail(e)
         calls.ok(models=len(models))
@@ -250,18 +250,25 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             problems = node.problems()
             tiers = [
                 pb.TierStatus(tier=pb.TIER_DISK, device="disk", available=True,
-                              bytes_used=node.store.blob_bytes()),
+                              bytes_used=node.store.blob_bytes(),
+                              bytes_budget=node.config.disk_budget or 0),
                 pb.TierStatus(tier=pb.TIER_HOST, device="cpu", available=True,
                               reason=node.host.lock_problem, bytes_used=node.host.bytes_used,
                               bytes_budget=node.host_budget, locked=node.host.locked),
-                pb.TierStatus(tier=pb.TIER_CUDA, available=False,
-                              reason="no GPU support in this build"),
             ]
+            if node.cuda.available:
+                tiers += [pb.TierStatus(tier=pb.TIER_CUDA, device=f"cuda:{d.uuid}",
+                                        available=True, bytes_used=node.cuda.bytes_used(d.uuid),
+                                        bytes_budget=node.gpu_budget(d.uuid))
+                          for d in node.cuda.devices()]
+            else:
+                tiers.append(pb.TierStatus(tier=pb.TIER_CUDA, available=False,
+                                           reason=node.cuda.reason))
             pins = [pb.PinInfo(model=p.model, source=p.source, tier=_TIERS[p.tier],
                                device=p.device, state=p.state, since=p.since)
                     for p in node.pins()]
             leases = [pb.LeaseInfo(lease_id=lease.lease_id, model=lease.model,
-                                   tier=pb.TIER_HOST, device=lease.device, pid=lease.pid,
+                                   tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
                                    client_name=lease.client_name, since=lease.since)
                       for lease in node.leases.all()]
         except Exception as e:
@@ -277,10 +284,10 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         calls = _Calls(context, "Evict", self.node.metrics, source=request.source)
         try:
             _check_source(request.source)
-            if request.tier not in (pb.TIER_UNSPECIFIED, pb.TIER_HOST):
-                raise _BadRequest("request", "only the host tier can be evicted by hand here; "
-                                             "use `weightd gc` for the disk tier")
-            freed = self.node.evict(request.source)
+            if request.tier == pb.TIER_DISK or request.tier not in _TIER_NAMES.keys() | {0}:
+                raise _BadRequest("request", "evict takes the host or cuda tier (or none: "
+                                             "both); the disk tier is `weightd gc`")
+            freed = self.node.evict(request.source, tier=_TIER_NAMES.get(request.tier))
         except Exception as e:
             calls.fail(e)
         calls.ok(bytes=freed)

@@ -525,6 +525,12 @@ class CudaTier:
                                         for d in self._models.get((key, uuid), ()))
                        if b.users == {key})
 
+    def missing_bytes(self, uuid: str, blobs: Sequence[tuple[str, Path, int]]) -> int:
+        """Bytes :meth:`load` would allocate for these blobs (the budget's ``need``)."""
+        with self._lock:
+            sizes = {d: size for d, _, size in blobs if (uuid, d) not in self._blobs}
+        return sum(sizes.values())
+
     def bytes_used(self, uuid: str) -> int:
         """Bytes of blobs resident on the device (the budget counts these)."""
         with self._lock:

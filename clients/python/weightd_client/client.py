@@ -408,6 +408,7 @@ class Client:
         self._stub = pb_grpc.WeightdStub(self._channel)
         self._lock = threading.Lock()
         self._leases: set[str] = set()
+        self._handles: dict[str, list[bytes]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -534,10 +535,16 @@ class Client:
         with self._lock:
             self._leases.add(response.lease_id)
         try:
-            tensors = build_tensors(response)
+            tensors = build_tensors(
+                response, device_index=target.index if target.type == "cuda" else None)
         except BaseException:
             self._release_held(response.lease_id)
             raise
+        if response.tier == pb.TIER_CUDA:
+            from weightd_client.cuda import shard_handles
+
+            with self._lock:
+                self._handles[response.lease_id] = shard_handles(response)
         log.debug("acquired %s on %s: lease %s, %d tensors, fetched=%s loaded=%s, %.1f ms in "
                   "the daemon", response.model, response.device, response.lease_id,
                   len(tensors), response.fetched, response.loaded, response.server_ms)
@@ -612,6 +619,13 @@ class Client:
             LeaseNotFound: no such lease (already released, or its process is gone).
             DaemonUnavailable: the daemon is unreachable.
         """
+        with self._lock:
+            handles = self._handles.pop(lease_id, None)
+        if handles:
+            # IPC handles are closed before the daemon may free the buffers they open
+            from weightd_client.cuda import release_shards
+
+            release_shards(handles)
         try:
             self._invoke("Release", pb.ReleaseRequest(lease_id=lease_id),
                          precondition=LeaseNotFound)

@@ -36,10 +36,10 @@ and ``PROT_READ | PROT_WRITE``:
 Note [CUDA tier]
 ----------------
 An answer on the CUDA tier (``Tier.TIER_CUDA``: per shard an IPC handle, device UUID
-and offset) is refused with :class:`~weightd_client.errors.GpuUnavailable` by
-:func:`build_tensors`; opening CUDA IPC handles (one cache of opened handles keyed by
-handle, uint8 buffers through DLPack viewed as each dtype) is added together with the
-daemon's GPU tier, in this module, behind the same function.
+and offset) is built by :mod:`weightd_client.cuda` behind :func:`build_tensors`: one
+cache of opened handles keyed by handle, uint8 buffers through DLPack viewed as each
+dtype. Unlike host tensors, CUDA tensors are invalid after release (see Note [CUDA
+tensors and release] there).
 """
 
 from __future__ import annotations
@@ -156,26 +156,29 @@ def map_shard(path: str) -> mmap.mmap:
         os.close(fd)  # the mapping keeps its own reference to the file
 
 
-def build_tensors(response: pb.AcquireResponse) -> dict[str, torch.Tensor]:
+def build_tensors(response: pb.AcquireResponse, *,
+                  device_index: int | None = None) -> dict[str, torch.Tensor]:
     """Build the tensors of an Acquire answer on the tier it names.
 
     Args:
         response: the daemon's answer.
+        device_index: this process's CUDA device index, for an answer on the CUDA tier.
 
     Returns:
         Tensor name → tensor, in the order of ``response.tensors``.
 
     Raises:
-        GpuUnavailable: the answer is on the CUDA tier (see Note [CUDA tier]).
+        GpuUnavailable: a CUDA answer without a CUDA device here (or without cupy).
         FormatError: the answer is inconsistent (dtype, sizes, offsets out of range).
         OSError: a shard file cannot be opened or mapped.
         ImportError: torch is not installed.
     """
     if response.tier == pb.TIER_CUDA:
-        raise GpuUnavailable(
-            f"{response.model}: the daemon answered on the CUDA tier ({response.device}), "
-            "which this weightd_client cannot open yet; ask for device='cpu' or use "
-            "fallback='host'")
+        if device_index is None:
+            raise GpuUnavailable(f"{response.model}: a CUDA answer needs a CUDA device here")
+        from weightd_client.cuda import build_cuda_tensors
+
+        return build_cuda_tensors(response, device_index)
     return build_host_tensors(response)
 
 
