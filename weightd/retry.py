@@ -63,26 +63,3 @@ async def retry_async(
                      what, type(e).__name__, attempt, policy.attempts, pause)
             await asyncio.sleep(pause)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def retry_sync(
-    fn: Callable[[], T],
-    *,
-    policy: RetryPolicy,
-    is_transient: Callable[[BaseException], bool],
-    what: str,
-) -> T:
-    """The blocking twin of :func:`retry_async`."""
-    start = time.monotonic()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except Exception as e:
-            elapsed = time.monotonic() - start
-            if not is_transient(e) or attempt == policy.attempts or elapsed > policy.max_seconds:
-                raise
-            pause = policy.delay(attempt)
-            log.info("retrying %s after %s (attempt %d/%d, in %.2fs)",
-                     what, type(e).__name__, attempt, policy.attempts, pause)
-            time.sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
