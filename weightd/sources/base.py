@@ -50,9 +50,11 @@ class ChunkPlan:
     concurrency: int
 
 
-#: Chosen by measurement (bench/fetch.py, docs/architecture.md "Fetch tuning").
+#: Chosen by measurement where loopback can tell (``python bench/fetch.py --sweep``; the
+#: tables and the reasons are in docs/fetch-tuning.md). Peak memory of a fetch is about
+#: ``(concurrency + 2) * chunk_size * max_parallel_files``.
 _DEFAULT_PLANS: dict[str, ChunkPlan] = {
-    "file": ChunkPlan(chunk_size=32 * MiB, concurrency=2),
+    "file": ChunkPlan(chunk_size=16 * MiB, concurrency=4),
     "http": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
     "s3": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
     "gs": ChunkPlan(chunk_size=16 * MiB, concurrency=8),

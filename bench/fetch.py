@@ -1,0 +1,750 @@
+#!/usr/bin/env python3
+"""Fetch throughput: weightd against curl, fsspec and s3fs on 127.0.0.1.
+
+    python bench/fetch.py [--size 1GiB] [--shards 4] [--runs 3] [--out bench/out/fetch.json]
+                          [--sweep]
+
+What it does, in one process:
+
+1. writes a synthetic multi-shard safetensors model into a temp dir on local disk
+   (``--workdir``, default /var/tmp: never a tmpfs);
+2. serves that dir with nginx on 127.0.0.1 (its own nginx.conf, sendfile, autoindex);
+3. uploads it to moto's S3 server (``weightd.testing.MotoS3Server``);
+4. measures GB/s (10^9 bytes / wall seconds), alternating the methods run after run,
+   each download into a fresh directory on the same disk (deleted, and the disk synced,
+   outside the timed part), with the source files warm in the page cache:
+
+   - HTTP: weightd fetch of the directory URL; ``curl -s -o FILE URL`` per shard in
+     sequence; fsspec ``HTTPFileSystem().get_file`` per shard;
+   - S3: weightd fetch of the ``s3://`` prefix; ``s3fs.S3FileSystem(...).get(recursive=True)``;
+   - the share of weightd's wall time spent hashing, and raw xxh3-128 speed in memory.
+
+   weightd fsyncs every blob before it becomes visible; curl, fsspec and s3fs do not.
+   The ``+fsync`` rows add the time to fsync what a baseline wrote, for a like-for-like
+   comparison.
+5. ``--sweep``: weightd over chunk_size x concurrency for HTTP and S3 (S3 on a smaller
+   model, moto being slow with many ranged reads), and file:// against shutil.copyfile.
+
+Everything is loopback: these numbers measure the client side (CPU, copies, hashing,
+disk), not a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from weightd.config import Config, format_size, parse_size
+from weightd.sources.base import chunk_plan
+from weightd.store import Fetcher, Store
+from weightd.testing import write_synthetic_model
+
+GB = 1e9
+MiB = 1024 * 1024
+BUCKET = "bench"
+
+HTTP_GOALS = {"curl": 0.8, "fsspec get_file": 2.0}
+S3_GOALS = {"s3fs.get": 2.0}
+
+
+# --- measurements ------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One timed download."""
+
+    method: str
+    run: int
+    bytes: int
+    seconds: float
+    fsync_seconds: float = 0.0  # baselines: time to fsync what they wrote (not in seconds)
+    hash_seconds: float = 0.0  # weightd: summed over its writer threads
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / GB
+
+    @property
+    def gbps_fsync(self) -> float:
+        return self.bytes / (self.seconds + self.fsync_seconds) / GB
+
+
+def _files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _fsync_files(paths: list[Path]) -> float:
+    t0 = time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
+def _clean(path: Path) -> None:
+    """Remove a download and flush the disk, so that the next timed run starts even."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def _warm(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 * MiB):
+                pass
+
+
+def weightd_fetch(url: str, dest: Path, *, run: int, method: str = "weightd",
+                  chunk_size: int | None = None, concurrency: int | None = None,
+                  s3_endpoint: str | None = None) -> Sample:
+    config = Config(cache_dir=dest, chunk_size=chunk_size, concurrency=concurrency,
+                    s3_endpoint_url=s3_endpoint)
+    with Store.open(dest) as store:
+        fetcher = Fetcher(store, config)
+        t0 = time.perf_counter()
+        snap = fetcher.fetch(url)
+        seconds = time.perf_counter() - t0
+    plan = chunk_plan(url.split("://", 1)[0], config)
+    return Sample(method, run, snap.stats.bytes_fetched, seconds,
+                  hash_seconds=snap.stats.hash_seconds,
+                  extra={"chunk_size": plan.chunk_size, "concurrency": plan.concurrency,
+                         "files": snap.stats.files})
+
+
+def curl_fetch(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
+    dest.mkdir(parents=True)
+    total, seconds = 0, 0.0
+    for name in names:
+        out = dest / name
+        t0 = time.perf_counter()
+        subprocess.run(["curl", "-s", "-o", str(out), f"{base}/{name}"], check=True)
+        seconds += time.perf_counter() - t0
+        total += out.stat().st_size
+    return Sample("curl", run, total, seconds, fsync_seconds=_fsync_files(_files_under(dest)))
+
+
+def fsspec_get_file(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
+    from fsspec.implementations.http import HTTPFileSystem
+
+    dest.mkdir(parents=True)
+    fs = HTTPFileSystem()
+    total, seconds = 0, 0.0
+    for name in names:
+        out = dest / name
+        t0 = time.perf_counter()
+        fs.get_file(f"{base}/{name}", str(out))
+        seconds += time.perf_counter() - t0
+        total += out.stat().st_size
+    return Sample("fsspec get_file", run, total, seconds,
+                  fsync_seconds=_fsync_files(_files_under(dest)))
+
+
+def s3fs_get(endpoint: str, prefix: str, dest: Path, *, run: int) -> Sample:
+    import s3fs
+
+    t0 = time.perf_counter()
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    fs.get(prefix, str(dest), recursive=True)
+    seconds = time.perf_counter() - t0
+    files = _files_under(dest)
+    return Sample("s3fs.get", run, sum(p.stat().st_size for p in files), seconds,
+                  fsync_seconds=_fsync_files(files))
+
+
+def copyfile(src: Path, dest: Path, *, run: int) -> Sample:
+    dest.mkdir(parents=True)
+    total, seconds = 0, 0.0
+    for p in _files_under(src):
+        out = dest / p.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        shutil.copyfile(p, out)
+        seconds += time.perf_counter() - t0
+        total += p.stat().st_size
+    return Sample("shutil.copyfile", run, total, seconds,
+                  fsync_seconds=_fsync_files(_files_under(dest)))
+
+
+def disk_write_speed(directory: Path, nbytes: int, repeats: int) -> list[float]:
+    """GB/s of writing ``nbytes`` in 16 MiB writes to a new file, fsync included: the
+    ceiling for anything that makes its writes durable (weightd) on this disk."""
+    buf = np.random.default_rng(2).bytes(16 * MiB)
+    out = []
+    for i in range(repeats):
+        path = directory / f"disk-speed-{i}"
+        os.sync()
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for _ in range(0, nbytes, len(buf)):
+                os.write(fd, buf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        out.append(nbytes / (time.perf_counter() - t0) / GB)
+        path.unlink()
+    return out
+
+
+def xxh3_speed(nbytes: int, repeats: int) -> list[float]:
+    """GB/s of xxh3-128 over ``nbytes`` in memory, fed in 16 MiB updates like a fetch."""
+    buf = memoryview(np.random.default_rng(1).bytes(nbytes))
+    out = []
+    for _ in range(repeats):
+        h = xxhash.xxh3_128()
+        t0 = time.perf_counter()
+        for o in range(0, nbytes, 16 * MiB):
+            h.update(buf[o:o + 16 * MiB])
+        h.hexdigest()
+        out.append(nbytes / (time.perf_counter() - t0) / GB)
+    return out
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NGINX_CONF = """\
+worker_processes 2;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    absolute_redirect off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        autoindex on;
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(root: Path, tmp: Path) -> Iterator[str]:
+    """Serve ``root`` with nginx on 127.0.0.1; yield its base URL."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"nginx exited ({proc.returncode}): {err}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start listening within 10 s")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_MOTO_CHILD = """
+import logging, sys
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from weightd.testing import MotoS3Server
+srv = MotoS3Server()
+print(srv.endpoint_url, flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+class MotoProcess:
+    """``weightd.testing.MotoS3Server`` in a child process, so that moto's Python work does
+    not hold the benchmark's GIL (in the same process it would slow down every client
+    measured here, weightd and s3fs alike)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.endpoint_url = self.proc.stdout.readline().strip()
+        if not self.endpoint_url.startswith("http://"):
+            self.stop()
+            raise RuntimeError("moto's S3 server did not start")
+
+    def upload_dir(self, local: Path, bucket: str, prefix: str) -> str:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+        for path in _files_under(local):
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> MotoProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- machine ------------------------------------------------------------------------------
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _mount_of(path: Path) -> dict[str, str]:
+    best: dict[str, str] = {}
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype, *_ = line.split()
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and \
+                    len(mnt) >= len(best.get("mount", "")):
+                best = {"device": dev, "mount": mnt, "fstype": fstype}
+    return best
+
+
+def machine(workdir: Path) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    nginx_v = None
+    if shutil.which("nginx"):
+        r = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+        nginx_v = (r.stderr or r.stdout).strip()
+    curl_v = None
+    if shutil.which("curl"):
+        curl_v = subprocess.run(["curl", "--version"], capture_output=True,
+                                text=True).stdout.splitlines()[0]
+    return {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg(),
+        "disk": _mount_of(workdir),
+        "workdir": str(workdir),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("weightd", "fsspec", "s3fs", "aiohttp",
+                                              "aiobotocore", "botocore", "moto", "xxhash",
+                                              "numpy")},
+        "nginx": nginx_v,
+        "curl": curl_v,
+    }
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _by_method(samples: list[Sample]) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.method, []).append(s)
+    return out
+
+
+def _paired_ratio(a: list[Sample], b: list[Sample], *, fsync_b: bool = False) -> float:
+    """Median over runs of weightd/baseline within the same run (robust to drift)."""
+    bb = {s.run: s for s in b}
+    ratios = [s.gbps / (bb[s.run].gbps_fsync if fsync_b else bb[s.run].gbps)
+              for s in a if s.run in bb]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def summarize(section: str, samples: list[Sample], goals: dict[str, float]) -> list[dict[str, Any]]:
+    by = _by_method(samples)
+    rows: list[dict[str, Any]] = []
+    w = by.get("weightd", [])
+    w_med = statistics.median(s.gbps for s in w) if w else float("nan")
+    for method, ss in by.items():
+        st = _stats([s.gbps for s in ss])
+        row: dict[str, Any] = {"section": section, "method": method, **st, "runs": len(ss)}
+        if method == "weightd":
+            row["hash_share"] = statistics.median(s.hash_seconds / s.seconds for s in ss)
+        rows.append(row)
+        if method != "weightd" and w:
+            row["weightd_ratio"] = w_med / st["median"]
+            row["weightd_ratio_paired"] = _paired_ratio(w, ss)
+            row["goal"] = goals.get(method)
+            stf = _stats([s.gbps_fsync for s in ss])
+            rows.append({"section": section, "method": method + " +fsync", **stf,
+                         "runs": len(ss), "weightd_ratio": w_med / stf["median"],
+                         "weightd_ratio_paired": _paired_ratio(w, ss, fsync_b=True)})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| source | method | median GB/s | min | max | weightd / this (paired) | goal |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        ratio = ""
+        if "weightd_ratio" in r:
+            ratio = f"{r['weightd_ratio']:.2f} ({r['weightd_ratio_paired']:.2f})"
+        goal = ""
+        if r.get("goal"):
+            ok = r["weightd_ratio"] >= r["goal"]
+            goal = f">= {r['goal']:g}: {'met' if ok else 'NOT met'}"
+        method = r["method"]
+        if "hash_share" in r:
+            method += f" (hashing {100 * r['hash_share']:.1f}% of wall)"
+        print(f"| {r['section']} | {method} | {r['median']:.3f} | {r['min']:.3f} | "
+              f"{r['max']:.3f} | {ratio} | {goal} |")
+
+
+def print_sweep(title: str, samples: list[Sample], chunks: list[int],
+                concs: list[int]) -> list[dict[str, Any]]:
+    by: dict[tuple[int, int], list[float]] = {}
+    for s in samples:
+        by.setdefault((s.extra["chunk_size"], s.extra["concurrency"]), []).append(s.gbps)
+    print(f"\n{title}: median GB/s (min-max) of weightd by chunk_size (rows) x "
+          "concurrency per file (columns)\n")
+    print("| chunk \\ conc | " + " | ".join(str(c) for c in concs) + " |")
+    print("| ---: | " + " | ".join("---:" for _ in concs) + " |")
+    table: list[dict[str, Any]] = []
+    for ch in chunks:
+        cells = []
+        for c in concs:
+            v = by.get((ch * MiB, c))
+            if v:
+                cells.append(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+                table.append({"chunk_mib": ch, "concurrency": c, **_stats(v), "values": v})
+            else:
+                cells.append("-")
+        print(f"| {ch} MiB | " + " | ".join(cells) + " |")
+    if table:
+        best = max(table, key=lambda r: r["median"])
+        print(f"\nbest: chunk {best['chunk_mib']} MiB x concurrency {best['concurrency']}: "
+              f"{best['median']:.2f} GB/s")
+    return table
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]]],
+               scratch: Path, label: str) -> list[Sample]:
+    """Run every method once per round, rotating their order; each into a fresh dir."""
+    samples: list[Sample] = []
+    for r in range(runs):
+        k = r % len(methods)
+        for name, fn in methods[k:] + methods[:k]:
+            dest = scratch / f"{label}-{name.replace(' ', '_')}-{r}"
+            _clean(dest)
+            s = fn(dest, r)
+            _clean(dest)
+            samples.append(s)
+            print(f"  {label:5} run {r}: {s.method:16} {s.gbps:6.3f} GB/s "
+                  f"({s.bytes / GB:.3f} GB in {s.seconds:.2f} s"
+                  + (f", hashing {s.hash_seconds:.2f} s" if s.method.startswith("weightd") else
+                     f", +fsync {s.fsync_seconds:.2f} s") + ")", flush=True)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--size", default="1GiB", help="model size (default 1GiB)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3, help="repeats of each method (default 3)")
+    ap.add_argument("--out", default="bench/out/fetch.json")
+    ap.add_argument("--workdir", default="/var/tmp",
+                    help="where the model, the server roots and the caches go (local disk)")
+    ap.add_argument("--s3-size", default=None, help="S3 model size (default: --size)")
+    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also sweep chunk_size x concurrency (HTTP, S3, file://)")
+    ap.add_argument("--sweep-runs", type=int, default=3)
+    ap.add_argument("--sweep-s3-size", default="256MiB")
+    ap.add_argument("--sweep-chunks", default="4,8,16,32,64", help="MiB")
+    ap.add_argument("--sweep-concurrency", default="2,4,8,16")
+    args = ap.parse_args(argv)
+
+    size = parse_size(args.size)
+    s3_size = parse_size(args.s3_size) if args.s3_size else size
+    chunks = [int(x) for x in args.sweep_chunks.split(",")]
+    concs = [int(x) for x in args.sweep_concurrency.split(",")]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    workdir = Path(args.workdir)
+    disk = _mount_of(workdir)
+    if disk.get("fstype") in ("tmpfs", "ramfs"):
+        print(f"{workdir} is on {disk['fstype']}: pick a local disk with --workdir",
+              file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="weightd-bench-fetch-", dir=workdir))
+    os.chmod(work, 0o755)  # nginx workers run as an unprivileged user
+    report: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(work),
+        "params": {"size": size, "shards": args.shards, "runs": args.runs, "s3_size": s3_size},
+        "notes": [
+            "GB/s = 10^9 bytes / wall seconds; all traffic on 127.0.0.1 (loopback), source "
+            "files warm in the page cache",
+            "every download goes into a fresh dir on the same disk; deletion and a sync "
+            "between runs are not timed",
+            "weightd fsyncs every blob before rename; curl, fsspec get_file, s3fs.get and "
+            "copyfile do not: the '+fsync' rows add the time to fsync their output",
+            "hash share = weightd hash_seconds (summed over its per-file writer threads) / "
+            "wall seconds",
+            "moto's S3 server (in its own process) reads the whole object for every ranged "
+            "GET: the S3 numbers measure moto as much as the client, and punish small chunks",
+        ],
+        "samples": {},
+        "summary": [],
+    }
+    print(f"machine: {report['machine']['cpu_model']}, {report['machine']['cpus_usable']} CPUs, "
+          f"{format_size(report['machine']['memory_bytes'])} RAM, "
+          f"{disk.get('fstype')} on {disk.get('device')}; work dir {work}; load average "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    for n in report["notes"]:
+        print(f"note: {n}")
+    t_start = time.monotonic()
+    try:
+        srv_root = work / "srv"
+        model = srv_root / "org" / "model"
+        t0 = time.monotonic()
+        shards = write_synthetic_model(model, total_bytes=size, shards=args.shards)
+        names = [p.name for p in shards]
+        print(f"wrote {format_size(sum(p.stat().st_size for p in shards))} in {len(shards)} "
+              f"shards in {time.monotonic() - t0:.1f} s")
+        _warm(_files_under(model))
+        scratch = work / "dst"
+        scratch.mkdir()
+
+        http_base: str | None = None
+        stack = contextlib.ExitStack()
+        with stack:
+            if not args.no_http:
+                if shutil.which("nginx"):
+                    http_base = stack.enter_context(nginx(srv_root, work / "nginx"))
+                    print(f"nginx serving {srv_root} at {http_base}")
+                else:
+                    print("SKIPPING HTTP: nginx is not installed "
+                          "(apt-get update && apt-get install -y nginx)")
+            moto: MotoProcess | None = None
+            s3_url = ""
+            if not args.no_s3:
+                moto = stack.enter_context(MotoProcess())
+                s3_model = model
+                if s3_size != size:
+                    s3_model = work / "s3src" / "model"
+                    write_synthetic_model(s3_model, total_bytes=s3_size, shards=args.shards)
+                t0 = time.monotonic()
+                s3_url = moto.upload_dir(s3_model, BUCKET, "org/model")
+                print(f"moto S3 at {moto.endpoint_url}; uploaded {s3_url} in "
+                      f"{time.monotonic() - t0:.1f} s")
+
+            all_samples: list[Sample] = []
+            if http_base:
+                url = f"{http_base}/org/model"
+                print(f"\nHTTP ({url}), {args.runs} rounds:")
+                http_methods: list[tuple[str, Callable[[Path, int], Sample]]] = [
+                    ("weightd", lambda d, r: weightd_fetch(url, d, run=r)),
+                    ("curl", lambda d, r: curl_fetch(url, names, d, run=r)),
+                    ("fsspec get_file", lambda d, r: fsspec_get_file(url, names, d, run=r)),
+                ]
+                if not shutil.which("curl"):
+                    print("no curl on PATH: the curl baseline is left out "
+                          "(apt-get install -y curl)")
+                    http_methods = [m for m in http_methods if m[0] != "curl"]
+                ss = _alternate(args.runs, http_methods, scratch, "http")
+                report["samples"]["http"] = [asdict(s) for s in ss]
+                report["summary"] += summarize("HTTP", ss, HTTP_GOALS)
+                all_samples += ss
+            if moto:
+                ep = moto.endpoint_url
+                print(f"\nS3 ({s3_url} on moto), {args.runs} rounds:")
+                ss = _alternate(args.runs, [
+                    ("weightd", lambda d, r: weightd_fetch(s3_url, d, run=r, s3_endpoint=ep)),
+                    ("s3fs.get", lambda d, r: s3fs_get(ep, s3_url, d, run=r)),
+                ], scratch, "s3")
+                report["samples"]["s3"] = [asdict(s) for s in ss]
+                report["summary"] += summarize("S3 (moto)", ss, S3_GOALS)
+                all_samples += ss
+
+            xx = xxh3_speed(min(size, 1 << 30), max(3, args.runs))
+            report["xxh3_128_gbps"] = xx
+            report["summary"].append({"section": "memory", "method": "xxh3-128 (1 core)",
+                                      **_stats(xx), "runs": len(xx)})
+            dw = disk_write_speed(scratch, min(size, 1 << 30), max(3, args.runs))
+            report["disk_write_fsync_gbps"] = dw
+            report["summary"].append({"section": "disk", "method": "write + fsync (16 MiB writes)",
+                                      **_stats(dw), "runs": len(dw)})
+            report["default_seconds"] = time.monotonic() - t_start
+            report["loadavg_after_default"] = os.getloadavg()
+
+            print(f"\n## fetch, {format_size(size)} in {args.shards} shards, "
+                  f"{args.runs} runs each, alternating (weightd / this: ratio of medians, "
+                  "in brackets the median of per-round ratios)\n")
+            print_table(report["summary"])
+
+            if args.sweep:
+                report["sweep"] = sweep(args, work, scratch, model, http_base, moto, chunks,
+                                        concs)
+    finally:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report["total_seconds"] = time.monotonic() - t_start
+        report["loadavg_at_end"] = os.getloadavg()
+        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"\nraw numbers: {out}; total {report['total_seconds']:.0f} s")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def sweep(args: argparse.Namespace, work: Path, scratch: Path, model: Path,
+          http_base: str | None, moto: MotoProcess | None, chunks: list[int],
+          concs: list[int]) -> dict[str, Any]:
+    combos = [(ch, c) for ch in chunks for c in concs]
+    out: dict[str, Any] = {"chunks_mib": chunks, "concurrency": concs}
+
+    def grid(label: str, fn: Callable[[Path, int, int, int], Sample]) -> list[Sample]:
+        samples: list[Sample] = []
+        t0 = time.monotonic()
+        for r in range(args.sweep_runs):
+            k = (r * len(combos)) // max(1, args.sweep_runs)
+            for ch, c in combos[k:] + combos[:k]:
+                dest = scratch / f"sweep-{label}-{ch}-{c}-{r}"
+                _clean(dest)
+                samples.append(fn(dest, r, ch * MiB, c))
+                _clean(dest)
+            print(f"  {label} sweep round {r} done ({time.monotonic() - t0:.0f} s)", flush=True)
+        return samples
+
+    if http_base:
+        url = f"{http_base}/org/model"
+        print(f"\nsweep HTTP: {format_size(parse_size(args.size))}, {len(combos)} combos x "
+              f"{args.sweep_runs} rounds")
+        ss = grid("http", lambda d, r, ch, c: weightd_fetch(url, d, run=r, chunk_size=ch,
+                                                             concurrency=c))
+        out["http"] = print_sweep("HTTP (nginx)", ss, chunks, concs)
+    if moto:
+        s3_size = parse_size(args.sweep_s3_size)
+        src = work / "sweep-s3src" / "model"
+        write_synthetic_model(src, total_bytes=s3_size, shards=args.shards)
+        s3_url = moto.upload_dir(src, BUCKET, "sweep/model")
+        ep = moto.endpoint_url
+        print(f"\nsweep S3: {format_size(s3_size)}, {len(combos)} combos x "
+              f"{args.sweep_runs} rounds")
+        ss = grid("s3", lambda d, r, ch, c: weightd_fetch(s3_url, d, run=r, chunk_size=ch,
+                                                           concurrency=c, s3_endpoint=ep))
+        out["s3"] = print_sweep(f"S3 (moto, {format_size(s3_size)})", ss, chunks, concs)
+
+    # file://: a few combos against shutil.copyfile
+    file_combos = [(32, 2), (16, 4), (64, 1), (8, 8), (64, 4)]
+    methods: list[tuple[str, Callable[[Path, int], Sample]]] = [
+        ("shutil.copyfile", lambda d, r: copyfile(model, d, run=r))]
+
+    def file_fetch(ch: int, c: int) -> Callable[[Path, int], Sample]:
+        def run(d: Path, r: int) -> Sample:
+            s = weightd_fetch(f"file://{model}", d, run=r, chunk_size=ch * MiB, concurrency=c)
+            s.method = f"weightd {ch}MiB x{c}"
+            return s
+        return run
+
+    for ch, c in file_combos:
+        methods.append((f"weightd {ch}MiB x{c}", file_fetch(ch, c)))
+    print(f"\nsweep file:// ({model}), {args.sweep_runs} rounds:")
+    ss = _alternate(args.sweep_runs, methods, scratch, "file")
+    rows = []
+    base = [s for s in ss if s.method == "shutil.copyfile"]
+    b_med = statistics.median(s.gbps for s in base)
+    bf_med = statistics.median(s.gbps_fsync for s in base)
+    print("\n| file:// method | median GB/s | min | max | vs copyfile | vs copyfile+fsync |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for method, group in _by_method(ss).items():
+        st = _stats([s.gbps for s in group])
+        rows.append({"method": method, **st, "values": [s.gbps for s in group]})
+        print(f"| {method} | {st['median']:.3f} | {st['min']:.3f} | {st['max']:.3f} | "
+              f"{st['median'] / b_med:.2f} | {st['median'] / bf_med:.2f} |")
+        if method == "shutil.copyfile":
+            stf = _stats([s.gbps_fsync for s in group])
+            rows.append({"method": "shutil.copyfile +fsync", **stf,
+                         "values": [s.gbps_fsync for s in group]})
+            print(f"| shutil.copyfile +fsync | {stf['median']:.3f} | {stf['min']:.3f} | "
+                  f"{stf['max']:.3f} | | |")
+    out["file"] = rows
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
