@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
@@ -111,7 +112,12 @@ def canonical_url(ref: str) -> str:
     if scheme in ("file", "local"):
         return "file://" + os.path.realpath("/" + rest.lstrip("/"))
     if scheme in ("http", "https"):
-        return f"{scheme}://{rest}".rstrip("/") if not rest.endswith("//") else f"{scheme}://{rest}"
+        host, _, path = rest.partition("/")
+        segments = [unquote(p) for p in path.split("/")]
+        if any(p in (".", "..") or "/" in p or "\\" in p for p in segments):
+            raise NotPermitted(f"{ref}: '.' and '..' segments (also percent-encoded) are not "
+                               "allowed in a model reference")
+        return f"{scheme}://{host}/{path}".rstrip("/")
     # object stores: collapse duplicate slashes, refuse traversal segments
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
@@ -218,9 +224,13 @@ def _matches(relpath: str, patterns: Sequence[str]) -> bool:
 
 
 def _safe_relpath(rel: str, url: str) -> str:
-    if (not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel
-            or any(p in ("", ".", "..") for p in rel.split("/"))):
-        raise NotPermitted(f"{url}: the source names a file {rel!r} that leaves the model root")
+    """Refuse a name from a source that could leave the model root, as written or once
+    percent-decoded (an HTTP listing can link ``%2e%2e/secret``)."""
+    for name in (rel, unquote(rel)):
+        if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+                or any(p in ("", ".", "..") for p in name.split("/"))):
+            raise NotPermitted(f"{url}: the source names a file {rel!r} that leaves the "
+                               "model root")
     return rel
 
 
@@ -254,6 +264,7 @@ class Source:
             raise translate_error(e, self._url_of(path)) from e
 
     def _remote(self, path: str, relpath: str, info: dict[str, Any]) -> RemoteFile:
+        relpath = _safe_relpath(relpath, self.url)  # before anything is asked of the source
         if self.protocol == "file":
             # listings describe a link itself; what is read is its target
             try:
@@ -267,8 +278,7 @@ class Source:
             size = info.get("size")
         if size is None:
             raise SourceUnavailable(f"{self._url_of(path)}: the source does not say its size")
-        return RemoteFile(url=self._url_of(path), path=path,
-                          relpath=_safe_relpath(relpath, self.url), size=int(size),
+        return RemoteFile(url=self._url_of(path), path=path, relpath=relpath, size=int(size),
                           identity=f"{int(size)}:{_identity(info)}")
 
     def stat(self, rf: RemoteFile) -> RemoteFile:

@@ -150,11 +150,16 @@ class Store:
             aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
             log.error("%s: the index is damaged (%s): moved to %s; rebuilding it from the "
                       "snapshot manifests", path, e, aside)
-            os.rename(path, aside)
-            for suffix in ("-wal", "-shm"):
-                side = path.with_name(path.name + suffix)
-                if side.exists():
-                    os.rename(side, aside.with_name(aside.name + suffix))
+            try:
+                os.rename(path, aside)
+                for suffix in ("-wal", "-shm"):
+                    side = path.with_name(path.name + suffix)
+                    if side.exists():
+                        os.rename(side, aside.with_name(aside.name + suffix))
+            except OSError as moved:
+                os.close(self._lock_fd)
+                raise IntegrityError(f"{path}: the index is damaged ({e}) and cannot be moved "
+                                     f"aside ({moved}); move it away by hand") from moved
             index = Index(path)
         if self.exclusive and has_snapshots and not index.models():
             self._rebuild(index)

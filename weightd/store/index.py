@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightd.errors import BudgetExceeded
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -134,13 +136,21 @@ class Index:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE, so writers queue instead of deadlocking)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):  # SQLITE_FULL: the disk (or quota) is full
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise BudgetExceeded(f"{self.path}: no room on disk to update the "
+                                         f"index ({e})") from e
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -7,6 +7,7 @@ import contextlib
 import html
 import os
 import re
+import socket
 import threading
 import urllib.parse
 from collections import Counter
@@ -216,7 +217,13 @@ class _CountingApp:
             kind = "GET"
         hook = self.fault()
         status = hook(method, path) if hook else None
-        if status is not None and status != -1:
+        if status == -1:  # drop the connection without answering
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("fault hook: connection dropped")
+        if status is not None:
             start_response(f"{status} Fault", [("Content-Length", "0")])
             return [b""]
         self.log.add(kind, path, 0)

@@ -56,6 +56,9 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    # a channel of our own, so that a new channel after a daemon restart does not inherit
+    # a shared subchannel still backing off from the outage
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 #: What :meth:`Client.load` does when the daemon cannot serve (see there).
@@ -94,6 +97,15 @@ def _wire_tier(tier: str | int | None) -> Any:
         except ValueError as e:
             raise ValueError(f"unknown tier {tier!r}: one of disk, host, cuda") from e
     return int(tier)
+
+
+def _daemon_down(e: grpc.RpcError) -> bool:
+    """UNAVAILABLE without weightd's error metadata: the daemon, not the source, is down."""
+    code = e.code() if hasattr(e, "code") else None
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    return not any(key == "weightd-error" for key, _ in (trailers or ()))
 
 
 def default_socket() -> str:
@@ -404,9 +416,8 @@ class Client:
                                                 else default_socket()))
         self.timeout = float(timeout)
         self.name = name
-        self._channel = grpc.insecure_channel("unix://" + self.socket, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.WeightdStub(self._channel)
         self._lock = threading.Lock()
+        self._connect()
         self._leases: set[str] = set()
         self._handles: dict[str, list[bytes]] = {}
         self._closed = False
@@ -416,12 +427,33 @@ class Client:
 
     # plumbing
 
+    def _connect(self) -> None:
+        self._channel = grpc.insecure_channel("unix://" + self.socket, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.WeightdStub(self._channel)
+
+    def _reconnect(self) -> None:
+        """A fresh channel: after a daemon restart, gRPC's reconnect backoff would keep
+        failing calls for seconds (up to minutes) on the old one."""
+        with self._lock:
+            old = self._channel
+            self._connect()
+        old.close()
+
     def _invoke(self, method: str, request: Any, *, timeout: float | None = None,
                 precondition: type[WeightdError] = GpuUnavailable) -> Any:
         """Call a unary RPC with a deadline, translating every failure."""
         rpc = self._rpc(method)
         try:
             return rpc(request, timeout=timeout or self.timeout, wait_for_ready=False)
+        except grpc.RpcError as e:
+            if not _daemon_down(e) or not os.path.exists(self.socket):
+                raise error_from_rpc(e, socket=self.socket, method=method,
+                                     precondition=precondition) from e
+        # the daemon may have restarted on the same socket: one more try on a new channel
+        self._reconnect()
+        try:
+            return self._rpc(method)(request, timeout=timeout or self.timeout,
+                                     wait_for_ready=False)
         except grpc.RpcError as e:
             raise error_from_rpc(e, socket=self.socket, method=method,
                                  precondition=precondition) from e
