@@ -19,8 +19,8 @@ from tests.daemon import ClientError, ClientProcess, DaemonProcess
 from tests.smaps import smaps_for
 from weightd.leases import process_start_time
 from weightd.store import hash_file
-from weightd.tiers import CudaTier
 from weightd.testing import write_synthetic_model
+from weightd.tiers import CudaTier
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 MiB = 1024 * 1024
