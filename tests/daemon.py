@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from weightd.testing.daemon import wait_for_daemon
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -36,21 +36,10 @@ class DaemonProcess:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            if self.socket.exists():
-                try:
-                    with grpc.insecure_channel(f"unix://{self.socket}") as ch:
-                        resp = health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+        try:
+            wait_for_daemon(self.socket, self.proc, timeout=timeout)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{self.log()}") from e
 
     def stub(self) -> pb_grpc.WeightdStub:
         return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{self.socket}"))

@@ -32,26 +32,6 @@ with weightd_client.load(sys.argv[1], fallback=False) as weights:
 """
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited with {proc.returncode}")
-        if path.exists():
-            try:
-                with grpc.insecure_channel(f"unix://{path}") as ch:
-                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=1)
-                return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.1)
-    raise SystemExit(f"the daemon did not come up on {path} in {timeout:.0f}s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     from weightd.config import format_size, load_config, parse_size
     from weightd.progress import progress_for
     from weightd.testing import RangeHTTPServer, write_synthetic_model
+    from weightd.testing.daemon import wait_for_daemon
 
     config = load_config()
     print(f"weightd demo: cache {config.cache_dir}, socket {config.socket}")
     daemon = subprocess.Popen([sys.executable, "-m", "weightd.cli", "serve"])
     try:
-        _wait_for_socket(Path(config.socket), daemon)
+        try:
+            wait_for_daemon(config.socket, daemon)
+        except RuntimeError as e:
+            raise SystemExit(f"weightd demo: {e}") from e
         with tempfile.TemporaryDirectory(prefix="weightd-demo-") as www:
             root = Path(www)
             write_synthetic_model(root / "demo-synthetic", total_bytes=parse_size(ns.size),
