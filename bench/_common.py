@@ -19,7 +19,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,25 +239,12 @@ class Daemon:
         return self.proc.pid
 
     def wait_ready(self, timeout: float = 60) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from weightd.testing.daemon import wait_for_daemon
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}; "
-                                   f"see {self.log_path}")
-            if self.socket.exists():
-                try:
-                    with grpc.insecure_channel(f"unix://{self.socket}") as ch:
-                        resp = health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon not ready after {timeout}s; see {self.log_path}")
+        try:
+            wait_for_daemon(self.socket, self.proc, timeout=timeout)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {self.log_path}") from e
 
     def client(self) -> Any:
         import weightd_client
