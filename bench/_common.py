@@ -78,8 +78,9 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "memlock_limit": {"soft": soft, "hard": hard},
         "euid": os.geteuid(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("torch", "safetensors", "numpy", "grpcio",
-                                              "weightd", "weightd-client", "psutil")},
+        "versions": {d: _version(d) for d in (
+            "torch", "safetensors", "numpy", "grpcio", "weightd", "weightd-client", "psutil",
+            "runai-model-streamer", "fastsafetensors", "s3fs", "moto")},
         "loadavg_at_start": os.getloadavg(),
     }
 

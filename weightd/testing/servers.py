@@ -1,5 +1,5 @@
 """A static HTTP server with Range support and request counting, and moto's S3 server
-wrapped to count requests. Both bind 127.0.0.1 port 0."""
+wrapped to count requests and body bytes. Both bind 127.0.0.1 port 0."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ class RequestLog:
     def add(self, method: str, path: str, nbytes: int) -> None:
         with self.lock:
             self.requests[(method, path)] += 1
+            self.bytes[path] += nbytes
+
+    def add_bytes(self, path: str, nbytes: int) -> None:
+        with self.lock:
             self.bytes[path] += nbytes
 
     def count(self, method: str | None = None, path_contains: str = "") -> int:
@@ -227,7 +231,18 @@ class _CountingApp:
             start_response(f"{status} Fault", [("Content-Length", "0")])
             return [b""]
         self.log.add(kind, path, 0)
-        return self.app(environ, start_response)
+        return self._counted(self.app(environ, start_response), path)
+
+    def _counted(self, body: Any, path: str) -> Any:
+        """The response body, its bytes added to the log as they are sent."""
+        try:
+            for chunk in body:
+                self.log.add_bytes(path, len(chunk))
+                yield chunk
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
 
 
 class MotoS3Server:
