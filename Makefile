@@ -28,7 +28,13 @@ test: venv
 bench-fetch: venv
 	$(BIN)/python bench/fetch.py
 
-bench: venv
+# The peers the cold-start benchmark compares against (run:ai streamer, fastsafetensors)
+# and matplotlib for its plots: only for `make bench`.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(BIN)/.bench-installed
 	$(BIN)/python bench/cold_start.py
 
 proto: venv
