@@ -897,13 +897,15 @@ def plot(rows: list[dict[str, Any]], outdir: Path) -> list[Path]:
             ax1.plot(ns, [p[1] for p in pts], marker="o", label=m)
             ax1.fill_between(ns, [p[1] for p in pts], [p[2] for p in pts], alpha=0.15)
             ax2.plot(ns, [p[3] for p in pts], marker="o", label=m)
-        ax1.set(xscale="log", yscale="log", xlabel="replicas started together (N)",
+        ax1.set(yscale="log", xlabel="replicas started together (N)",
                 ylabel="time to ready, ms (p50, band to p95)",
                 title=f"{scenario}, {size}: time to ready")
-        ax2.set(xscale="log", xlabel="replicas started together (N)",
+        ax2.set(xlabel="replicas started together (N)",
                 ylabel="summed PSS / model size", title=f"{scenario}, {size}: memory")
         for ax in (ax1, ax2):
             ns_all = sorted({r["n"] for r in sel})
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
             ax.set_xticks(ns_all, [str(n) for n in ns_all])
             ax.grid(True, which="both", alpha=0.3)
         ax2.legend(fontsize=8)
