@@ -78,7 +78,7 @@ from _common import (
     size_label,
     smaps_rollup,
 )
-from replica import PRELOAD, replica_main
+from replica import PRELOAD, io_read_bytes, replica_main
 
 HERE = Path(__file__).resolve().parent
 S3_KEYS = {"key": "testing", "secret": "testing"}
@@ -236,7 +236,7 @@ class Bench:
                                                                           strict=True)]
             time.sleep(0.2)  # let the last one reach its read() and the CPUs settle
             before = [smaps_rollup(p.pid) for p in procs]
-            daemon_io = _proc_io_read_bytes(daemon.pid)
+            daemon_io = io_read_bytes(daemon.pid)
             if m.device != "cpu":
                 gpu_before = _gpu_memory_used()
             loadavg = os.getloadavg()[0]
@@ -245,7 +245,7 @@ class Bench:
             done = [_read_event(p, c, "done", 900) for p, c in zip(procs, conns, strict=True)]
             smaps = [smaps_rollup(p.pid) for p in procs]
             daemon_smaps = smaps_rollup(daemon.pid)
-            daemon_io = _proc_io_read_bytes(daemon.pid) - daemon_io
+            daemon_io = io_read_bytes(daemon.pid) - daemon_io
             if m.device != "cpu":
                 gpu_after = _gpu_memory_used()
             for c in conns:
@@ -388,17 +388,6 @@ class Bench:
                     if METHODS[method].copies and run >= self.args.peer_runs:
                         continue
                     self.measure(scenario, model, method, n, run, prepare, **kw)
-
-
-def _proc_io_read_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 # --- scenarios ---------------------------------------------------------------------------

@@ -298,11 +298,11 @@ def touch(tensors: Any, how: str) -> int:
     return acc
 
 
-def _io_read_bytes() -> int:
-    """Bytes this process made the storage layer fetch (``/proc/self/io`` read_bytes:
-    reads and page faults that missed the page cache)."""
+def io_read_bytes(pid: int | str = "self") -> int:
+    """Bytes a process made the storage layer fetch (``/proc/<pid>/io`` read_bytes:
+    reads and page faults that missed the page cache); 0 where it cannot be read."""
     try:
-        with open("/proc/self/io") as f:
+        with open(f"/proc/{pid}/io") as f:
             for line in f:
                 if line.startswith("read_bytes:"):
                     return int(line.split()[1])
@@ -331,7 +331,7 @@ def replica_main(spec: dict[str, Any], conn: Any, barrier: Any) -> None:
     # collection over torch's objects (~200 ms here) lands in whichever loader happens to
     # allocate at the wrong moment. freeze() is what preforking servers do.
     gc.freeze()
-    io_before = _io_read_bytes()
+    io_before = io_read_bytes()
     conn.send({"event": "imported", "pid": os.getpid(),
                "import_ms": (time.monotonic_ns() - t_start) / 1e6})
     try:
@@ -353,7 +353,7 @@ def replica_main(spec: dict[str, Any], conn: Any, barrier: Any) -> None:
     conn.send({"event": "done", "pid": os.getpid(), "t_wake": t_wake, "t_ready": t_ready,
                "t_touched": t_touched, "tensors": len(tensors),
                "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-               "checksum": checksum, "io_read_bytes": _io_read_bytes() - io_before,
+               "checksum": checksum, "io_read_bytes": io_read_bytes() - io_before,
                **{k: v for k, v in extra.items()}})
     conn.recv()  # the driver reads our smaps first
     del tensors
