@@ -394,12 +394,12 @@ class Bench:
 
 
 def scenario_host(b: Bench, model: Model) -> None:
-    methods = ["weightd", *PEERS]
+    methods = ["weightd", *b.args.peer_list]
     b.alternate("host", model, methods, b.args.replica_counts, b.args.runs, b.prepare_host)
 
 
 def scenario_disk(b: Bench, model: Model) -> None:
-    methods = ["weightd", "weightd-disk", "seqread", *PEERS]
+    methods = ["weightd", "weightd-disk", "seqread", *b.args.peer_list]
     b.alternate("disk", model, methods, b.args.disk_replica_counts, b.args.runs,
                 b.prepare_disk)
     recs = [r for r in b.records if r["scenario"] == "disk" and r["size"] == model.label]
@@ -934,6 +934,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "daemon's host budget is 2.5 of them")
     p.add_argument("--multi-requests", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed of the multi-model order")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help="the local loaders weightd is compared with in host and disk, of: "
+                        "load_file, safe_open, runai, fastsafetensors, copy")
     p.add_argument("--runs", type=int, default=3, help="runs per (model, N, method)")
     p.add_argument("--peer-runs", type=int, default=1,
                    help="runs of the copying peers (run:ai, fastsafetensors, copy), which "
@@ -970,6 +973,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns.remote_shard_size = parse_size(ns.remote_shard_size)
     ns.multi_size = parse_size(ns.multi_size)
     ns.scenario_list = [s.strip() for s in ns.scenarios.split(",") if s.strip()]
+    ns.peer_list = [s.strip() for s in ns.peers.split(",") if s.strip()]
+    local_peers = {"load_file", "safe_open", "runai", "fastsafetensors", "copy"}
+    for peer in ns.peer_list:
+        if peer not in local_peers:
+            p.error(f"unknown peer {peer!r}: one of {', '.join(sorted(local_peers))}")
     ns.shard_size = parse_size(ns.shard_size)
     for s in ns.scenario_list:
         if s not in all_scenarios:

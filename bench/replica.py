@@ -110,6 +110,19 @@ def load_safe_open(spec: dict[str, Any]) -> Loaded:
     return out, out.clear, {}
 
 
+def _read_into(path: str, view: memoryview) -> None:
+    """Read the whole file into ``view`` (its size), in pieces: one read() returns at
+    most ~2 GiB on Linux."""
+    size = len(view)
+    with open(path, "rb", buffering=0) as fh:
+        done = 0
+        while done < size:
+            n = fh.readinto(view[done:done + 256 * MiB])
+            if not n:
+                raise EOFError(f"{path}: short read at {done} of {size}")
+            done += n
+
+
 def load_copy(spec: dict[str, Any]) -> Loaded:
     """The simplest copying loader: read each shard into this process's memory, tensors
     are views of that buffer (one private copy, no zero-fill: torch.empty)."""
@@ -125,13 +138,7 @@ def load_copy(spec: dict[str, Any]) -> Loaded:
         size = os.path.getsize(f)
         buf = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        with open(f, "rb", buffering=0) as fh:
-            done = 0
-            while done < size:  # one read() returns at most ~2 GiB on Linux
-                n = fh.readinto(view[done:done + 256 * MiB])
-                if not n:
-                    raise EOFError(f"{f}: short read at {done} of {size}")
-                done += n
+        _read_into(f, view)
         (hlen,) = struct.unpack("<Q", view[:8])
         header = json.loads(bytes(view[8:8 + hlen]))
         base = 8 + hlen
@@ -239,8 +246,7 @@ def load_cuda_memcpy(spec: dict[str, Any]) -> Loaded:
     for f in spec["files"]:
         size = os.path.getsize(f)
         h = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        with open(f, "rb", buffering=0) as fh:
-            fh.readinto(memoryview(h.numpy()))
+        _read_into(f, memoryview(h.numpy()))
         hosts.append(h)
     torch.cuda.synchronize()
     t0 = time.monotonic_ns()
