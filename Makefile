@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check weightd clients/python bench tests
-	$(BIN)/mypy weightd clients/python/weightd_client
+	$(BIN)/mypy weightd clients/python/weightd_client clients/python/weightd_errors
 	$(BIN)/pytest -q
 
 bench-fetch: venv

@@ -1,32 +1,6 @@
-"""weightd's errors. The classes live in the client package (``weightd_client.errors``)
-so that the daemon raises and the client re-raises the very same classes; see there."""
+"""weightd's errors: the very classes the client re-raises, from the dependency-free
+``weightd_errors`` package (shipped with weightd-client), so that importing the store,
+the formats or the sources does not import grpc."""
 
-from weightd_client.errors import (
-    BudgetExceeded,
-    CacheLocked,
-    DaemonUnavailable,
-    FormatError,
-    GpuUnavailable,
-    IntegrityError,
-    LeaseNotFound,
-    ModelInUse,
-    NotPermitted,
-    SourceNotFound,
-    SourceUnavailable,
-    WeightdError,
-)
-
-__all__ = [
-    "BudgetExceeded",
-    "CacheLocked",
-    "DaemonUnavailable",
-    "FormatError",
-    "GpuUnavailable",
-    "IntegrityError",
-    "LeaseNotFound",
-    "ModelInUse",
-    "NotPermitted",
-    "SourceNotFound",
-    "SourceUnavailable",
-    "WeightdError",
-]
+from weightd_errors import *  # noqa: F403
+from weightd_errors import __all__ as __all__
