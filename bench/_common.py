@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the machine, a daemon process, memory and page cache.
+"""Helpers shared by the benchmarks: the machine, memory and page cache (the daemon
+process is ``weightd.testing.daemon.DaemonProcess``).
 
 Nothing here imports torch: a benchmark's driver process stays small, and only the
 processes it measures pay for torch.
@@ -15,10 +16,8 @@ import mmap
 import os
 import platform
 import resource
-import signal
 import statistics
 import subprocess
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,55 +215,3 @@ def read_through(paths: Iterable[Path]) -> None:
         with open(p, "rb", buffering=0) as f:
             while f.read(16 * MiB):
                 pass
-
-
-# --- the daemon --------------------------------------------------------------------------
-
-
-class Daemon:
-    """``weightd serve`` in a subprocess on its own socket and cache; log to ``log_path``."""
-
-    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None) -> None:
-        self.socket = workdir / "run" / "weightd.sock"
-        self.cache_dir = workdir / "cache"
-        self.log_path = workdir / "daemon.log"
-        self.env = {**os.environ, "WEIGHTD_SOCKET": str(self.socket),
-                    "WEIGHTD_CACHE_DIR": str(self.cache_dir), **(env or {})}
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "weightd.cli", "serve"],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        from weightd.testing.daemon import wait_for_daemon
-
-        try:
-            wait_for_daemon(self.socket, self.proc, timeout=timeout)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}; see {self.log_path}") from e
-
-    def client(self) -> Any:
-        import weightd_client
-
-        return weightd_client.Client(self.socket)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    Daemon,
     GiB,
     MiB,
     cached_fraction,
@@ -79,6 +78,8 @@ from _common import (
     smaps_rollup,
 )
 from replica import PRELOAD, io_read_bytes, replica_main
+
+from weightd.testing.daemon import DaemonProcess
 
 HERE = Path(__file__).resolve().parent
 S3_KEYS = {"key": "testing", "secret": "testing"}
@@ -178,7 +179,7 @@ def _gpu_memory_used() -> int | None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, daemon: Daemon) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, daemon: DaemonProcess) -> None:
         self.args = args
         self.workdir = workdir
         self.daemon = daemon
@@ -208,8 +209,8 @@ class Bench:
 
     # one run: N replicas released together ------------------------------------------------
 
-    def run_replicas(self, model: Model, method: str, n: int, *, daemon: Daemon | None = None,
-                     spec: dict[str, Any] | None = None,
+    def run_replicas(self, model: Model, method: str, n: int, *,
+                     daemon: DaemonProcess | None = None, spec: dict[str, Any] | None = None,
                      profile: bool = False) -> dict[str, Any]:
         m = METHODS[method]
         daemon = daemon or self.daemon
@@ -335,7 +336,7 @@ class Bench:
 
     def measure(self, scenario: str, model: Model, method: str, n: int, run: int,
                 prepare: Callable[[Model, str], None], *,
-                daemon: Daemon | None = None, spec: dict[str, Any] | None = None,
+                daemon: DaemonProcess | None = None, spec: dict[str, Any] | None = None,
                 server: Any = None) -> dict[str, Any] | None:
         if method in self.unavailable:
             return None
@@ -466,7 +467,7 @@ def scenario_remote(b: Bench, model: Model) -> None:
             counter += 1
             home = b.workdir / f"remote-{counter}"
             home.mkdir()
-            d = Daemon(home, env={**s3_env, "WEIGHTD_S3_ENDPOINT_URL": s3.endpoint_url})
+            d = DaemonProcess(home, env={**s3_env, "WEIGHTD_S3_ENDPOINT_URL": s3.endpoint_url})
             try:
                 with d.client() as c:
                     c.fetch(warm_urls[m.remote])
@@ -535,7 +536,7 @@ def run_multi(b: Bench) -> None:
         models.append(Model(f"m{i}", d, files, nbytes=sum(f.stat().st_size for f in files),
                             size_target=size))
     os.sync()
-    daemon = Daemon(home, env={"WEIGHTD_HOST_BUDGET": str(budget)})
+    daemon = DaemonProcess(home, env={"WEIGHTD_HOST_BUDGET": str(budget)})
     try:
         label = {}
         with daemon.client() as c:
@@ -999,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print(f"warning: {avail / GiB:.1f} GiB available; the {biggest / GiB:.1f} GiB model "
               "may not stay in the page cache", file=sys.stderr)
-    daemon = Daemon(workdir)
+    daemon = DaemonProcess(workdir)
     bench = Bench(args, workdir, daemon)
     real = real_model_dir(args.real) if args.real != "none" else None
     if args.real != "none" and real is None:

@@ -213,9 +213,8 @@ def daemon_status(d: Any) -> Any:
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
-    from _common import Daemon  # bench/_common.py
-
     from weightd.testing import RangeHTTPServer, write_synthetic_model
+    from weightd.testing.daemon import DaemonProcess
 
     workdir = Path(tempfile.mkdtemp(prefix="weightd-soak-", dir=ns.workdir))
     src = workdir / "src"
@@ -230,7 +229,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     env = {"WEIGHTD_LOG_LEVEL": "WARNING"}
     if ns.host_budget:
         env["WEIGHTD_HOST_BUDGET"] = ns.host_budget
-    daemon = Daemon(workdir, env=env)
+    daemon = DaemonProcess(workdir, env=env)
     clients = Clients(daemon.socket, list(models))
     samples: list[dict[str, float]] = []
     restart_window: tuple[float, float] | None = None
@@ -261,7 +260,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     daemon.stop()
                 else:
                     assert daemon.stop() == 0, "the daemon did not stop cleanly"
-                daemon = Daemon(workdir, env=env)
+                daemon = DaemonProcess(workdir, env=env)
                 restart_window = (t0, time.time() + 1.0)
                 restarted = True
                 print(f"daemon restarted ({ns.restart}) in {time.time() - t0:.1f}s",

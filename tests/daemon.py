@@ -4,42 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from weightd.testing.daemon import wait_for_daemon
+from weightd.testing.daemon import DaemonProcess as BaseDaemonProcess
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
 
 
-class DaemonProcess:
-    """``weightd serve`` in a subprocess; its log goes to ``log_path``."""
-
-    def __init__(self, tmp: Path, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
-        self.socket = tmp / "run" / "weightd.sock"
-        self.cache_dir = tmp / "cache"
-        self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
-        self.env = {**os.environ, "WEIGHTD_SOCKET": str(self.socket),
-                    "WEIGHTD_CACHE_DIR": str(self.cache_dir), **(env or {})}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "weightd.cli", "serve", *args],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        try:
-            wait_for_daemon(self.socket, self.proc, timeout=timeout)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}:\n{self.log()}") from e
+class DaemonProcess(BaseDaemonProcess):
+    """``weightd serve`` in a subprocess (weightd.testing), with raw stubs for the tests."""
 
     def stub(self) -> pb_grpc.WeightdStub:
         return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{self.socket}"))
@@ -47,22 +27,6 @@ class DaemonProcess:
     def status(self) -> pb.StatusResponse:
         with grpc.insecure_channel(f"unix://{self.socket}") as ch:
             return pb_grpc.WeightdStub(ch).Status(pb.StatusRequest(), timeout=10)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 class ClientProcess:
