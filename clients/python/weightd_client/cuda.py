@@ -36,7 +36,6 @@ are valid only while their model is held:
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client.errors import FormatError, GpuUnavailable
-from weightd_client.tensors import require_torch, torch_dtype
+from weightd_client.tensors import checked_tensors, require_torch
 
 if TYPE_CHECKING:
     import torch
@@ -287,29 +286,12 @@ def _local_uuid(device_index: int) -> str:
 def _view_tensors(th: ModuleType, response: pb.AcquireResponse,
                   shard_bytes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for t in response.tensors:
-        if not 0 <= t.shard < len(shard_bytes):
-            raise FormatError(response.model or "<acquire>",
-                              f"tensor {t.name!r} names shard {t.shard}, the answer has "
-                              f"{len(shard_bytes)}")
-        shard = response.shards[t.shard]
-        path = shard.relpath or response.model or "<shard>"
-        if t.name in out:
-            raise FormatError(path, f"tensor {t.name!r} appears twice in the model")
-        dtype = torch_dtype(t.dtype, path=path)
-        shape = tuple(t.shape)
-        if any(d < 0 for d in shape):
-            raise FormatError(path, f"tensor {t.name!r} has a negative dimension {shape}")
-        numel = math.prod(shape)
+    names = [shard.relpath or response.model or "<shard>" for shard in response.shards]
+    sizes = [raw.numel() for raw in shard_bytes]
+    for t, dtype, shape, numel in checked_tensors(response, sizes, names, unit="shard"):
+        shard, raw, path = response.shards[t.shard], shard_bytes[t.shard], names[t.shard]
         itemsize = dtype.itemsize
         nbytes = numel * itemsize
-        if t.length != nbytes:
-            raise FormatError(path, f"tensor {t.name!r}: {t.length} bytes for shape {shape} "
-                                    f"of {t.dtype} (expected {nbytes})")
-        raw = shard_bytes[t.shard]
-        if t.offset < 0 or t.offset + nbytes > raw.numel():
-            raise FormatError(path, f"tensor {t.name!r}: bytes {t.offset}..{t.offset + nbytes} "
-                                    f"lie outside the shard ({raw.numel()} bytes)")
         if numel == 0:
             out[t.name] = th.empty(shape, dtype=dtype, device=raw.device)
             continue

@@ -48,6 +48,7 @@ import logging
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -214,14 +215,46 @@ def build_host_tensors(response: pb.AcquireResponse) -> dict[str, torch.Tensor]:
         shard_maps.append(mm)
 
     out: dict[str, torch.Tensor] = {}
+    names = [shard.path for shard in response.shards]
+    for t, dtype, shape, numel in checked_tensors(response, [len(m) for m in shard_maps], names,
+                                                   unit="file"):
+        if numel == 0:
+            # torch.frombuffer refuses count=0; an empty tensor has no bytes to share.
+            out[t.name] = th.empty(shape, dtype=dtype)
+            continue
+        # An offset that is not a multiple of the element size (files from old writers)
+        # still gives a valid CPU tensor over an unaligned pointer: no copy either.
+        out[t.name] = th.frombuffer(shard_maps[t.shard], dtype=dtype, count=numel,
+                                    offset=t.offset).view(shape)
+    return out
+
+
+def checked_tensors(
+    response: pb.AcquireResponse, sizes: list[int], names: list[str], *, unit: str,
+) -> Iterator[tuple[pb.TensorLayout, torch.dtype, tuple[int, ...], int]]:
+    """Each tensor of an Acquire answer with its dtype, shape and element count, once it
+    is known to fit: the checks the host and the CUDA builders share.
+
+    Args:
+        response: the daemon's answer.
+        sizes: the bytes of each shard as this process sees it (file or device range).
+        names: what to call each shard in an error.
+        unit: what a shard is here, in an error ("file", "shard").
+
+    Raises:
+        FormatError: an unknown shard or dtype, a negative dimension, a length that does
+            not match the shape, bytes outside the shard, a name twice.
+    """
+    seen: set[str] = set()
     for t in response.tensors:
-        if not 0 <= t.shard < len(shard_maps):
+        if not 0 <= t.shard < len(sizes):
             raise FormatError(response.model or "<acquire>",
                               f"tensor {t.name!r} names shard {t.shard}, the answer has "
-                              f"{len(shard_maps)}")
-        path = response.shards[t.shard].path
-        if t.name in out:
+                              f"{len(sizes)}")
+        path = names[t.shard]
+        if t.name in seen:
             raise FormatError(path, f"tensor {t.name!r} appears twice in the model")
+        seen.add(t.name)
         dtype = torch_dtype(t.dtype, path=path)
         shape = tuple(t.shape)
         if any(d < 0 for d in shape):
@@ -231,15 +264,8 @@ def build_host_tensors(response: pb.AcquireResponse) -> dict[str, torch.Tensor]:
         if t.length != nbytes:
             raise FormatError(path, f"tensor {t.name!r}: {t.length} bytes for shape {shape} "
                                     f"of {t.dtype} (expected {nbytes})")
-        mm = shard_maps[t.shard]
-        if t.offset < 0 or t.offset + nbytes > len(mm):
+        size = sizes[t.shard]
+        if t.offset < 0 or t.offset + nbytes > size:
             raise FormatError(path, f"tensor {t.name!r}: bytes {t.offset}..{t.offset + nbytes} "
-                                    f"lie outside the file ({len(mm)} bytes)")
-        if numel == 0:
-            # torch.frombuffer refuses count=0; an empty tensor has no bytes to share.
-            out[t.name] = th.empty(shape, dtype=dtype)
-            continue
-        # An offset that is not a multiple of the element size (files from old writers)
-        # still gives a valid CPU tensor over an unaligned pointer: no copy either.
-        out[t.name] = th.frombuffer(mm, dtype=dtype, count=numel, offset=t.offset).view(shape)
-    return out
+                                    f"lie outside the {unit} ({size} bytes)")
+        yield t, dtype, shape, numel
