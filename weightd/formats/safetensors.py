@@ -696,9 +696,8 @@ class _HeaderReader:
         colon = _COLON_RE.match
         flat_prefix = _FLAT_OBJECT_PREFIX_RE.match
         separator = _SEPARATOR_RE.match
-        scan_once = self.scan_once
+        scan_entry = self.scan_entry
         append = tensors.append
-        data_offset = self.data_offset
         member = _MEMBER_RE.match
         try:
             while more:
@@ -715,15 +714,7 @@ class _HeaderReader:
                         and name != _METADATA_KEY
                         and name.isascii()
                     ):
-                        try:
-                            entry, _ = scan_once(text, start)
-                        except _DuplicateKey as e:
-                            raise self.fail(
-                                f"tensor {_show(name)}: key {_show(e.key)} appears twice"
-                            ) from e
-                        if type(entry) is not tuple:
-                            entry = self.entry_from(name, entry)
-                        info = TensorInfo(name, entry[0], entry[1], entry[2], entry[3], data_offset)
+                        info, _ = scan_entry(name, start)
                         by_name[name] = info
                         append(info)
                         more = sep == ","
@@ -753,15 +744,7 @@ class _HeaderReader:
                     stop = m.end() if m else i
                     if stop >= n or text[stop] != "}":
                         raise self.fail(f"tensor {_show(name)}: {self.why_not_flat(stop, limit)}")
-                    try:
-                        entry, i = scan_once(text, i)
-                    except _DuplicateKey as e:
-                        raise self.fail(
-                            f"tensor {_show(name)}: key {_show(e.key)} appears twice"
-                        ) from e
-                    if type(entry) is not tuple:
-                        entry = self.entry_from(name, entry)
-                    info = TensorInfo(name, entry[0], entry[1], entry[2], entry[3], data_offset)
+                    info, i = scan_entry(name, i)
                     by_name[name] = info
                     append(info)
                 m = separator(text, i)
@@ -788,6 +771,17 @@ class _HeaderReader:
                 f"header is not valid JSON: extra data after the top-level object at character {i}"
             )
         return tensors, by_name, metadata or {}
+
+    def scan_entry(self, name: str, start: int) -> tuple[TensorInfo, int]:
+        """Decode the entry object of tensor ``name`` that starts at ``start``; return it
+        and the index after it."""
+        try:
+            entry, end = self.scan_once(self.text, start)
+        except _DuplicateKey as e:
+            raise self.fail(f"tensor {_show(name)}: key {_show(e.key)} appears twice") from e
+        if type(entry) is not tuple:
+            entry = self.entry_from(name, entry)
+        return TensorInfo(name, entry[0], entry[1], entry[2], entry[3], self.data_offset), end
 
     def check_name(self, name: str, by_name: dict[str, TensorInfo]) -> None:
         if name in by_name:
