@@ -137,11 +137,18 @@ class Model:
     files: list[Path]  # source shards
     blobs: list[Path] = field(default_factory=list)  # the daemon's blob files, same order
     nbytes: int = 0  # bytes of all shards
+    snapshot: Path | None = None  # the daemon's snapshot directory, once fetched
     size_target: int = 0
 
     @property
     def source(self) -> str:
         return str(self.dir)
+
+    def fetch_into(self, daemon: DaemonProcess) -> None:
+        """Fetch into ``daemon``'s cache; note the snapshot and the blob of each shard."""
+        with daemon.client() as c:
+            self.snapshot = Path(c.fetch(self.source)).resolve()
+        self.blobs = [Path(os.path.realpath(self.snapshot / f.name)) for f in self.files]
 
 
 def _read_event(proc: Any, conn: Any, want: str, timeout: float) -> dict[str, Any]:
@@ -190,7 +197,6 @@ class Bench:
         self.profiles: list[dict[str, Any]] = []
         self.models_info: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self._snapshots: dict[str, Path] = {}
         self.ctx = mp.get_context("spawn" if args.spawn else "forkserver")
         if not args.spawn:
             self.ctx.set_forkserver_preload(PRELOAD)
@@ -319,12 +325,9 @@ class Bench:
         # do it untimed here so that "weightd" always means resident.
         with self.daemon.client() as c:
             infos = [i for i in c.list() if i.snapshot_path and
-                     Path(i.snapshot_path).resolve() == self.snapshot(model)]
+                     Path(i.snapshot_path).resolve() == model.snapshot]
             if not any(r.device == "cpu" for i in infos for r in i.resident):
                 c.load(model.source, fallback=False).release()
-
-    def snapshot(self, model: Model) -> Path:
-        return self._snapshots[model.label]
 
     def prepare_disk(self, model: Model, method: str) -> None:
         if method == "weightd-disk":
@@ -430,21 +433,20 @@ def scenario_remote(b: Bench, model: Model) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
     from weightd.testing import write_synthetic_model
 
-    rmodel = model
     # A tiny model each fresh daemon fetches before its run: a daemon that has been up
     # has imported its protocol's fsspec implementation (aiohttp, s3fs/aiobotocore:
     # 0.3 s and more of imports, paid once per process) and so have the peers (their
     # replicas import them before the barrier).
-    warm = rmodel.dir.parent / f"warmup-{rmodel.label}"
+    warm = model.dir.parent / f"warmup-{model.label}"
     write_synthetic_model(warm, total_bytes=64 * 1024, tensors=2, seed=99)
-    with MotoS3Server() as s3, RangeHTTPServer(rmodel.dir.parent) as http:
-        s3_url = s3.upload_dir(rmodel.dir, "models", rmodel.dir.name)
+    with MotoS3Server() as s3, RangeHTTPServer(model.dir.parent) as http:
+        s3_url = s3.upload_dir(model.dir, "models", model.dir.name)
         warm_urls = {"s3": s3.upload_dir(warm, "models", warm.name),
                      "http": f"{http.url}/{warm.name}/"}
-        urls = {"s3": s3_url, "http": f"{http.url}/{rmodel.dir.name}/"}
+        urls = {"s3": s3_url, "http": f"{http.url}/{model.dir.name}/"}
         servers = {"s3": s3, "http": http}
-        files = {"s3": [f"{s3_url}/{f.name}" for f in rmodel.files],
-                 "http": [f"{http.url}/{rmodel.dir.name}/{f.name}" for f in rmodel.files]}
+        files = {"s3": [f"{s3_url}/{f.name}" for f in model.files],
+                 "http": [f"{http.url}/{model.dir.name}/{f.name}" for f in model.files]}
         s3_env = {"AWS_ACCESS_KEY_ID": S3_KEYS["key"],
                   "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"],
                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -461,7 +463,7 @@ def scenario_remote(b: Bench, model: Model) -> None:
                 spec["env"] = {**s3_env, "AWS_ENDPOINT_URL": s3.endpoint_url,
                                "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
             if m.loader != "weightd":
-                b.measure("remote", rmodel, method, n, k, lambda *_: None, spec=spec,
+                b.measure("remote", model, method, n, k, lambda *_: None, spec=spec,
                           server=servers[m.remote])
                 return
             counter += 1
@@ -472,7 +474,7 @@ def scenario_remote(b: Bench, model: Model) -> None:
                 with d.client() as c:
                     c.fetch(warm_urls[m.remote])
                 spec["source"] = urls[m.remote]
-                b.measure("remote", rmodel, method, n, k, lambda *_: None, daemon=d,
+                b.measure("remote", model, method, n, k, lambda *_: None, daemon=d,
                           spec=spec, server=servers[m.remote])
             finally:
                 d.stop()
@@ -538,12 +540,9 @@ def run_multi(b: Bench) -> None:
     os.sync()
     daemon = DaemonProcess(home, env={"WEIGHTD_HOST_BUDGET": str(budget)})
     try:
-        label = {}
-        with daemon.client() as c:
-            for m in models:
-                snap = Path(c.fetch(m.source))
-                label[snap.resolve()] = m.label
-                m.blobs = [Path(os.path.realpath(snap / f.name)) for f in m.files]
+        for m in models:
+            m.fetch_into(daemon)
+        label = {m.snapshot: m.label for m in models}
         order = random.Random(b.args.seed).choices(range(3), k=b.args.multi_requests)
         b.log(f"multi: 3 models of {size_label(size)} ({3 * models[0].nbytes / GiB:.2f} GiB), "
               f"host budget {budget / GiB:.2f} GiB; order {order}")
@@ -605,10 +604,7 @@ def make_model(b: Bench, size: int | None, *, real: Path | None = None,
 def cache_model(b: Bench, model: Model) -> None:
     """Fetch into the daemon's cache, make it resident, warm every path once, untimed."""
     t0 = time.perf_counter()
-    with b.daemon.client() as c:
-        snapshot = Path(c.fetch(model.source))
-    b._snapshots[model.label] = snapshot.resolve()
-    model.blobs = [Path(os.path.realpath(snapshot / f.name)) for f in model.files]
+    model.fetch_into(b.daemon)
     for src, blob in zip(model.files, model.blobs, strict=True):
         if os.path.samefile(src, blob):
             raise RuntimeError(f"{blob} is the source file itself: page-cache scenarios "
