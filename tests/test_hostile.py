@@ -9,11 +9,9 @@ byte) and keep the daemon serving a good model.
 
 from __future__ import annotations
 
-import html
 import os
 import shutil
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,21 +51,13 @@ HOSTILE_LINKS = (
 class _LyingListing(_Handler):
     """The test server's handler, whose listings of ``.../listing`` add HOSTILE_LINKS."""
 
-    def _listing(self, target: Path, rel: str, body: bool) -> None:
-        base = rel if rel.endswith("/") else rel + "/"
-        hrefs = [urllib.parse.quote(base + e.name) for e in sorted(target.iterdir())]
+    def _links(self, target: Path, rel: str) -> list[tuple[str, str]]:
+        links = super()._links(target, rel)
         if rel.rstrip("/").endswith("/listing"):
             host = f"127.0.0.1:{self.server.server_address[1]}"
-            hrefs += [link.format(host=host) for link in HOSTILE_LINKS]
-        data = ("<html><body>\n" + "\n".join(f'<a href="{html.escape(h)}">{html.escape(h)}</a>'
-                                             for h in hrefs) + "\n</body></html>\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-        self.server.log.add("LIST", rel, 0)
+            links += [(href, href) for href in (link.format(host=host)
+                                                for link in HOSTILE_LINKS)]
+        return links
 
 
 @dataclass

@@ -141,12 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.add("GET", rel, sent)
 
     def _listing(self, target: Path, rel: str, body: bool) -> None:
-        base = rel if rel.endswith("/") else rel + "/"
-        items = []
-        for entry in sorted(target.iterdir()):
-            name = entry.name + ("/" if entry.is_dir() else "")
-            items.append(f'<a href="{html.escape(urllib.parse.quote(base + name))}">'
-                         f"{html.escape(name)}</a>")
+        items = [f'<a href="{html.escape(href)}">{html.escape(text)}</a>'
+                 for href, text in self._links(target, rel)]
         data = ("<html><body>\n" + "\n".join(items) + "\n</body></html>\n").encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/html")
@@ -155,6 +151,12 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
         self.server.log.add("LIST", rel, 0)
+
+    def _links(self, target: Path, rel: str) -> list[tuple[str, str]]:
+        """(href, text) of each entry of the listing of directory ``target``."""
+        base = rel if rel.endswith("/") else rel + "/"
+        names = [e.name + ("/" if e.is_dir() else "") for e in sorted(target.iterdir())]
+        return [(urllib.parse.quote(base + name), name) for name in names]
 
 
 class _Server(ThreadingHTTPServer):
