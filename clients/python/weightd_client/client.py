@@ -10,6 +10,7 @@ falls back to loading straight from the source when the daemon cannot be reached
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import os
 import threading
@@ -294,10 +295,16 @@ def _process_start_time() -> int:
     """``/proc/self/stat`` field 22: when this process started, in clock ticks since boot.
 
     With the pid it names the process uniquely (pids are reused), so the daemon can end
-    the leases of a process that died. 0 where there is no ``/proc``.
+    the leases of a process that died. 0 where there is no ``/proc``. Read once per
+    process (keyed by pid: a forked child reads its own), not on every load.
     """
+    return _start_time_of(os.getpid())
+
+
+@functools.cache
+def _start_time_of(pid: int) -> int:
     try:
-        with open("/proc/self/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return 0
