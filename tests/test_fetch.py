@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -338,6 +339,22 @@ def test_startup_removes_dead_leftovers(cache_dir):
     leftover.write_bytes(b"x" * 100)
     with Store.open(cache_dir):
         assert not leftover.exists()
+
+
+def test_startup_keeps_a_live_writers_temp_file_and_no_descriptor(cache_dir):
+    Store.open(cache_dir).close()
+    live = cache_dir / "tmp" / "789-012.incomplete"
+    live.write_bytes(b"x" * 100)
+    fd = os.open(live, os.O_RDONLY)  # a writer in another process holds its lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            Store.open(cache_dir).close()
+        assert live.exists()
+        assert len(os.listdir("/proc/self/fd")) == fds  # nothing left open per start
+    finally:
+        os.close(fd)
 
 
 def test_snapshot_dir_outlives_source(config, tmp_path):

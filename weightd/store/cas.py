@@ -241,13 +241,10 @@ class Store:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
-            finally:
-                pass
-            try:
                 os.unlink(entry.path)
                 removed += 1
+            except BlockingIOError:
+                pass  # a live writer holds it
             except FileNotFoundError:
                 pass
             finally:
