@@ -318,7 +318,8 @@ class Node:
                 if not self._is_resident(name, device):
                     uuid = self._check_device(device)
                     if uuid is None:
-                        self._make_room(device, sum(f.size for f in shards), exclude=name)
+                        self._make_room(device, self.host.missing_bytes(
+                            [(d, size) for d, _, size in blobs]), exclude=name)
                         self.host.load(name, [(d, p) for d, p, _ in blobs])
                     else:
                         self._make_room(device, self.cuda.missing_bytes(uuid, blobs),
@@ -373,7 +374,7 @@ class Node:
 
     def _freeable(self, name: str, device: str) -> int:
         if device == "cpu":
-            return self.host.model_bytes(name)
+            return self.host.freeable_bytes(name)
         return self.cuda.freeable_bytes(name, device_uuid(device))
 
     def _unload(self, name: str, device: str) -> int:
@@ -409,7 +410,9 @@ class Node:
         """Drop a model from host memory and/or GPUs (never while leased or pinned there);
         ``tier`` None means every tier but disk. Returns the bytes freed."""
         name = source_or_name
-        if not any(n == name for n, _ in self._resident):
+        with self._residency:
+            known = any(n == name for n, _ in self._resident)
+        if not known:
             _, name = self.resolve(source_or_name)
         freed = 0
         with self._residency:

@@ -151,9 +151,17 @@ class HostTier:
         with self._lock:
             return sum(self._blobs[d].size for d in self._models.get(key, ()))
 
-    def models(self) -> list[str]:
+    def freeable_bytes(self, key: str) -> int:
+        """Bytes that unloading model ``key`` would free (blobs only it uses)."""
         with self._lock:
-            return list(self._models)
+            return sum(m.size for m in (self._blobs[d] for d in self._models.get(key, ()))
+                       if m.users == {key})
+
+    def missing_bytes(self, blobs: Sequence[tuple[str, int]]) -> int:
+        """Bytes :meth:`load` would newly make resident for ``(digest, size)`` blobs (the
+        budget's ``need``): a blob already resident, or named twice, adds nothing more."""
+        with self._lock:
+            return sum({d: size for d, size in blobs if d not in self._blobs}.values())
 
     @property
     def bytes_used(self) -> int:
