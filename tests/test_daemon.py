@@ -264,3 +264,30 @@ def test_fetch_streams_progress_and_returns_the_snapshot(daemon, http_server, ht
     assert msgs[-1].bytes_fetched > 8 * MiB
     again = list(daemon.stub().Fetch(pb.FetchRequest(source=f"{http_server.url}/f"), timeout=60))
     assert again[-1].hits == again[-1].files and again[-1].bytes_fetched == 0
+
+
+def test_a_refetched_model_is_served_in_its_new_revision_once_no_lease_holds_the_old(
+        daemon, tmp_path):
+    src = tmp_path / "changing"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=4, seed=1)
+    stub = daemon.stub()
+    me = pb.ClientInfo(pid=os.getpid(), start_time=process_start_time(os.getpid()) or 0)
+
+    def acquire() -> pb.AcquireResponse:
+        return stub.Acquire(pb.AcquireRequest(source=str(src), client=me), timeout=60)
+
+    first = acquire()
+    old = [s.digest for s in first.shards]
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=4, seed=2)  # the source changes
+    list(stub.Fetch(pb.FetchRequest(source=str(src)), timeout=60))
+    # A lease still holds the resident revision: that one is served, whole and resident.
+    held = acquire()
+    assert [s.digest for s in held.shards] == old and not held.loaded
+    for r in (first, held):
+        stub.Release(pb.ReleaseRequest(lease_id=r.lease_id), timeout=30)
+    # No lease on it any more: the next Acquire loads the revision just fetched.
+    fresh = acquire()
+    assert fresh.loaded
+    assert [s.digest for s in fresh.shards] != old
+    assert [hash_file(Path(s.path)) for s in fresh.shards] == [s.digest for s in fresh.shards]
+    stub.Release(pb.ReleaseRequest(lease_id=fresh.lease_id), timeout=30)

@@ -25,7 +25,7 @@ from weightd.formats import ShardLayout, read_layout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name
-from weightd.store import Fetcher, ModelRecord, Snapshot, Store
+from weightd.store import Fetcher, ModelFile, ModelRecord, Snapshot, Store
 from weightd.tiers import HostTier
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
 from weightd.tiers.cuda import CudaTier, device_uuid
@@ -83,9 +83,23 @@ class PinState:
         return (self.source, self.tier, self.device)
 
 
+@dataclass(frozen=True)
+class _View:
+    """What every Acquire of a model resident on one device answers: built once, when
+    the model is made resident there, from the revision that was loaded."""
+
+    revision: str
+    snapshot_path: str
+    shards: tuple[ShardInfo, ...]
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str]
+
+
 @dataclass
 class _Residency:
+    view: _View
     last_used: float = field(default_factory=time.time)
+    stale: bool = False  # a newer revision was fetched: reload once no lease holds this one
 
 
 class Node:
@@ -231,11 +245,23 @@ class Node:
     def _fetch(self, source: str, include: Sequence[str] | None, exclude: Sequence[str],
                callback: Callback | None = None) -> Snapshot:
         snap = self.fetcher.fetch(source, include=include, exclude=exclude, callback=callback)
+        self._mark_stale(snap.name)
         self.metrics.fetched(snap.source.split("://", 1)[0], snap.stats.bytes_fetched,
                              snap.stats.seconds)
         self._enforce_disk_budget(snap.name)
         self.metrics.set_resident("disk", "disk", self.store.blob_bytes())
         return snap
+
+    def _mark_stale(self, name: str) -> None:
+        """After a fetch: where the model is resident in another revision than the index
+        now records, the next Acquire that finds no lease there loads the new one."""
+        record = self.store.index.model(name)
+        if record is None:
+            return
+        with self._residency:
+            for (n, _), res in self._resident.items():
+                if n == name and res.view.revision != record.revision:
+                    res.stale = True
 
     def _ensure_cached(self, source: str, name: str, include: Sequence[str] | None,
                        exclude: Sequence[str]) -> tuple[ModelRecord, bool]:
@@ -273,17 +299,78 @@ class Node:
             SourceNotFound, SourceUnavailable, NotPermitted, FormatError: from the fetch.
         """
         device = device or "cpu"
-        uuid = self._check_device(device)  # before any fetch: fail fast
+        self._check_device(device)  # before any fetch: fail fast
         _, name = self.resolve(source)
         t0 = time.perf_counter()
-        record, fetched, loaded, lease = self._make_resident(
-            source, name, include, exclude, device, (pid, start_time, client_name))
-        lease = cast(Lease, lease)  # _make_resident leases when given lease_args
+        lease_args = (pid, start_time, client_name)
+        fetched = loaded = False
+        got: tuple[_View, Lease | None] | None = self._lease_resident(name, device, lease_args)
+        if got is None:  # not resident here (or a newer revision waits): the full path
+            fetched, loaded, got = self._make_resident(source, name, include, exclude, device,
+                                                       lease_args)
+        view, maybe_lease = got
+        lease = cast(Lease, maybe_lease)  # leased: lease_args were given
         self.metrics.observe_acquire(lease.tier, time.perf_counter() - t0, hit=not loaded)
         self.metrics.lookup("disk", hit=not fetched)
         self._count_leases()
         self.store.index.touch_model(name)
-        shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
+        return Acquired(lease, name, view.snapshot_path, view.shards, view.tensors,
+                        view.metadata, fetched, loaded)
+
+    def _lease_resident(self, name: str, device: str, lease_args: tuple[int, int, str],
+                        ) -> tuple[_View, Lease] | None:
+        """The fast path of a warm Acquire: lease the resident model's view, without the
+        single-flight lock (a fetch or load of it may be under way)."""
+        with self._residency:
+            res = self._resident.get((name, device))
+            if res is None or res.stale:
+                return None
+            res.last_used = time.time()
+            return res.view, self.leases.add(name, _tier(device), device, *lease_args)
+
+    def _make_resident(
+        self, source: str, name: str, include: Sequence[str] | None, exclude: Sequence[str],
+        device: str, lease_args: tuple[int, int, str] | None,
+    ) -> tuple[bool, bool, tuple[_View, Lease | None]]:
+        """Fetch if needed, load onto ``device`` if needed, and lease if asked, all under
+        the model's single-flight lock; the lease is taken under the residency lock so
+        that no eviction can slip in between the load and the lease. Returns (fetched,
+        loaded, (view, lease))."""
+        with self._flight(name):
+            record, fetched = self._ensure_cached(source, name, include, exclude)
+            shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
+            for f in shards:
+                self._layout(f.digest)  # validates every shard before it becomes resident
+            blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
+            with self._residency:
+                res = self._resident.get((name, device))
+                if res is not None and res.stale and not self.leases.held(name, device):
+                    self._unload(name, device)  # switch to the revision fetched since
+                    res = None
+                loaded = False
+                if res is None:
+                    uuid = self._check_device(device)
+                    if uuid is None:
+                        self._make_room(device, self.host.missing_bytes(
+                            [(d, size) for d, _, size in blobs]), exclude=name)
+                        self.host.load(name, [(d, p) for d, p, _ in blobs])
+                    else:
+                        self._make_room(device, self.cuda.missing_bytes(uuid, blobs),
+                                        exclude=name)
+                        self.cuda.load(name, uuid, blobs)
+                    loaded = True
+                    self._update_resident_metric(device)
+                    res = self._resident[(name, device)] = _Residency(
+                        self._view(name, record.revision, shards, uuid))
+                res.last_used = time.time()
+                lease = None
+                if lease_args is not None:
+                    lease = self.leases.add(name, _tier(device), device, *lease_args)
+        return fetched, loaded, (res.view, lease)
+
+    def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
+              uuid: str | None) -> _View:
+        """The answer's shards, tensors and metadata for a model just made resident."""
         exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
         infos = tuple(
             ShardInfo(f.relpath, f.digest, f.size,
@@ -297,41 +384,8 @@ class Node:
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
-        return Acquired(lease, name, str(self.store.snapshot_path(name)), infos, tuple(tensors),
-                        metadata, fetched, loaded)
-
-    def _make_resident(
-        self, source: str, name: str, include: Sequence[str] | None, exclude: Sequence[str],
-        device: str, lease_args: tuple[int, int, str] | None,
-    ) -> tuple[ModelRecord, bool, bool, Lease | None]:
-        """Fetch if needed, load onto ``device`` if needed, and lease if asked, all under
-        the model's single-flight lock; the lease is taken under the residency lock so
-        that no eviction can slip in between the load and the lease."""
-        with self._flight(name):
-            record, fetched = self._ensure_cached(source, name, include, exclude)
-            shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
-            blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
-            with self._residency:
-                loaded = False
-                if not self._is_resident(name, device):
-                    uuid = self._check_device(device)
-                    if uuid is None:
-                        self._make_room(device, self.host.missing_bytes(
-                            [(d, size) for d, _, size in blobs]), exclude=name)
-                        self.host.load(name, [(d, p) for d, p, _ in blobs])
-                    else:
-                        self._make_room(device, self.cuda.missing_bytes(uuid, blobs),
-                                        exclude=name)
-                        self.cuda.load(name, uuid, blobs)
-                    loaded = True
-                    self._update_resident_metric(device)
-                self._resident.setdefault((name, device), _Residency()).last_used = time.time()
-                lease = None
-                if lease_args is not None:
-                    lease = self.leases.add(name, _tier(device), device, *lease_args)
-        return record, fetched, loaded, lease
+        return _View(revision, str(self.store.snapshot_path(name)), infos, tuple(tensors),
+                     metadata)
 
     def _layout(self, digest: str) -> ShardLayout:
         layout = self._layouts.get(digest)
@@ -359,11 +413,6 @@ class Node:
 
     def gpu_budget(self, uuid: str) -> int:
         return parse_gpu_budget(self.config.gpu_budget, self.cuda.total_bytes(uuid))
-
-    def _is_resident(self, name: str, device: str) -> bool:
-        if device == "cpu":
-            return self.host.resident(name)
-        return self.cuda.resident(name, device_uuid(device))
 
     def _used(self, device: str) -> int:
         return self.host.bytes_used if device == "cpu" else self.cuda.bytes_used(
