@@ -28,7 +28,7 @@ from weightd.errors import (
     WeightdError,
 )
 from weightd.metrics import Metrics
-from weightd.node import Node
+from weightd.node import Acquired, Node
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -50,6 +50,7 @@ ERROR_CODES: dict[type[WeightdError], grpc.StatusCode] = {
 }
 
 ERROR_KEY = "weightd-error"
+_MAX_ANSWER_TEMPLATES = 256
 MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
 
@@ -131,6 +132,32 @@ class _QueueCallback(Callback):  # type: ignore[misc]
 class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
     def __init__(self, node: Node) -> None:
         self.node = node
+        # The shards / tensors / metadata part of an Acquire answer, per resident view:
+        # the node hands out the same tuples until the model is loaded again, so the
+        # messages are built once and copied (in C) into each answer.
+        self._answers: dict[tuple[int, int], tuple[Any, pb.AcquireResponse]] = {}
+        self._answers_lock = threading.Lock()
+
+    def _answer_template(self, got: Acquired) -> pb.AcquireResponse:
+        key = (id(got.shards), id(got.tensors))
+        with self._answers_lock:
+            hit = self._answers.get(key)
+            # the tuples are kept alive with their template, so their ids are not reused
+            if hit is not None and hit[0][0] is got.shards and hit[0][1] is got.tensors:
+                return hit[1]
+        template = pb.AcquireResponse(
+            model=got.model, snapshot_path=got.snapshot_path, metadata=got.metadata,
+            shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
+                             ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
+                             device_offset=0)
+                    for s in got.shards],
+            tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape, shard=t.shard,
+                                     offset=t.offset, length=t.length) for t in got.tensors])
+        with self._answers_lock:
+            if len(self._answers) >= _MAX_ANSWER_TEMPLATES:
+                del self._answers[next(iter(self._answers))]  # the oldest
+            self._answers[key] = ((got.shards, got.tensors), template)
+        return template
 
     def Fetch(self, request: pb.FetchRequest,  # noqa: N802
               context: grpc.ServicerContext) -> Iterator[pb.FetchProgress]:
@@ -197,17 +224,15 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         size = sum(s.size for s in got.shards)
         calls.ok(model=got.model, tier=got.lease.tier, bytes=size, lease=got.lease.lease_id,
                  fetched=got.fetched, loaded=got.loaded)
-        return pb.AcquireResponse(
-            lease_id=got.lease.lease_id, model=got.model, tier=_TIERS[got.lease.tier],
-            device=got.lease.device, snapshot_path=got.snapshot_path, metadata=got.metadata,
-            fetched=got.fetched, loaded=got.loaded,
-            shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
-                             ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
-                             device_offset=0)
-                    for s in got.shards],
-            tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape, shard=t.shard,
-                                     offset=t.offset, length=t.length) for t in got.tensors],
-            server_ms=(time.perf_counter() - t0) * 1000)
+        answer = pb.AcquireResponse()
+        answer.CopyFrom(self._answer_template(got))
+        answer.lease_id = got.lease.lease_id
+        answer.tier = _TIERS[got.lease.tier]
+        answer.device = got.lease.device
+        answer.fetched = got.fetched
+        answer.loaded = got.loaded
+        answer.server_ms = (time.perf_counter() - t0) * 1000
+        return answer
 
     def Release(self, request: pb.ReleaseRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.ReleaseResponse:
