@@ -77,6 +77,18 @@ def test_repeat_fetch_of_unchanged_model_reads_no_data(config, http_server, mode
     assert again.path == first.path
 
 
+def test_repeat_fetch_of_unchanged_model_rewrites_neither_manifest_nor_link(
+        config, http_server, model_dir):
+    first = fetch(config, f"{http_server.url}/org/model")
+    link = Path(first.path)
+    manifests = sorted((link.parent / ".revs" / first.name).glob("*.manifest.json"))
+    before = [(m.stat().st_ino, m.stat().st_mtime_ns) for m in manifests]
+    link_before = link.lstat().st_ino
+    fetch(config, f"{http_server.url}/org/model")
+    assert [(m.stat().st_ino, m.stat().st_mtime_ns) for m in manifests] == before
+    assert link.lstat().st_ino == link_before
+
+
 def test_changed_object_is_refetched_and_snapshot_switches(config, http_server, model_dir):
     first = fetch(config, f"{http_server.url}/org/model")
     old_target = os.path.realpath(first.path)

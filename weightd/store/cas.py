@@ -321,7 +321,14 @@ class Store:
         # files): what the index needs to be rebuilt if it is ever lost
         record = {"source": source, "name": name, "revision": rev,
                   "files": [dataclasses.asdict(f) for _, f in sorted(files.items())]}
-        _write_atomic(revs / f"{rev}.manifest.json", json.dumps(record, indent=1).encode())
+        manifest_path = revs / f"{rev}.manifest.json"
+        data = json.dumps(record, indent=1).encode()
+        try:
+            unchanged = manifest_path.read_bytes() == data
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:  # a repeat fetch of an unchanged model writes (and fsyncs) nothing
+            _write_atomic(manifest_path, data)
         if not rev_dir.is_dir():
             staging = revs / f".{rev}.{os.getpid()}.{threading.get_ident()}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
@@ -334,12 +341,18 @@ class Store:
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)  # another process won the race
         link = self.snapshot_path(name)
-        tmp_link = link.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.link")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_link)
-        os.symlink(os.path.relpath(rev_dir, link.parent), tmp_link)
-        os.replace(tmp_link, link)
-        _fsync_dir(link.parent)
+        target = os.path.relpath(rev_dir, link.parent)
+        try:
+            current = os.readlink(link)
+        except OSError:
+            current = None
+        if current != target:
+            tmp_link = link.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.link")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_link)
+            os.symlink(target, tmp_link)
+            os.replace(tmp_link, link)
+            _fsync_dir(link.parent)
         self.index.record_model(name, source, rev, files)
         return link
 
