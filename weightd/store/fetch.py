@@ -182,14 +182,21 @@ class Fetcher:
         files = source.list_files(include, exclude)
         stats = FetchStats()
         cb = callback or NoOpCallback()
-        todo = [f for f in files if self._hit(f) is None]
+        results: dict[str, ModelFile] = {}
+        todo = []
+        for f in files:
+            digest = self._hit(f)
+            if digest is None:
+                todo.append(f)
+            else:  # in the cache already: no data read, no thread
+                stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
+                results[f.relpath] = ModelFile(f.relpath, f.url, digest, f.size, f.identity)
         cb.set_size(sum(f.size for f in todo))
         progress = _LockedCallback(cb)
-        results: dict[str, ModelFile] = {}
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.config.max_parallel_files,
                 thread_name_prefix="weightd-fetch") as pool:
-            futures = {pool.submit(self.fetch_file, source, f, progress, stats): f for f in files}
+            futures = {pool.submit(self.fetch_file, source, f, progress, stats): f for f in todo}
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     f = futures[fut]
@@ -214,15 +221,13 @@ class Fetcher:
 
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                    stats: FetchStats) -> str:
-        """Bring one file into the store; return its digest."""
-        digest = self._hit(f)
-        if digest is None:
-            with self.store.single_flight(f"{f.url}\0{f.identity}"):
-                digest = self._hit(f)  # another thread or process may have just done it
-                if digest is None:
-                    digest, hash_s = self._download(source, f, progress)
-                    stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
-                    return digest
+        """Bring one file that was not in the store into it; return its digest."""
+        with self.store.single_flight(f"{f.url}\0{f.identity}"):
+            digest = self._hit(f)  # another thread or process may have just done it
+            if digest is None:
+                digest, hash_s = self._download(source, f, progress)
+                stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
+                return digest
         stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
         return digest
 
