@@ -44,10 +44,6 @@ class Lease:
     client_name: str
     since: float = field(default_factory=time.time)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.model, self.device)
-
 
 class LeaseTable:
     """Thread-safe table of live leases, with a reaper thread for dead holders.

@@ -237,7 +237,7 @@ def _safe_relpath(rel: str, url: str) -> str:
 class Source:
     """One model reference opened on its filesystem.
 
-    Build it with :func:`open_source`; then :meth:`list_files` and :meth:`read_range`.
+    Build it with :func:`open_source`; then :meth:`list_files` and :meth:`read_blocks`.
     """
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, path: str, config: Config):
@@ -282,8 +282,9 @@ class Source:
                           identity=f"{int(size)}:{_identity(info)}")
 
     def stat(self, rf: RemoteFile) -> RemoteFile:
-        """Stat one file again (to see whether it changed during a download)."""
-        return self._remote(rf.path, rf.relpath, self._info(rf.path))
+        """Stat one file again (to see whether it changed during a download): one
+        ``info`` call, or one ``os.stat`` for a local file."""
+        return self._remote(rf.path, rf.relpath, {})
 
     def list_files(
         self,
@@ -367,11 +368,6 @@ class Source:
                     and not _matches(rel, exclude)):
                 out.append(self._remote(p, rel, info))
         return sorted(out, key=lambda f: f.relpath)
-
-    async def read_range(self, path: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a file; a short read raises a transient error."""
-        blocks = await self.read_blocks(path, start, end)
-        return blocks[0] if len(blocks) == 1 else b"".join(blocks)
 
     async def read_blocks(self, path: str, start: int, end: int) -> list[bytes]:
         """Bytes ``[start, end)`` of a file as the buffers they arrived in.

@@ -453,8 +453,3 @@ class Store:
                 os.unlink(self.blob_path(digest))
             self.index.forget_blob(digest)
 
-    def check_blob(self, digest: str) -> None:
-        """Rehash one blob; raise IntegrityError when it does not match its name."""
-        actual = hash_file(self.blob_path(digest))
-        if actual != digest:
-            raise IntegrityError(f"{self.blob_path(digest)}: content hashes to {actual}")

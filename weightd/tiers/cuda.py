@@ -91,11 +91,9 @@ _MEMCPY_HOST_TO_DEVICE = 1
 _STREAM_NON_BLOCKING = 0x01
 _EVENT_BLOCKING_SYNC = 0x01
 _EVENT_DISABLE_TIMING = 0x02
-_SUCCESS = 0
 _ERROR_MEMORY_ALLOCATION = 2
 _ERROR_INSUFFICIENT_DRIVER = 35
 _ERROR_NO_DEVICE = 100
-_ERROR_NOT_READY = 600
 _ATTR_HOST_REGISTER_READ_ONLY = 113  # cudaDevAttrHostRegisterReadOnlySupported
 _UUID_PREFIXES = ("GPU-", "MIG-")
 
@@ -771,17 +769,6 @@ class _CudaEvent:
         self.driver = driver
         self.index = index
         self.event = event
-
-    def query(self) -> bool:
-        if not self.event:
-            return True
-        with self.driver.on(self.index):
-            status = self.driver.rt.eventQuery(self.event)
-        if status == _ERROR_NOT_READY:
-            return False
-        if status != _SUCCESS:
-            raise GpuUnavailable(f"a host-to-device copy failed: CUDA error {status}")
-        return True
 
     def wait(self) -> None:
         event, self.event = self.event, 0

@@ -116,10 +116,6 @@ class StagingBuffer:
 class CopyEvent(Protocol):
     """Completion of one asynchronous copy (a CUDA event, a threading.Event...)."""
 
-    def query(self) -> bool:
-        """True once the copy has completed (successfully or not); never blocks."""
-        ...
-
     def wait(self) -> None:
         """Block until the copy has completed; raise its error if it failed."""
         ...
@@ -304,9 +300,6 @@ class _HostEvent:
     def _finish(self, error: BaseException | None) -> None:
         self._error = error
         self._done.set()
-
-    def query(self) -> bool:
-        return self._done.is_set()
 
     def wait(self) -> None:
         self._done.wait()
