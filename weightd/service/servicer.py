@@ -31,6 +31,7 @@ from weightd.metrics import Metrics
 from weightd.node import Acquired, Node
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+from weightd_client.client import ERROR_KEY  # the one name both sides read and write
 
 log = logging.getLogger("weightd.requests")
 
@@ -49,7 +50,6 @@ ERROR_CODES: dict[type[WeightdError], grpc.StatusCode] = {
     CacheLocked: grpc.StatusCode.UNAVAILABLE,
 }
 
-ERROR_KEY = "weightd-error"
 _MAX_ANSWER_TEMPLATES = 256
 MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256

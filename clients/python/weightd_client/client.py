@@ -107,7 +107,7 @@ def _daemon_down(e: grpc.RpcError) -> bool:
     if code != grpc.StatusCode.UNAVAILABLE:
         return False
     trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
-    return not any(key == "weightd-error" for key, _ in (trailers or ()))
+    return _metadata_value(trailers, ERROR_KEY) is None
 
 
 def default_socket() -> str:
