@@ -291,3 +291,16 @@ def test_a_refetched_model_is_served_in_its_new_revision_once_no_lease_holds_the
     assert [s.digest for s in fresh.shards] != old
     assert [hash_file(Path(s.path)) for s in fresh.shards] == [s.digest for s in fresh.shards]
     stub.Release(pb.ReleaseRequest(lease_id=fresh.lease_id), timeout=30)
+
+
+@pytest.mark.parametrize(("tier", "device"), [
+    (pb.TIER_HOST, "cuda:GPU-00000000-0000-0000-0000-000000000000"),
+    (pb.TIER_DISK, "cuda:GPU-00000000-0000-0000-0000-000000000000"),
+    (pb.TIER_CUDA, "cpu"),
+])
+def test_a_pin_whose_device_is_not_its_tiers_is_refused(daemon, model, tier, device):
+    with pytest.raises(grpc.RpcError) as e:
+        daemon.stub().Pin(pb.PinRequest(source=str(model), tier=tier, device=device),
+                          timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert not daemon.status().pins  # nothing recorded, nothing warming

@@ -20,7 +20,7 @@ import psutil
 from fsspec.callbacks import Callback
 
 from weightd.config import Config, format_size
-from weightd.errors import GpuUnavailable, ModelInUse, SourceNotFound
+from weightd.errors import FormatError, GpuUnavailable, ModelInUse, SourceNotFound
 from weightd.formats import ShardLayout, read_layout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
@@ -159,6 +159,7 @@ class Node:
     def pin(self, source: str, *, tier: str = "host", device: str = "cpu") -> str:
         """Keep a model on a tier ("disk", "host" or "cuda" with ``device``
         "cuda:<uuid>"); recorded in the index, warmed in the background."""
+        _check_pin_device(tier, device)
         if tier == "cuda":
             self._check_device(device)
         url, name = self.resolve(source)
@@ -170,6 +171,7 @@ class Node:
         return name
 
     def unpin(self, source: str, *, tier: str = "host", device: str = "cpu") -> bool:
+        _check_pin_device(tier, device)
         url, _ = self.resolve(source)
         removed = self.store.index.remove_pin(url, tier, device)
         with self._residency:
@@ -493,6 +495,15 @@ class Node:
         if not self.cuda.available:
             out.append(f"cuda tier: {self.cuda.reason}")
         return out
+
+
+def _check_pin_device(tier: str, device: str) -> None:
+    """A pin's device must be the tier's: "cpu" for disk and host, "cuda:<uuid>" for
+    cuda (a host pin naming a GPU would otherwise warm the model onto that GPU)."""
+    if tier == "cuda" and not device.startswith("cuda:"):
+        raise FormatError("request", "a CUDA pin needs device 'cuda:<GPU UUID>'")
+    if tier != "cuda" and device != "cpu":
+        raise FormatError("request", f"a {tier} pin takes device 'cpu', not {device!r}")
 
 
 def _tier(device: str) -> str:

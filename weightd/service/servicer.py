@@ -323,10 +323,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         tier = _TIER_NAMES.get(request.tier or pb.TIER_HOST)
         if tier is None:
             raise _BadRequest("request", f"unknown tier {request.tier}")
-        device = request.device or ("cpu" if tier != "cuda" else "")
-        if tier == "cuda" and not device.startswith("cuda:"):
-            raise _BadRequest("request", "a CUDA pin needs device 'cuda:<GPU UUID>'")
-        return tier, device
+        return tier, request.device or ("cpu" if tier != "cuda" else "")
 
     def Pin(self, request: pb.PinRequest,  # noqa: N802
             context: grpc.ServicerContext) -> pb.PinResponse:
