@@ -90,6 +90,9 @@ class Daemon:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        # the lease reaper, the CUDA tier and the pins' warm-up run before the first call
+        # can arrive on the socket
+        self.node.start()
         _prepare_socket(self.socket)
         old = os.umask(0o117)  # the socket is born 0660: never world-accessible
         try:
@@ -101,7 +104,6 @@ class Daemon:
         if self.config.metrics_address:
             self.metrics_http = start_http(self.config.metrics_address, self.metrics)
             log.info("metrics on %s", self.metrics_http.url)
-        self.node.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("weightd serving on unix://%s (cache %s, pid %d)", self.socket,
