@@ -96,7 +96,7 @@ def cmd_ls(cfg: Config, ns: argparse.Namespace) -> int:
     if client is not None:  # the daemon owns the cache: ask it
         with client:
             for m in client.list():
-                where = ",".join(_TIER_NAMES[r.tier] for r in m.resident) or "disk"
+                where = ",".join(_tier_name(r.tier) for r in m.resident) or "disk"
                 print(f"{m.model:<48} {m.files:>5} {format_size(m.bytes):>10} {where:<10} "
                       f"{m.source}")
         return 0
@@ -151,7 +151,10 @@ def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
-_TIER_NAMES = {0: "-", 1: "disk", 2: "host", 3: "cuda"}
+def _tier_name(tier: Any) -> str:
+    from weightd_client.client import TIER_NAMES
+
+    return TIER_NAMES.get(tier) or "-"
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
@@ -165,14 +168,14 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
         state = ("ok" + (", mlocked" if t.locked else "")) if t.available else "unavailable"
         reason = f" ({t.reason})" if t.reason else ""
         budget = format_size(t.bytes_budget) if t.bytes_budget else "-"
-        print(f"{_TIER_NAMES[t.tier]:<5} {t.device or '-':<12} {format_size(t.bytes_used):>10} "
+        print(f"{_tier_name(t.tier):<5} {t.device or '-':<12} {format_size(t.bytes_used):>10} "
               f"{budget:>10}  {state}{reason}")
     print(f"\n{len(models)} models, {len(st.leases)} leases, {len(st.pins)} pins")
     for m in models:
-        where = ", ".join(f"{_TIER_NAMES[r.tier]} ({r.leases} leases)" for r in m.resident)
+        where = ", ".join(f"{_tier_name(r.tier)} ({r.leases} leases)" for r in m.resident)
         print(f"  {m.model}  {format_size(m.bytes)}  {where or 'disk only'}")
     for p in st.pins:
-        print(f"  pin {p.model} on {_TIER_NAMES[p.tier]}: {p.state}")
+        print(f"  pin {p.model} on {_tier_name(p.tier)}: {p.state}")
     for problem in st.problems:
         print(f"problem: {problem}")
     return 0

@@ -32,6 +32,8 @@ from weightd.node import Acquired, Node
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import ERROR_KEY  # the one name both sides read and write
+from weightd_client.client import TIER_BY_NAME as _TIERS
+from weightd_client.client import TIER_NAMES as _TIER_NAMES
 
 log = logging.getLogger("weightd.requests")
 
@@ -55,8 +57,6 @@ MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
 
 
-_TIERS = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "cuda": pb.TIER_CUDA}
-_TIER_NAMES = {v: k for k, v in _TIERS.items()}
 
 
 def status_for(e: BaseException) -> grpc.StatusCode:

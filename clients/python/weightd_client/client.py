@@ -78,7 +78,11 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[WeightdError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: GpuUnavailable,
 }
 
-_TIERS = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "cpu": pb.TIER_HOST, "cuda": pb.TIER_CUDA}
+#: The tiers as the API names them, and back: one table for the client, the daemon's
+#: service and its CLI.
+TIER_BY_NAME = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "cuda": pb.TIER_CUDA}
+TIER_NAMES = {v: k for k, v in TIER_BY_NAME.items()}
+_TIERS = {**TIER_BY_NAME, "cpu": pb.TIER_HOST}
 
 
 class ProgressCallback(Protocol):
