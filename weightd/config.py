@@ -111,19 +111,26 @@ def _bool(v: Any) -> bool:
     raise ConfigError(f"not a boolean: {v!r} (use true or false)")
 
 
+def parse_share(v: Any) -> float | None:
+    """``"90%"`` → 90.0 (percent); None for a value that is not a share (a size);
+    ConfigError for a share that is not a number in (0, 100]."""
+    text = str(v).strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        share = float(text[:-1].strip())
+    except ValueError as e:
+        raise ConfigError(f"not a share: {v!r} (use e.g. 90%)") from e
+    if not 0 < share <= 100:
+        raise ConfigError(f"a share must be more than 0% and at most 100%, got {v!r}")
+    return share
+
+
 def _opt_budget(v: Any) -> str | None:
     if v in (None, ""):
         return None
     text = str(v).strip()
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1])
-        except ValueError as e:
-            raise ConfigError(f"not a share: {v!r} (use e.g. 90%)") from e
-        if not 0 < share <= 100:
-            raise ConfigError(f"a share must be in (0, 100]%: {v!r}")
-        return text
-    return str(parse_size(text))
+    return text if parse_share(text) is not None else str(parse_size(text))
 
 
 def _path(v: Any) -> Path:

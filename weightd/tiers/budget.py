@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TypeVar
 
-from weightd.config import ConfigError, format_size, parse_size
+from weightd.config import format_size, parse_share, parse_size
 from weightd.errors import BudgetExceeded
 
 __all__ = ["DEFAULT_GPU_BUDGET", "parse_gpu_budget", "plan_eviction"]
@@ -48,15 +48,8 @@ def parse_gpu_budget(value: str | int | None, total: int) -> int:
         raise ValueError(f"a device cannot have {total} bytes")
     if value is None:
         value = DEFAULT_GPU_BUDGET
-    if isinstance(value, str) and value.strip().endswith("%"):
-        text = value.strip()[:-1].strip()
-        try:
-            share = float(text)
-        except ValueError as e:
-            raise ConfigError(f"not a percentage: {value!r} (use e.g. 90%)") from e
-        if not 0 < share <= 100:
-            raise ConfigError(f"a GPU budget share must be more than 0% and at most 100%, "
-                              f"got {value!r}")
+    share = parse_share(value) if isinstance(value, str) else None
+    if share is not None:
         return int(total * share / 100)
     return min(parse_size(value), total)
 
