@@ -33,6 +33,7 @@ from weightd.config import ConfigError
 from weightd.errors import BudgetExceeded, FormatError, GpuUnavailable, IntegrityError
 from weightd.formats import read_layout
 from weightd.store import hash_file
+from weightd.testing.staging import HostMemoryBackend, random_delay
 from weightd.tiers import staging as staging_mod
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
 from weightd.tiers.cuda import (
@@ -43,12 +44,7 @@ from weightd.tiers.cuda import (
     device_uuid,
     format_uuid,
 )
-from weightd.tiers.staging import (
-    HostMemoryBackend,
-    StagingPipeline,
-    plan_chunks,
-    random_delay,
-)
+from weightd.tiers.staging import StagingPipeline, plan_chunks
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 KiB = 1024
