@@ -6,7 +6,7 @@ file is the model; an ``*.index.json`` brings the shards its weight map names; a
 directory brings every ``*.safetensors`` under it that matches ``include`` and no
 ``exclude`` glob (globs match the relative path or the file name).
 
-Local files are loaded with ``safetensors.torch.load_file``; remote ones are read
+Local files are loaded as ``safetensors.torch.load_file`` does (``safe_open``); remote ones are read
 through fsspec, an optional dependency of the client, and must fit in memory. Nothing
 is cached and nothing is shared with other processes: this is the slow path that keeps
 a replica starting while the daemon is down.
@@ -123,8 +123,8 @@ def load_local(path: Path, *, include: Sequence[str] | None = None,
         exclude: globs of shards to leave out.
 
     Returns:
-        The tensors (``safetensors.torch.load_file``), their merged metadata and the
-        model's directory.
+        The tensors (``safe_open`` + ``get_tensor``, as ``load_file``), their merged
+        metadata and the model's directory.
 
     Raises:
         SourceNotFound: nothing there, or no shard left after include/exclude.
@@ -132,7 +132,6 @@ def load_local(path: Path, *, include: Sequence[str] | None = None,
     """
     require_torch()
     import safetensors
-    import safetensors.torch
 
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or directory")
@@ -159,9 +158,10 @@ def load_local(path: Path, *, include: Sequence[str] | None = None,
     metadata: dict[str, str] = {}
     for f in files:
         try:
+            # one open per shard: what load_file does, with the metadata read on the way
             with safetensors.safe_open(str(f), framework="pt") as st:
                 metadata.update(st.metadata() or {})
-            _merge(tensors, safetensors.torch.load_file(str(f)), str(f))
+                _merge(tensors, {k: st.get_tensor(k) for k in st.keys()}, str(f))  # noqa: SIM118
         except WeightdError:
             raise
         except (safetensors.SafetensorError, ValueError) as e:
