@@ -9,6 +9,7 @@ stops taking calls, lets the running ones finish, and exits 0.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,28 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Weightd"].full_name
+
+#: Allocations from this size up get their own mapping, returned to the system on free.
+MMAP_THRESHOLD = 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_buffers() -> bool:
+    """Make glibc give a fetch's chunk buffers back to the system once they are freed.
+
+    glibc serves an allocation of several MiB from ``mmap`` only until the first such
+    block is freed; then it raises its threshold and later buffers come from the
+    per-thread heaps, which keep their freed memory. A daemon that fetched a model would
+    then hold ~100 MiB of dead buffers for good (its PSS is counted against every
+    replica). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also switches
+    off the adjustment) keeps every buffer of 1 MiB or more in its own mapping. Returns
+    False where the C library is not glibc (nothing to do, or nothing known to work).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def sd_notify(message: str) -> bool:
@@ -133,6 +156,8 @@ class Daemon:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    if not return_freed_buffers():
+        log.debug("mallopt is not available: freed fetch buffers may stay in the heap")
     daemon = Daemon(config)
     stop = threading.Event()
 
