@@ -82,7 +82,8 @@ def test_served_on_port_zero_and_values_follow_the_calls(
     metrics.set_resident("host", "cpu", 3 << 30)
     metrics.set_resident("cuda", "GPU-0a1b", 1 << 30)
     metrics.set_budget("host", "cpu", 64 << 30)
-    metrics.set_leases("host", 4)
+    leases = {"disk": 0, "host": 4, "cuda": 0}
+    metrics.count_leases(leases.__getitem__)
 
     after = scrape(f"127.0.0.1:{server.port}")
     assert get(after, "weightd_hits_total", tier="host") == 2
@@ -104,7 +105,7 @@ def test_served_on_port_zero_and_values_follow_the_calls(
     assert get(after, "weightd_tier_budget_bytes", tier="host", device="cpu") == 64 << 30
     assert get(after, "weightd_leases", tier="host") == 4
 
-    metrics.set_leases("host", 0)
+    leases["host"] = 0
     metrics.set_resident("host", "cpu", 0)
     again = http_get(server)
     assert get(again, "weightd_leases", tier="host") == 0

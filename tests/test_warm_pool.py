@@ -148,6 +148,27 @@ def test_disk_budget_evicts_least_recently_used_cached_models(tmp_path, models):
         assert d.stop() == 0
 
 
+def test_disk_budget_ranks_models_by_their_last_acquire(tmp_path, models):
+    # The daemon writes last-used times to the index in batches (a warm Acquire writes
+    # nothing); the disk budget must still see every Acquire, however recent.
+    write_synthetic_model(tmp_path / "src" / "d", total_bytes=12 * MiB, tensors=8, seed=3)
+    d = DaemonProcess(tmp_path, env={"WEIGHTD_DISK_BUDGET": "40MiB",
+                                     "WEIGHTD_HOST_BUDGET": "20MiB"})  # one resident model
+    try:
+        for name in ("a", "b", "c"):  # fetched in this order: a is the oldest on disk
+            list(d.stub().Fetch(pb.FetchRequest(source=models[name]), timeout=60))
+            time.sleep(0.02)
+        for name in ("c", "a", "c"):  # a used after b; c ends resident (kept)
+            release(d, acquire(d, models[name]).lease_id)
+            time.sleep(0.02)
+        list(d.stub().Fetch(pb.FetchRequest(source=str(tmp_path / "src" / "d")), timeout=60))
+        cached = {m.source.rsplit("/", 1)[-1] for m in
+                  d.stub().List(pb.ListRequest(), timeout=10).models}
+        assert cached == {"a", "c", "d"}  # b, fetched but never used since, went
+    finally:
+        assert d.stop() == 0
+
+
 def test_cli_talks_to_the_daemon(tmp_path, models):
     d = DaemonProcess(tmp_path)
     env = {"WEIGHTD_SOCKET": str(d.socket), "WEIGHTD_CACHE_DIR": str(d.cache_dir)}

@@ -25,10 +25,11 @@ This module must not know about the node, the store or gRPC: it only counts.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -159,9 +160,11 @@ class Metrics:
         """Set the bytes ``tier`` may hold on ``device``."""
         self.tier_budget_bytes.labels(tier, device).set(nbytes)
 
-    def set_leases(self, tier: str, n: int) -> None:
-        """Set the number of leases held on ``tier`` now."""
-        self.leases.labels(tier).set(n)
+    def count_leases(self, count: Callable[[str], int]) -> None:
+        """Read the leases held on each tier from ``count(tier)`` when scraped: the
+        lease table keeps the counts, so that no Acquire or Release has to set them."""
+        for tier in TIERS:
+            self.leases.labels(tier).set_function(functools.partial(count, tier))
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

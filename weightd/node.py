@@ -32,6 +32,10 @@ from weightd.tiers.cuda import CudaTier, device_uuid
 
 log = logging.getLogger(__name__)
 
+#: Seconds between writes of the models' last-used times to the index (see
+#: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
+TOUCH_FLUSH_INTERVAL = 5.0
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -116,6 +120,7 @@ class Node:
                              staging_buffer_size=config.staging_buffer_size,
                              register_host=config.gpu_register_host)
         self.leases = LeaseTable(on_end=self._lease_ended)
+        self.metrics.count_leases(self.leases.on_tier)
         self.metrics.set_budget("host", "cpu", self.host_budget)
         if config.disk_budget is not None:
             self.metrics.set_budget("disk", "disk", config.disk_budget)
@@ -129,6 +134,9 @@ class Node:
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._warmer: threading.Thread | None = None
+        self._touch_lock = threading.Lock()
+        self._touched: dict[str, float] = {}  # model -> last used, not yet in the index
+        self._touches_flushed = 0.0  # the first touch writes at once
 
     def start(self) -> None:
         """Start the lease reaper, the GPU tier (if any) and re-warm the recorded pins."""
@@ -151,6 +159,7 @@ class Node:
         if self._warmer is not None:
             self._warmer.join(timeout=5)
         self.leases.stop()
+        self.flush_touches()
         self.cuda.close()
         self.host.close()
 
@@ -213,6 +222,7 @@ class Node:
         budget = self.config.disk_budget
         if budget is None:
             return
+        self.flush_touches()  # rank models by when they were really last used
         with self._residency:
             keep = ({fetched} | {n for n, _ in self._resident}
                     | {p.model for p in self._pins.values()}
@@ -314,8 +324,7 @@ class Node:
         lease = cast(Lease, maybe_lease)  # leased: lease_args were given
         self.metrics.observe_acquire(lease.tier, time.perf_counter() - t0, hit=not loaded)
         self.metrics.lookup("disk", hit=not fetched)
-        self._count_leases()
-        self.store.index.touch_model(name)
+        self._touch(name)
         return Acquired(lease, name, view.snapshot_path, view.shards, view.tensors,
                         view.metadata, fetched, loaded)
 
@@ -400,16 +409,32 @@ class Node:
         return self.leases.release(lease_id)
 
     def _lease_ended(self, lease: Lease, why: str) -> None:
-        self._count_leases()
         with self._residency:
             res = self._resident.get((lease.model, lease.device))
             if res is not None:
                 res.last_used = time.time()
 
-    def _count_leases(self) -> None:
-        leases = self.leases.all()
-        for tier in ("host", "cuda"):
-            self.metrics.set_leases(tier, sum(1 for lease in leases if lease.tier == tier))
+    # when models were last used, for the disk tier's LRU ------------------------------
+
+    def _touch(self, name: str) -> None:
+        """Note that ``name`` was used now. The index learns it in batches (see
+        :meth:`flush_touches`): a warm Acquire writes nothing to SQLite."""
+        now = time.time()
+        with self._touch_lock:
+            self._touched[name] = now
+            due = now - self._touches_flushed >= TOUCH_FLUSH_INTERVAL
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the pending last-used times to the index: at most once a
+        ``TOUCH_FLUSH_INTERVAL`` from Acquire, before the disk budget ranks models, and
+        at close. A crash loses at most that interval of LRU precision, nothing else."""
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
+            self._touches_flushed = time.time()
+        for name, when in touched.items():
+            self.store.index.touch_model(name, when)
 
     # budgets and eviction ---------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class LeaseTable:
     def __init__(self, on_end: Callable[[Lease, str], None] | None = None,
                  reap_interval: float = 0.5) -> None:
         self._leases: dict[str, Lease] = {}
+        self._by_tier: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._on_end = on_end
         self._interval = reap_interval
@@ -68,11 +70,14 @@ class LeaseTable:
         lease = Lease(secrets.token_hex(12), model, tier, device, pid, start_time, client_name)
         with self._lock:
             self._leases[lease.lease_id] = lease
+            self._by_tier[tier] += 1
         return lease
 
     def release(self, lease_id: str) -> Lease:
         with self._lock:
             lease = self._leases.pop(lease_id, None)
+            if lease is not None:
+                self._by_tier[lease.tier] -= 1
         if lease is None:
             raise LeaseNotFound(f"no lease {lease_id!r} (released already, or never granted)")
         self._ended(lease, "released")
@@ -87,6 +92,11 @@ class LeaseTable:
     def all(self) -> list[Lease]:
         with self._lock:
             return sorted(self._leases.values(), key=lambda lease: lease.since)
+
+    def on_tier(self, tier: str) -> int:
+        """How many leases are held on ``tier`` ("host" or "cuda"), without a scan."""
+        with self._lock:
+            return self._by_tier[tier]
 
     def count(self, model: str, device: str | None = None) -> int:
         with self._lock:
@@ -103,6 +113,7 @@ class LeaseTable:
                     if process_start_time(lease.pid) != lease.start_time]
             for lease in dead:
                 del self._leases[lease.lease_id]
+                self._by_tier[lease.tier] -= 1
         for lease in dead:
             self._ended(lease, "reaped: its process is gone")
         return dead

@@ -195,11 +195,13 @@ class Index:
             db.executemany("UPDATE blobs SET last_used=? WHERE digest=?",
                            [(now, f.digest) for f in files.values()])
 
-    def touch_model(self, name: str) -> None:
-        now = time.time()
+    def touch_model(self, name: str, now: float | None = None) -> None:
+        """Record that model ``name`` (and its blobs) was used at ``now`` (default: now)."""
+        now = time.time() if now is None else now
         with self.transaction() as db:
-            db.execute("UPDATE models SET last_used=? WHERE name=?", (now, name))
-            db.execute("UPDATE blobs SET last_used=? WHERE digest IN "
+            # MAX: a batched touch written late never moves a newer time back
+            db.execute("UPDATE models SET last_used=MAX(last_used, ?) WHERE name=?", (now, name))
+            db.execute("UPDATE blobs SET last_used=MAX(last_used, ?) WHERE digest IN "
                        "(SELECT digest FROM model_files WHERE model=?)", (now, name))
 
     def models(self, name: str | None = None) -> list[ModelRecord]:

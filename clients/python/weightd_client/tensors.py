@@ -246,26 +246,36 @@ def checked_tensors(
             not match the shape, bytes outside the shard, a name twice.
     """
     seen: set[str] = set()
+    # One lookup per dtype, not per tensor: an answer has hundreds of tensors and a few
+    # dtypes, and this loop is on the path of every warm load.
+    dtypes: dict[str, tuple[torch.dtype, int]] = {}
+    nshards = len(sizes)
     for t in response.tensors:
-        if not 0 <= t.shard < len(sizes):
+        shard = t.shard
+        if not 0 <= shard < nshards:
             raise FormatError(response.model or "<acquire>",
-                              f"tensor {t.name!r} names shard {t.shard}, the answer has "
-                              f"{len(sizes)}")
-        path = names[t.shard]
-        if t.name in seen:
-            raise FormatError(path, f"tensor {t.name!r} appears twice in the model")
-        seen.add(t.name)
-        dtype = torch_dtype(t.dtype, path=path)
+                              f"tensor {t.name!r} names shard {shard}, the answer has "
+                              f"{nshards}")
+        path = names[shard]
+        name = t.name
+        if name in seen:
+            raise FormatError(path, f"tensor {name!r} appears twice in the model")
+        seen.add(name)
+        got = dtypes.get(t.dtype)
+        if got is None:
+            dtype = torch_dtype(t.dtype, path=path)
+            got = dtypes[t.dtype] = (dtype, dtype.itemsize)
+        dtype, itemsize = got
         shape = tuple(t.shape)
-        if any(d < 0 for d in shape):
-            raise FormatError(path, f"tensor {t.name!r} has a negative dimension {shape}")
+        if shape and min(shape) < 0:
+            raise FormatError(path, f"tensor {name!r} has a negative dimension {shape}")
         numel = math.prod(shape)
-        nbytes = numel * dtype.itemsize
+        nbytes = numel * itemsize
         if t.length != nbytes:
-            raise FormatError(path, f"tensor {t.name!r}: {t.length} bytes for shape {shape} "
+            raise FormatError(path, f"tensor {name!r}: {t.length} bytes for shape {shape} "
                                     f"of {t.dtype} (expected {nbytes})")
-        size = sizes[t.shard]
-        if t.offset < 0 or t.offset + nbytes > size:
-            raise FormatError(path, f"tensor {t.name!r}: bytes {t.offset}..{t.offset + nbytes} "
-                                    f"lie outside the {unit} ({size} bytes)")
+        offset = t.offset
+        if offset < 0 or offset + nbytes > sizes[shard]:
+            raise FormatError(path, f"tensor {name!r}: bytes {offset}..{offset + nbytes} "
+                                    f"lie outside the {unit} ({sizes[shard]} bytes)")
         yield t, dtype, shape, numel
