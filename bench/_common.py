@@ -127,17 +127,6 @@ def size_label(n: int) -> str:
 # --- memory ------------------------------------------------------------------------------
 
 
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """``/proc/<pid>/smaps_rollup`` as ``{field: kB}`` (Rss, Pss, Pss_Anon, Pss_File...)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                out[parts[0][:-1]] = int(parts[1])
-    return out
-
-
 def fits_in_memory(need: int, *, margin: int = 2 * GiB) -> tuple[bool, int]:
     """Whether ``need`` more bytes fit in what the kernel calls available, with a margin."""
     avail = psutil.virtual_memory().available

@@ -75,11 +75,11 @@ from _common import (
     proc_status_kb,
     read_through,
     size_label,
-    smaps_rollup,
 )
 from replica import PRELOAD, io_read_bytes, replica_main
 
 from weightd.testing.daemon import DaemonProcess
+from weightd.testing.procfs import smaps_rollup
 
 HERE = Path(__file__).resolve().parent
 S3_KEYS = {"key": "testing", "secret": "testing"}

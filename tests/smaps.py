@@ -17,13 +17,3 @@ def smaps_for(pid: int, path: str) -> dict[str, int]:
                 totals[parts[0][:-1]] = totals.get(parts[0][:-1], 0) + int(parts[1])
     return totals
 
-
-def rollup(pid: int) -> dict[str, int]:
-    """The fields (kB) of ``/proc/<pid>/smaps_rollup``: the whole process's memory."""
-    totals: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                totals[parts[0][:-1]] = int(parts[1])
-    return totals

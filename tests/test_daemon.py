@@ -16,10 +16,11 @@ import grpc
 import pytest
 
 from tests.daemon import ClientError, ClientProcess, DaemonProcess
-from tests.smaps import rollup, smaps_for
+from tests.smaps import smaps_for
 from weightd.leases import process_start_time
 from weightd.store import hash_file
 from weightd.testing import write_synthetic_model
+from weightd.testing.procfs import smaps_rollup
 from weightd.tiers import CudaTier
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
@@ -202,9 +203,9 @@ def test_a_fetch_leaves_no_buffers_in_the_daemon(daemon, tmp_path):
     # The daemon's own memory counts against every replica it serves: the chunk buffers
     # of a fetch must go back to the system, not stay in its heap.
     write_synthetic_model(tmp_path / "big", total_bytes=256 * MiB, tensors=16, shards=2)
-    before = rollup(daemon.pid)["Pss_Anon"]
+    before = smaps_rollup(daemon.pid)["Pss_Anon"]
     list(daemon.stub().Fetch(pb.FetchRequest(source=str(tmp_path / "big")), timeout=120))
-    after = rollup(daemon.pid)["Pss_Anon"]
+    after = smaps_rollup(daemon.pid)["Pss_Anon"]
     assert (after - before) * 1024 < 32 * MiB, f"anonymous memory grew {before} -> {after} kB"
 
 
