@@ -332,7 +332,10 @@ def replica_main(spec: dict[str, Any], conn: Any, barrier: Any) -> None:
         with contextlib.suppress(ImportError):  # the loader itself says what is missing
             importlib.import_module(module)
     if spec.get("device", "cpu").startswith("cuda"):
-        torch.cuda.init()  # the context is a process's fixed cost, not the loader's
+        # The context is a process's fixed cost, not the loader's, and its memory must be
+        # in the driver's "before": torch.cuda.init() alone creates no context.
+        torch.zeros(1, device=spec["device"])
+        torch.cuda.synchronize()
     # Start every method from the same garbage-collector state: otherwise a full
     # collection over torch's objects (~200 ms here) lands in whichever loader happens to
     # allocate at the wrong moment. freeze() is what preforking servers do.

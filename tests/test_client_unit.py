@@ -327,6 +327,27 @@ def test_cuda_devices_travel_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
         device_to_wire("cuda:2")
 
 
+def test_cuda_uuid_without_torch_uuid_reads_cupy_and_refuses_a_cut_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch before 2.4 has no .uuid on device properties; cupy's runtime gives the 16
+    # bytes, cut at the first zero byte (a C string), which must not be taken for a UUID.
+    import types
+
+    class Props:  # no uuid attribute
+        pass
+
+    raw = {0: bytes(range(1, 17)), 1: bytes([7] * 5)}
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"uuid": raw[i]})
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    assert device_to_wire("cuda:0") == "cuda:GPU-01020304-0506-0708-090a-0b0c0d0e0f10"
+    with pytest.raises(GpuUnavailable, match="torch 2.4"):
+        device_to_wire("cuda:1")
+
+
 # error mapping --------------------------------------------------------------------------
 
 

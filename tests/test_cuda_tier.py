@@ -851,11 +851,14 @@ def test_cupy_driver_loads_exports_and_frees(tmp_path, fake_cupy, register_host)
     assert tier.load("m", gpu1, blobs) == 18_193
     for e, (_, path, _) in zip(tier.export("m", gpu1), blobs, strict=True):
         ptr = int.from_bytes(e.ipc_handle[:8], "little")
-        assert fake_cupy.device_mem[ptr][1] == 1  # allocated on the asked device
+        buf, device = fake_cupy.device_mem[ptr]
+        assert device == 1  # allocated on the asked device
+        # whole 2 MiB granules: an IPC handle opens its whole page, never a neighbour's
+        assert len(buf) == 2 * MiB
         assert ctypes.string_at(ptr, e.size) == path.read_bytes()
     assert {d for d, _ in fake_cupy.copies} == {1}
     assert len(fake_cupy.copies) == (3 if register_host else 3 + 1 + 2)
-    assert tier.memory_info(gpu1) == (8 * MiB - 18_193, 8 * MiB)
+    assert tier.memory_info(gpu1) == (8 * MiB - 3 * 2 * MiB, 8 * MiB)
     assert fake_cupy.events == {} and fake_cupy.registered == {}  # nothing left behind
     # the device is full: BudgetExceeded, with what was needed and what is free
     with pytest.raises(BudgetExceeded, match=r"need 9000000 bytes .*8388608 bytes free"):
@@ -1287,10 +1290,11 @@ def test_gpu_release_then_evict_returns_the_device_memory(tmp_path, gpu_tier, ch
     size = 256 * MiB
     blobs = blobs_for(tmp_path, [size])
     gpu_tier.load("m", uuid, blobs)
-    loaded_free, _ = gpu_tier.memory_info(uuid)
     children.append(Child())
     (export,) = gpu_tier.export("m", uuid)
     children[0].call(cmd="open", uuid=uuid, shards=[[export.ipc_handle.hex(), size]])
+    # memory info is device-wide: read it once the child's own CUDA context exists
+    loaded_free, _ = gpu_tier.memory_info(uuid)
     assert children[0].call(cmd="close", handles=[export.ipc_handle.hex()]) == {"open": 0}
     assert gpu_tier.unload("m", uuid) == size
     assert gpu_tier.bytes_used(uuid) == 0

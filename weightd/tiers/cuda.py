@@ -92,6 +92,10 @@ _STREAM_NON_BLOCKING = 0x01
 _EVENT_BLOCKING_SYNC = 0x01
 _EVENT_DISABLE_TIMING = 0x02
 _ERROR_MEMORY_ALLOCATION = 2
+#: Device allocations are whole multiples of this. cudaMalloc may place small blocks side
+#: by side in one 2 MiB page, and an IPC handle opens its whole page: rounding up keeps
+#: one blob's importers out of another's bytes (the CUDA guide's advice for IPC).
+IPC_GRANULE = 2 * 1024 * 1024
 _ERROR_INSUFFICIENT_DRIVER = 35
 _ERROR_NO_DEVICE = 100
 _ATTR_HOST_REGISTER_READ_ONLY = 113  # cudaDevAttrHostRegisterReadOnlySupported
@@ -649,7 +653,7 @@ class CupyDriver:
 
     def malloc(self, index: int, size: int) -> int:
         with self.on(index):
-            return int(self.rt.malloc(size))
+            return int(self.rt.malloc(-(-size // IPC_GRANULE) * IPC_GRANULE))
 
     def free(self, index: int, ptr: int) -> None:
         with self.on(index):

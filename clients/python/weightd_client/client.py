@@ -201,9 +201,10 @@ def error_from_rpc(e: grpc.RpcError, *, socket: str = "", method: str = "",
 # devices --------------------------------------------------------------------------------
 
 
-def _cuda_uuid(torch: Any, index: int) -> str:
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else "GPU-" + uuid
+def _cuda_uuid(index: int) -> str:
+    from weightd_client.cuda import cuda_uuid  # imports no cupy until it is needed
+
+    return cuda_uuid(index)
 
 
 def _split_device(device: str | torch.device) -> tuple[str, str]:
@@ -224,7 +225,7 @@ def _cuda_index(torch: Any, device: str | torch.device) -> int:
     count = torch.cuda.device_count()
     if rest.startswith(("GPU-", "MIG-")):
         for i in range(count):
-            if _cuda_uuid(torch, i) == rest:
+            if _cuda_uuid(i) == rest:
                 return i
         raise GpuUnavailable(f"{device}: no such device among the {count} this process sees")
     if not rest:
@@ -267,7 +268,7 @@ def device_to_wire(device: str | torch.device) -> str:
     if rest.startswith(("GPU-", "MIG-")):
         return f"cuda:{rest}"
     torch = require_torch()
-    return f"cuda:{_cuda_uuid(torch, _cuda_index(torch, device))}"
+    return f"cuda:{_cuda_uuid(_cuda_index(torch, device))}"
 
 
 def _local_device(device: str | torch.device, wire: str) -> torch.device:

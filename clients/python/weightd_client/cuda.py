@@ -99,7 +99,18 @@ def cuda_uuid(index: int) -> str:
         ``"GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"``.
     """
     torch = require_torch()
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    props = torch.cuda.get_device_properties(index)
+    if hasattr(props, "uuid"):
+        uuid = str(props.uuid)
+    else:
+        # torch before 2.4 has no uuid here; cupy's runtime has it, as bytes cut at the
+        # first zero byte (a C string): only a whole 16 bytes can be trusted.
+        raw = bytes(_require_cupy().cuda.runtime.getDeviceProperties(index).get("uuid", b""))
+        if len(raw) != 16:
+            raise GpuUnavailable(f"cuda:{index}: cannot read the GPU's UUID with torch "
+                                 f"{torch.__version__} (torch 2.4 or newer can)")
+        h = raw.hex()
+        uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return uuid if uuid.startswith(("GPU-", "MIG-")) else "GPU-" + uuid
 
 
@@ -107,7 +118,10 @@ def _ipc_open(handle: bytes, size: int, device_index: int) -> tuple[int, torch.T
     """Open an IPC handle on a device: its pointer and a uint8 tensor over ``size`` bytes."""
     cupy = _require_cupy()
     torch = require_torch()
-    with cupy.cuda.Device(device_index):
+    # torch's guard, not cupy.cuda.Device: cupy's __exit__ sets the previous device again
+    # unconditionally, which creates a context (hundreds of MiB) on a GPU this process
+    # may never use
+    with torch.cuda.device(device_index):
         try:
             ptr = int(cupy.cuda.runtime.ipcOpenMemHandle(handle))
         except cupy.cuda.runtime.CUDARuntimeError as e:
@@ -119,8 +133,7 @@ def _ipc_open(handle: bytes, size: int, device_index: int) -> tuple[int, torch.T
             mem = cupy.cuda.UnownedMemory(ptr, size, handle, device_index)
             array = cupy.ndarray((size,), dtype=cupy.uint8,
                                  memptr=cupy.cuda.MemoryPointer(mem, 0))
-            with torch.cuda.device(device_index):
-                tensor = torch.from_dlpack(array)
+            tensor = torch.from_dlpack(array)
         except BaseException:
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
             raise
@@ -132,7 +145,7 @@ def _ipc_close(ptr: int, device_index: int) -> None:
     cupy = _require_cupy()
     torch = require_torch()
     torch.cuda.synchronize(device_index)
-    with cupy.cuda.Device(device_index):
+    with torch.cuda.device(device_index):
         cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
 
