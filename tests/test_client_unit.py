@@ -323,6 +323,8 @@ def test_cuda_devices_travel_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert device_to_wire("cuda") == "cuda:" + uuids[1]
     assert device_to_wire(torch.device("cuda", 1)) == "cuda:" + uuids[1]
     assert client_mod._local_device("cuda:" + uuids[1], "x") == torch.device("cuda", 1)
+    mig = "cuda:MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"  # as nvidia-smi -L names it
+    assert client_mod._local_device(mig, "x") == torch.device("cuda", 1)
     with pytest.raises(GpuUnavailable, match="no such device"):
         device_to_wire("cuda:2")
 

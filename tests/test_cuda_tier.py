@@ -321,7 +321,9 @@ def test_uuid_bytes_distrusts_a_truncated_cupy_answer():
 def test_device_uuid_from_the_wire():
     uuid = "GPU-5dbc9a3e-1f2b-4c5d-8e9f-a0b1c2d3e4f5"
     assert device_uuid("cuda:" + uuid) == uuid
-    assert device_uuid("cuda:MIG-5dbc9a3e-1f2b-4c5d-8e9f-a0b1c2d3e4f5").startswith("MIG-")
+    # nvidia-smi prints a MIG instance as MIG- + the hex the daemon lists as GPU-
+    assert device_uuid("cuda:MIG-5dbc9a3e-1f2b-4c5d-8e9f-a0b1c2d3e4f5") == \
+        "GPU-5dbc9a3e-1f2b-4c5d-8e9f-a0b1c2d3e4f5"
     for bad in ("cuda", "cuda:0", "cuda:", "cpu", "cuda:gpu-5dbc", "rocm:GPU-1",
                 "cuda:GPU-" + "0" * 100):
         with pytest.raises(FormatError):
@@ -867,6 +869,33 @@ def test_cupy_driver_loads_exports_and_frees(tmp_path, fake_cupy, register_host)
     assert fake_cupy.device_mem == {}
     tier.close()
     assert fake_cupy.host_mem == {} and fake_cupy.streams == {}
+
+
+def test_a_gpu_named_mig_or_gpu_is_one_device_to_the_node(tmp_path, fake_cupy):
+    # nvidia-smi -L names a MIG instance MIG-<hex>; the daemon lists it as GPU-<hex>.
+    # Either spelling must reach the same residency, leases and budget.
+    from weightd.config import Config
+    from weightd.node import Node
+    from weightd.store import Store
+
+    model = tmp_path / "model.safetensors"
+    save_model(model)
+    store = Store.open(tmp_path / "cache", exclusive=True)
+    node = Node(Config(cache_dir=tmp_path / "cache", staging_buffers=2,
+                       staging_buffer_size=MiB), store)
+    node.start()
+    try:
+        uuid = node.cuda.devices()[1].uuid
+        me = os.getpid()
+        first = node.acquire(str(model), device="cuda:MIG-" + uuid[4:], pid=me, start_time=1)
+        again = node.acquire(str(model), device="cuda:" + uuid, pid=me, start_time=1)
+        assert first.loaded and not again.loaded  # one copy on the device, not two
+        assert first.lease.device == again.lease.device == "cuda:" + uuid
+        assert [d for _, d, _, _ in node.residency()] == ["cuda:" + uuid]
+        assert node.leases.count(first.model, "cuda:" + uuid) == 2
+    finally:
+        node.close()
+        store.close()
 
 
 def test_cupy_driver_falls_back_to_staging_without_read_only_registration(tmp_path, fake_cupy):

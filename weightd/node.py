@@ -168,7 +168,7 @@ class Node:
     def pin(self, source: str, *, tier: str = "host", device: str = "cpu") -> str:
         """Keep a model on a tier ("disk", "host" or "cuda" with ``device``
         "cuda:<uuid>"); recorded in the index, warmed in the background."""
-        _check_pin_device(tier, device)
+        device = _check_pin_device(tier, device)
         if tier == "cuda":
             self._check_device(device)
         url, name = self.resolve(source)
@@ -180,7 +180,7 @@ class Node:
         return name
 
     def unpin(self, source: str, *, tier: str = "host", device: str = "cpu") -> bool:
-        _check_pin_device(tier, device)
+        device = _check_pin_device(tier, device)
         url, _ = self.resolve(source)
         removed = self.store.index.remove_pin(url, tier, device)
         with self._residency:
@@ -310,7 +310,7 @@ class Node:
             BudgetExceeded: the model does not fit even after evicting unleased models.
             SourceNotFound, SourceUnavailable, NotPermitted, FormatError: from the fetch.
         """
-        device = device or "cpu"
+        device = _device_name(device or "cpu")
         self._check_device(device)  # before any fetch: fail fast
         _, name = self.resolve(source)
         t0 = time.perf_counter()
@@ -522,13 +522,25 @@ class Node:
         return out
 
 
-def _check_pin_device(tier: str, device: str) -> None:
+def _check_pin_device(tier: str, device: str) -> str:
     """A pin's device must be the tier's: "cpu" for disk and host, "cuda:<uuid>" for
-    cuda (a host pin naming a GPU would otherwise warm the model onto that GPU)."""
+    cuda (a host pin naming a GPU would otherwise warm the model onto that GPU).
+    Returns the device's one name (see :func:`_device_name`)."""
     if tier == "cuda" and not device.startswith("cuda:"):
         raise FormatError("request", "a CUDA pin needs device 'cuda:<GPU UUID>'")
     if tier != "cuda" and device != "cpu":
         raise FormatError("request", f"a {tier} pin takes device 'cpu', not {device!r}")
+    return _device_name(device)
+
+
+def _device_name(device: str) -> str:
+    """One name per device, the key of residency, leases and pins: "cpu" or
+    "cuda:GPU-…" (``cuda:MIG-x``, as nvidia-smi names a MIG instance, is ``cuda:GPU-x``).
+
+    Raises:
+        FormatError: a CUDA device not named by UUID.
+    """
+    return device if device == "cpu" else "cuda:" + device_uuid(device)
 
 
 def _tier(device: str) -> str:

@@ -133,7 +133,9 @@ def device_uuid(device: str) -> str:
         device: ``"cuda:GPU-…"`` or ``"cuda:MIG-…"``.
 
     Returns:
-        ``"GPU-…"`` (or ``"MIG-…"``).
+        ``"GPU-…"``, as :func:`format_uuid` names every device. ``nvidia-smi -L`` prints
+        a MIG instance as ``MIG-`` and the same hex that ``cuDeviceGetUuid_v2`` gives
+        (what the daemon lists), so a ``MIG-`` name is the same device.
 
     Raises:
         FormatError: not a CUDA device named by UUID (an index means nothing to the
@@ -142,12 +144,14 @@ def device_uuid(device: str) -> str:
     Example:
         >>> device_uuid("cuda:GPU-00010203-0405-0607-0809-0a0b0c0d0e0f")
         'GPU-00010203-0405-0607-0809-0a0b0c0d0e0f'
+        >>> device_uuid("cuda:MIG-00010203-0405-0607-0809-0a0b0c0d0e0f")
+        'GPU-00010203-0405-0607-0809-0a0b0c0d0e0f'
     """
     kind, _, rest = device.partition(":")
     if kind != "cuda" or not rest.startswith(_UUID_PREFIXES) or len(rest) > 64:
         raise FormatError("request", f"device {device[:80]!r} is not 'cuda:<GPU UUID>' (clients "
                                      "send CUDA devices by UUID, never by index)")
-    return rest
+    return "GPU-" + rest[4:]
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,7 @@ def _cuda_index(torch: Any, device: str | torch.device) -> int:
     count = torch.cuda.device_count()
     if rest.startswith(("GPU-", "MIG-")):
         for i in range(count):
-            if _cuda_uuid(i) == rest:
+            if _cuda_uuid(i)[4:] == rest[4:]:  # MIG-x (nvidia-smi) is the same as GPU-x
                 return i
         raise GpuUnavailable(f"{device}: no such device among the {count} this process sees")
     if not rest:
