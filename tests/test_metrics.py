@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import urllib.request
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from weightd.config import ConfigError
+from weightd.errors import LeaseNotFound
 from weightd.metrics import (
     ACQUIRE_BUCKETS,
     Metrics,
@@ -205,3 +207,26 @@ def test_quantile_follows_histogram_quantile() -> None:
     assert quantile(0.99, [(1.0, 1.0), (math.inf, 10.0)]) == 1.0
     assert math.isnan(quantile(0.5, [(1.0, 0.0), (math.inf, 0.0)]))
     assert math.isnan(quantile(0.5, []))
+
+
+def test_lease_counts_follow_adds_releases_and_reaping() -> None:
+    # The leases gauge reads these counts at scrape time: they must never drift.
+    import subprocess
+    import sys
+
+    from weightd.leases import LeaseTable, process_start_time
+
+    table = LeaseTable()
+    me = os.getpid()
+    a = table.add("m", "host", "cpu", me, process_start_time(me))
+    table.add("m", "cuda", "cuda:GPU-x", me, process_start_time(me))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = process_start_time(gone.pid)
+    gone.wait()
+    table.add("m", "host", "cpu", gone.pid, start or 1)
+    assert (table.on_tier("host"), table.on_tier("cuda")) == (2, 1)
+    assert len(table.reap()) == 1  # the exited process's lease
+    table.release(a.lease_id)
+    with pytest.raises(LeaseNotFound):
+        table.release(a.lease_id)  # a second release changes nothing
+    assert (table.on_tier("host"), table.on_tier("cuda")) == (0, 1)

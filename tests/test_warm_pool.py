@@ -221,6 +221,7 @@ def test_metrics_endpoint_changes_after_a_load(tmp_path, models):
         assert value(after, 'weightd_fetched_bytes_total{protocol="file"}') >= 12 * MiB
         assert value(after, 'weightd_errors_total{code="NOT_FOUND",method="Acquire"}') == 1
         release(d, got.lease_id)
+        assert value(scrape(), 'weightd_leases{tier="host"}') == 0
         env = {"WEIGHTD_METRICS_ADDRESS": urllib.parse.urlsplit(url.group(1)).netloc}
         table = run_cli("stats", env=env, check=True).stdout
         assert "weightd_resident_bytes" in table
