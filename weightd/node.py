@@ -59,14 +59,11 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Acquired:
-    """The answer to an acquire: a lease and where every tensor lives."""
+    """The answer to an acquire: a lease and where every tensor lives (the view)."""
 
     lease: Lease
     model: str
-    snapshot_path: str
-    shards: tuple[ShardInfo, ...]
-    tensors: tuple[TensorEntry, ...]
-    metadata: dict[str, str]
+    view: View
     fetched: bool
     loaded: bool
 
@@ -87,10 +84,12 @@ class PinState:
         return (self.source, self.tier, self.device)
 
 
-@dataclass(frozen=True)
-class _View:
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one per residency
+class View:
     """What every Acquire of a model resident on one device answers: built once, when
-    the model is made resident there, from the revision that was loaded."""
+    the model is made resident there, from the revision that was loaded. The same
+    object is handed out until the model is loaded again, so the service may key what
+    it derives from it (its answer message) on the view itself."""
 
     revision: str
     snapshot_path: str
@@ -98,10 +97,14 @@ class _View:
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
 
 @dataclass
 class _Residency:
-    view: _View
+    view: View
     last_used: float = field(default_factory=time.time)
     stale: bool = False  # a newer revision was fetched: reload once no lease holds this one
 
@@ -316,7 +319,7 @@ class Node:
         t0 = time.perf_counter()
         lease_args = (pid, start_time, client_name)
         fetched = loaded = False
-        got: tuple[_View, Lease | None] | None = self._lease_resident(name, device, lease_args)
+        got: tuple[View, Lease | None] | None = self._lease_resident(name, device, lease_args)
         if got is None:  # not resident here (or a newer revision waits): the full path
             fetched, loaded, got = self._make_resident(source, name, include, exclude, device,
                                                        lease_args)
@@ -325,11 +328,10 @@ class Node:
         self.metrics.observe_acquire(lease.tier, time.perf_counter() - t0, hit=not loaded)
         self.metrics.lookup("disk", hit=not fetched)
         self._touch(name)
-        return Acquired(lease, name, view.snapshot_path, view.shards, view.tensors,
-                        view.metadata, fetched, loaded)
+        return Acquired(lease, name, view, fetched, loaded)
 
     def _lease_resident(self, name: str, device: str, lease_args: tuple[int, int, str],
-                        ) -> tuple[_View, Lease] | None:
+                        ) -> tuple[View, Lease] | None:
         """The fast path of a warm Acquire: lease the resident model's view, without the
         single-flight lock (a fetch or load of it may be under way)."""
         with self._residency:
@@ -342,7 +344,7 @@ class Node:
     def _make_resident(
         self, source: str, name: str, include: Sequence[str] | None, exclude: Sequence[str],
         device: str, lease_args: tuple[int, int, str] | None,
-    ) -> tuple[bool, bool, tuple[_View, Lease | None]]:
+    ) -> tuple[bool, bool, tuple[View, Lease | None]]:
         """Fetch if needed, load onto ``device`` if needed, and lease if asked, all under
         the model's single-flight lock; the lease is taken under the residency lock so
         that no eviction can slip in between the load and the lease. Returns (fetched,
@@ -380,7 +382,7 @@ class Node:
         return fetched, loaded, (res.view, lease)
 
     def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
-              uuid: str | None) -> _View:
+              uuid: str | None) -> View:
         """The answer's shards, tensors and metadata for a model just made resident."""
         exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
         infos = tuple(
@@ -395,7 +397,7 @@ class Node:
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
-        return _View(revision, str(self.store.snapshot_path(name)), infos, tuple(tensors),
+        return View(revision, str(self.store.snapshot_path(name)), infos, tuple(tensors),
                      metadata)
 
     def _layout(self, digest: str) -> ShardLayout:

@@ -7,6 +7,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -28,7 +29,7 @@ from weightd.errors import (
     WeightdError,
 )
 from weightd.metrics import Metrics
-from weightd.node import Acquired, Node
+from weightd.node import Node, View
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import ERROR_KEY  # the one name both sides read and write
@@ -52,7 +53,6 @@ ERROR_CODES: dict[type[WeightdError], grpc.StatusCode] = {
     CacheLocked: grpc.StatusCode.UNAVAILABLE,
 }
 
-_MAX_ANSWER_TEMPLATES = 256
 MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
 
@@ -133,30 +133,27 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
     def __init__(self, node: Node) -> None:
         self.node = node
         # The shards / tensors / metadata part of an Acquire answer, per resident view:
-        # the node hands out the same tuples until the model is loaded again, so the
-        # messages are built once and copied (in C) into each answer.
-        self._answers: dict[tuple[int, int], tuple[Any, pb.AcquireResponse]] = {}
+        # built once and copied (in C) into each answer; gone with its view when the
+        # model is unloaded or loaded again.
+        self._answers: weakref.WeakKeyDictionary[View, pb.AcquireResponse] = (
+            weakref.WeakKeyDictionary())
         self._answers_lock = threading.Lock()
 
-    def _answer_template(self, got: Acquired) -> pb.AcquireResponse:
-        key = (id(got.shards), id(got.tensors))
+    def _answer_template(self, model: str, view: View) -> pb.AcquireResponse:
         with self._answers_lock:
-            hit = self._answers.get(key)
-            # the tuples are kept alive with their template, so their ids are not reused
-            if hit is not None and hit[0][0] is got.shards and hit[0][1] is got.tensors:
-                return hit[1]
-        template = pb.AcquireResponse(
-            model=got.model, snapshot_path=got.snapshot_path, metadata=got.metadata,
-            shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
-                             ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
-                             device_offset=0)
-                    for s in got.shards],
-            tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape, shard=t.shard,
-                                     offset=t.offset, length=t.length) for t in got.tensors])
-        with self._answers_lock:
-            if len(self._answers) >= _MAX_ANSWER_TEMPLATES:
-                del self._answers[next(iter(self._answers))]  # the oldest
-            self._answers[key] = ((got.shards, got.tensors), template)
+            template = self._answers.get(view)
+        if template is None:
+            template = pb.AcquireResponse(
+                model=model, snapshot_path=view.snapshot_path, metadata=view.metadata,
+                shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
+                                 ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
+                                 device_offset=0)
+                        for s in view.shards],
+                tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape,
+                                         shard=t.shard, offset=t.offset, length=t.length)
+                         for t in view.tensors])
+            with self._answers_lock:
+                self._answers[view] = template
         return template
 
     def Fetch(self, request: pb.FetchRequest,  # noqa: N802
@@ -221,11 +218,11 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 include=list(request.include) or None, exclude=list(request.exclude))
         except Exception as e:
             calls.fail(e)
-        size = sum(s.size for s in got.shards)
-        calls.ok(model=got.model, tier=got.lease.tier, bytes=size, lease=got.lease.lease_id,
+        calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
+                 lease=got.lease.lease_id,
                  fetched=got.fetched, loaded=got.loaded)
         answer = pb.AcquireResponse()
-        answer.CopyFrom(self._answer_template(got))
+        answer.CopyFrom(self._answer_template(got.model, got.view))
         answer.lease_id = got.lease.lease_id
         answer.tier = _TIERS[got.lease.tier]
         answer.device = got.lease.device
