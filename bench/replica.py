@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import json
 import os
 import shutil
 import tempfile
@@ -126,11 +125,9 @@ def _read_into(path: str, view: memoryview) -> None:
 def load_copy(spec: dict[str, Any]) -> Loaded:
     """The simplest copying loader: read each shard into this process's memory, tensors
     are views of that buffer (one private copy, no zero-fill: torch.empty)."""
-    import math
-    import struct
-
     import torch
 
+    from weightd.formats import layout_from_bytes
     from weightd_client.tensors import torch_dtype
 
     out: dict[str, Any] = {}
@@ -139,18 +136,11 @@ def load_copy(spec: dict[str, Any]) -> Loaded:
         buf = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         _read_into(f, view)
-        (hlen,) = struct.unpack("<Q", view[:8])
-        header = json.loads(bytes(view[8:8 + hlen]))
-        base = 8 + hlen
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = torch_dtype(info["dtype"], path=f)
-            shape = tuple(info["shape"])
-            start, end = info["data_offsets"]
-            t = buf[base + start:base + end]
-            out[name] = (t.view(dtype) if math.prod(shape) else torch.empty(0, dtype=dtype)
-                         ).view(shape)
+        for t in layout_from_bytes(view, path=f).tensors:  # offsets index into the file
+            dtype = torch_dtype(t.dtype, path=f)
+            data = buf[t.offset:t.offset + t.nbytes]
+            out[t.name] = (data.view(dtype) if t.nbytes else torch.empty(0, dtype=dtype)
+                           ).view(t.shape)
     return out, out.clear, {}
 
 
