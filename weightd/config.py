@@ -53,6 +53,32 @@ def parse_size(value: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | float) -> float:
+    """Parse a duration in seconds: ``60``, ``"1.5"``, ``"500ms"``, ``"90s"``, ``"2m"``,
+    ``"1h"``.
+
+    Example
+    -------
+    >>> parse_duration("2m")
+    120.0
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"a duration cannot be negative: {value}")
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"not a duration: {value!r} (use seconds, or a unit: 500ms, 90s, "
+                          "2m, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
+
+
 def format_size(n: float) -> str:
     """Format a byte count for people: ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -62,9 +88,14 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def user_cache_home() -> Path:
+    """``$XDG_CACHE_HOME``, else ``~/.cache``: where a user's caches live."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".cache"))
+
+
 def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "weightd"
+    return user_cache_home() / "weightd"
 
 
 def _default_socket() -> Path:
@@ -133,6 +164,36 @@ def _opt_budget(v: Any) -> str | None:
     return text if parse_share(text) is not None else str(parse_size(text))
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[::1]:9464"``, ``":9464"`` for every interface).
+
+    Raises:
+        ConfigError: no port, or a port outside 0..65535.
+    """
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{address!r} is not host:port (e.g. 127.0.0.1:9464, [::1]:9464)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def _opt_address(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    parse_address(str(v))
+    return str(v).strip()
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(v: Any) -> str:
+    level = str(v).strip().upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"not a log level: {v!r} (use {', '.join(_LOG_LEVELS)})")
+    return level
+
+
 def _path(v: Any) -> Path:
     return Path(os.path.expanduser(str(v)))
 
@@ -159,10 +220,11 @@ def _setting(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
 class Config:
     """All of weightd's settings. Build one with :func:`load_config`."""
 
-    cache_dir: Path = _setting(_default_cache_dir, _path, "where the cache lives (local disk)")
+    cache_dir: Path = _setting(_default_cache_dir, _path, "where the cache lives, on local disk")
     socket: Path = _setting(_default_socket, _path, "the daemon's unix socket")
     allowed_sources: tuple[str, ...] = _setting(
-        tuple, _str_list, "source prefixes the daemon may read; empty: anything its user can"
+        tuple, _str_list,
+        "source prefixes the daemon may read, comma-separated (default: anything its user can)"
     )
     s3_endpoint_url: str | None = _setting(
         None, _opt_str, "S3 endpoint (default: AWS_ENDPOINT_URL, then AWS)"
@@ -175,7 +237,9 @@ class Config:
     )
     max_parallel_files: int = _setting(4, _int, "files of one model fetched at once")
     retry_attempts: int = _setting(6, _int, "attempts per chunk before a fetch fails")
-    retry_max_seconds: float = _setting(60.0, _float, "time bound on the retries of one chunk")
+    retry_max_seconds: float = _setting(
+        60.0, parse_duration, "time bound on the retries of one chunk"
+    )
     host_budget: int | None = _setting(
         None, _opt_size, "bytes the host tier may keep resident (default: half of the RAM)"
     )
@@ -197,9 +261,9 @@ class Config:
         True, _bool, "send systemd watchdog keep-alives when WATCHDOG_USEC is set"
     )
     metrics_address: str | None = _setting(
-        None, _opt_str, "host:port for the Prometheus endpoint (default: none)"
+        None, _opt_address, "host:port for the Prometheus endpoint (default: none)"
     )
-    log_level: str = _setting("INFO", str, "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 64 * 1024:
@@ -280,18 +344,69 @@ def load_config(
     return Config(**merged)
 
 
+def default_text(name: str) -> str | None:
+    """A setting's default as a person writes it (``64.0 MiB``, the actual cache path),
+    or None where it has no fixed one (its doc says what happens instead)."""
+    field = settings()[name]
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:  # pragma: no cover - every setting has a default
+        return None
+    if value is None or value == ():
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if field.metadata["parse"] in (_size, _opt_size):
+        return format_size(value)
+    if field.metadata["parse"] is parse_duration:
+        return f"{value:g}s"
+    return str(value)
+
+
+_METAVARS: dict[Callable[[Any], Any], str] = {
+    _size: "SIZE", _opt_size: "SIZE", _int: "N", _opt_int: "N", _float: "NUMBER",
+    parse_duration: "DURATION", _bool: "BOOL", _path: "PATH", _opt_budget: "SIZE|SHARE",
+    _str_list: "LIST", _opt_str: "TEXT", _opt_address: "HOST:PORT", _log_level: "LEVEL",
+}
+
+
+def arg_type(name: str, parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses a flag's value as the setting does, so that a
+    bad value is a usage error with the setting's own message, before anything runs."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    convert.__name__ = name  # argparse names the type in some messages
+    return convert
+
+
 def add_flags(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     """Add a ``--kebab-case`` flag for every setting to a parser.
 
     Flags default to ``None`` so that an unset flag leaves the environment and file alone;
     with ``suppress`` (for subcommands) an unset flag does not touch the namespace at all,
-    so ``weightd --cache-dir X ls`` and ``weightd ls --cache-dir X`` both work.
+    so ``weightd --cache-dir X ls`` and ``weightd ls --cache-dir X`` both work. Each value
+    is parsed when the command line is (a bad size is a usage error); the help names the
+    setting's environment variable and its default.
     """
     for name, field in settings().items():
+        doc = field.metadata["doc"]
+        default = default_text(name)
+        if default is not None and "default" not in doc:
+            doc = f"{doc} (default: {default})"
+        parse = field.metadata["parse"]
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name,
-            default=argparse.SUPPRESS if suppress else None, help=field.metadata["doc"],
-        )
+            "--" + name.replace("_", "-"), dest=name, metavar=_METAVARS.get(parse, "TEXT"),
+            type=arg_type(name, parse), default=argparse.SUPPRESS if suppress else None,
+            # a subcommand takes every setting too; only `weightd --help` lists them
+            help=argparse.SUPPRESS if suppress else doc.replace("%", "%%"),  # argparse
+        )                                                                  # %-formats help
 
 
 def flag_values(ns: argparse.Namespace) -> dict[str, Any]:

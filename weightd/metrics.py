@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from weightd import __version__
-from weightd.config import ConfigError, format_size
+from weightd.config import ConfigError, format_size, parse_address
 
 #: The tiers, in order from slowest to fastest. Their label sets exist from the start, so
 #: that ``rate()`` over a counter that has not moved yet reads 0 rather than nothing.
@@ -201,20 +201,6 @@ class MetricsServer:
         self.stop()
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (``"[::1]:9464"``, ``":9464"`` for every interface).
-
-    Raises:
-        ConfigError: no port, or a port outside 0..65535.
-    """
-    host, sep, port_text = address.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(
-            f"metrics_address: {address!r} is not host:port (e.g. 127.0.0.1:9464, [::1]:9464)")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port_text)
-
-
 def start_http(address: str, registry: CollectorRegistry | Metrics) -> MetricsServer:
     """Serve a registry as Prometheus text at ``http://address/metrics`` (any path works).
 
@@ -225,8 +211,8 @@ def start_http(address: str, registry: CollectorRegistry | Metrics) -> MetricsSe
         registry: the registry to serve (or a :class:`Metrics`, for its registry).
 
     Raises:
-        ConfigError: a malformed address.
-        OSError: the address cannot be bound (in use, not local, not permitted).
+        ConfigError: a malformed address, or one that cannot be bound (in use, not a
+            local address, not permitted): the message names it and the reason.
 
     Example
     -------
@@ -238,7 +224,12 @@ def start_http(address: str, registry: CollectorRegistry | Metrics) -> MetricsSe
     if isinstance(registry, Metrics):
         registry = registry.registry
     host, port = parse_address(address)
-    server, thread = start_http_server(port, host, registry=registry)
+    try:
+        server, thread = start_http_server(port, host, registry=registry)
+    except OSError as e:
+        why = e.strerror.lower() if e.strerror else str(e)
+        raise ConfigError(f"metrics_address {address}: cannot serve metrics there: {why} "
+                          "(choose another host:port, or stop what holds it)") from e
     thread.name = "weightd-metrics"
     return MetricsServer(host, int(server.server_port), server, thread)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import signal
@@ -76,6 +77,15 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def cuda_requested(config: Config, node: Node) -> bool:
+    """Whether this daemon was asked to serve GPUs: a ``gpu_budget`` is set,
+    ``CUDA_VISIBLE_DEVICES`` names devices, the ``cuda`` extra (cupy) is installed, or a
+    recorded pin is on the cuda tier. Only then is an unavailable CUDA tier a warning."""
+    return bool(config.gpu_budget or os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+                or importlib.util.find_spec("cupy") is not None
+                or any(p.tier == "cuda" for p in node.pins()))
+
+
 def _prepare_socket(path: Path) -> None:
     """Create the socket's directory; refuse a live socket, remove a stale one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -113,6 +123,11 @@ class Daemon:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        # The metrics port first: an address that cannot be bound fails the start before
+        # anything else runs and before a socket file exists.
+        if self.config.metrics_address:
+            self.metrics_http = start_http(self.config.metrics_address, self.metrics)
+            log.info("metrics on %s", self.metrics_http.url)
         # the lease reaper, the CUDA tier and the pins' warm-up run before the first call
         # can arrive on the socket
         self.node.start()
@@ -124,15 +139,16 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(self.socket, 0o660)
-        if self.config.metrics_address:
-            self.metrics_http = start_http(self.config.metrics_address, self.metrics)
-            log.info("metrics on %s", self.metrics_http.url)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("weightd serving on unix://%s (cache %s, pid %d)", self.socket,
                  self.config.cache_dir, os.getpid())
+        # CUDA that nobody asked for is no warning (node.start logged it; Status says it)
+        unasked = None if cuda_requested(self.config, self.node) else (
+            f"cuda tier: {self.node.cuda.reason}")
         for problem in self.node.problems():
-            log.warning("%s", problem)
+            if problem != unasked:
+                log.warning("%s", problem)
 
     def stop(self, grace: float = 10.0) -> None:
         if self._stopped.is_set():
