@@ -9,6 +9,7 @@ import logging
 import os
 import posixpath
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,10 +193,66 @@ class _ShortRead(OSError):
     """A ranged read returned fewer bytes than asked for."""
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and what it was raised from, outermost first (fsspec wraps the real cause:
+    a refused connection reaches us as ``FileNotFoundError`` from aiohttp's error)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in out and len(out) < 16:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _connection_problem(e: BaseException) -> str | None:
+    """"cannot connect to host:port: connection refused", "cannot resolve host h: ...",
+    or None when no connection failure is behind ``e``."""
+    for c in _causes(e):
+        host, port = getattr(c, "host", None), getattr(c, "port", None)
+        err = getattr(c, "os_error", None)
+        if host is None or not isinstance(err, OSError):  # aiohttp's connector errors
+            continue
+        if isinstance(err, socket.gaierror):
+            return f"cannot resolve host {host}: {err.strerror or err}"
+        if isinstance(err, ConnectionRefusedError):
+            return f"cannot connect to {host}:{port}: connection refused"
+        if isinstance(err, TimeoutError):
+            return f"cannot connect to {host}:{port}: timed out"
+        return f"cannot connect to {host}:{port}: {(err.strerror or str(err)).lower()}"
+    for c in _causes(e):
+        if isinstance(c, socket.gaierror):
+            return f"cannot resolve the source's host: {c.strerror or c}"
+        if isinstance(c, ConnectionRefusedError):
+            return "cannot connect to the source: connection refused"
+    return None
+
+
+def _no_credentials(e: BaseException) -> bool:
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        return False
+    return any(isinstance(c, NoCredentialsError) for c in _causes(e))
+
+
+#: How to give S3 credentials, for the message that says none were found.
+S3_CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE for a profile in "
+    "~/.aws/config, or run with an instance or pod role; for an S3-compatible store also "
+    "set s3_endpoint_url (WEIGHTD_S3_ENDPOINT_URL, or AWS_ENDPOINT_URL)"
+)
+
+
 def translate_error(e: BaseException, what: str) -> WeightdError:
-    """Map an fsspec/backend error to weightd's outcomes."""
+    """Map an fsspec/backend error to weightd's outcomes, with a message that names the
+    cause (a refused connection, a host that does not resolve, missing S3 credentials)."""
     if isinstance(e, WeightdError):
         return e
+    if _no_credentials(e):
+        return NotPermitted(f"{what}: no S3 credentials found: {S3_CREDENTIALS_HINT}")
+    problem = _connection_problem(e)
+    if problem is not None:
+        return SourceUnavailable(f"{what}: {problem}")
     if isinstance(e, FileNotFoundError):
         return SourceNotFound(f"{what}: not found at the source")
     if isinstance(e, PermissionError):
@@ -311,6 +368,7 @@ class Source:
             return self._list_index(path, include, exclude)
         files = self._find(path)
         if not files:
+            self._info(path)  # find() swallows errors: say why, when it was not emptiness
             raise SourceNotFound(f"{self.url}: no files at the source")
         out = [self._remote(p, rel, info) for p, rel, info in files
                if _matches(rel, include) and not _matches(rel, exclude)]
@@ -439,8 +497,33 @@ def open_source(ref: str, config: Config) -> Source:
     protocol = url.split("://", 1)[0]
     try:
         fs, path = fsspec.core.url_to_fs(url, **_storage_options(protocol, config))
-    except (ImportError, ValueError) as e:
-        hint = " (pip install 'weightd[hf]')" if protocol == "hf" else ""
-        hint = " (pip install 'weightd[gcs]')" if protocol in ("gs", "gcs") else hint
-        raise SourceNotFound(f"{url}: cannot open this protocol: {e}{hint}") from e
+    except ImportError as e:
+        extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
+        hint = f": pip install '{extra}'" if extra else f": {e}"
+        raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
+    except ValueError as e:
+        raise SourceNotFound(f"{url}: unknown protocol {protocol!r} ({protocols_text()})") from e
     return Source(url, fs, path, config)
+
+
+#: The protocols weightd is made for: the package behind each, and the extra with it.
+_BACKENDS = {"s3": "s3fs", "http": "aiohttp", "https": "aiohttp", "file": None,
+             "hf": "huggingface_hub", "gs": "gcsfs"}
+_EXTRAS = {"hf": "weightd[hf]", "gs": "weightd[gcs]"}
+
+
+def protocols_text() -> str:
+    """The protocols this installation reads, and how to add the others."""
+    import importlib.util
+
+    have: list[str] = []
+    lack: list[str] = []
+    for protocol, package in _BACKENDS.items():
+        ok = package is None or importlib.util.find_spec(package) is not None
+        (have if ok else lack).append(protocol)
+    text = "available: " + ", ".join(p if p != "file" else "file (or a plain path)"
+                                     for p in have)
+    if lack:
+        text += "; " + ", ".join(f"{p} with pip install '{_EXTRAS.get(p, _BACKENDS[p])}'"
+                                 for p in lack)
+    return text
