@@ -24,7 +24,7 @@ from weightd.errors import FormatError, GpuUnavailable, ModelInUse, SourceNotFou
 from weightd.formats import ShardLayout, read_layout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
-from weightd.sources import canonical_url, check_allowed, model_name
+from weightd.sources import canonical_url, check_allowed, model_name, open_source
 from weightd.store import Fetcher, ModelFile, ModelRecord, Snapshot, Store
 from weightd.tiers import HostTier
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
@@ -174,7 +174,12 @@ class Node:
         device = _check_pin_device(tier, device)
         if tier == "cuda":
             self._check_device(device)
-        url, name = self.resolve(source)
+        url, name = self._resolve_known(source)
+        record = self.store.index.model(name)
+        if record is None or not self.store.model_complete(record):
+            # a reference that resolves to nothing fails now, with the reason (not found,
+            # cannot connect, no credentials), and no pin is recorded
+            open_source(url, self.config).list_files()
         state = PinState(url, tier, device, name)
         self.store.index.add_pin(url, tier, device)
         with self._residency:
@@ -184,11 +189,17 @@ class Node:
 
     def unpin(self, source: str, *, tier: str = "host", device: str = "cpu") -> bool:
         device = _check_pin_device(tier, device)
-        url, _ = self.resolve(source)
+        url, _ = self._resolve_known(source)
         removed = self.store.index.remove_pin(url, tier, device)
         with self._residency:
             removed = self._pins.pop((url, tier, device), None) is not None or removed
         return removed
+
+    def _resolve_known(self, source: str) -> tuple[str, str]:
+        """:meth:`resolve`, where a model's name as List shows it stands for the source it
+        was fetched from (as :meth:`evict` takes names)."""
+        record = self.store.index.model(source) if "://" not in source else None
+        return self.resolve(record.source if record is not None else source)
 
     def pins(self) -> list[PinState]:
         with self._residency:
