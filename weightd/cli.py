@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from weightd import __version__
-from weightd.config import Config, ConfigError, add_flags, flag_values, format_size, load_config
-from weightd.config import parse_size as _parse_size
+from weightd.config import (
+    Config,
+    ConfigError,
+    add_flags,
+    arg_type,
+    default_text,
+    flag_values,
+    format_size,
+    load_config,
+    parse_size,
+)
 from weightd.errors import DaemonUnavailable, WeightdError
 
 log = logging.getLogger("weightd")
@@ -89,29 +100,56 @@ def cmd_fetch(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+           right: Sequence[str] = ("FILES", "SIZE", "USED", "BUDGET")) -> list[str]:
+    """Rows under a header, each column as wide as its widest cell (a long model name
+    widens its column rather than shifting its row); the last column is not padded."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if h in right else str(c).ljust(w)
+                 for c, w, h in zip(r, widths, header, strict=True)]
+        out.append("  ".join(cells[:-1] + [str(r[-1])]).rstrip())
+    return out
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _snapshot_state(path: str) -> str:
+    """"ok" when every file of a snapshot resolves to a blob, "broken" when one does not,
+    "?" when the snapshot cannot be read (the daemon's cache, another user's)."""
+    try:
+        files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    except OSError:
+        return "?"
+    if not files and not os.access(path, os.R_OK):
+        return "?"
+    return "ok" if files and all(os.path.exists(f) for f in files) else "broken"
+
+
 def cmd_ls(cfg: Config, ns: argparse.Namespace) -> int:
+    """The cached models, one row each, with the same columns whether the daemon answers
+    or not. STATE: every blob there ("ok") or not ("broken"); WHERE: the tiers it is
+    resident on, else disk."""
     from weightd.store import Store
 
     client = _daemon(cfg)
     if client is not None:  # the daemon owns the cache: ask it
         with client:
-            for m in client.list():
-                where = ",".join(_tier_name(r.tier) for r in m.resident) or "disk"
-                print(f"{m.model:<48} {m.files:>5} {format_size(m.bytes):>10} {where:<10} "
-                      f"{m.source}")
-        return 0
-
-    with Store.open(cfg.cache_dir) as store:
-        models = store.index.models()
-        if not models:
-            print(f"no models in {cfg.cache_dir}", file=sys.stderr)
-            return 0
-        print(f"{'MODEL':<48} {'FILES':>5} {'SIZE':>10} {'LAST USED':<19} STATE  SOURCE")
-        for m in models:
-            state = "ok" if store.model_complete(m) else "broken"
-            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.last_used))
-            print(f"{m.name:<48} {len(m.files):>5} {format_size(m.size):>10} {used:<19} "
-                  f"{state:<6} {m.source}")
+            rows = [(m.model, str(m.files), format_size(m.bytes), _snapshot_state(m.snapshot_path),
+                     "+".join(_tier_name(r.tier) for r in m.resident) or "disk", m.source)
+                    for m in client.list()]
+    else:
+        with Store.open(cfg.cache_dir) as store:
+            rows = [(m.name, str(len(m.files)), format_size(m.size),
+                     "ok" if store.model_complete(m) else "broken", "disk", m.source)
+                    for m in store.index.models()]
+    for line in _table(("MODEL", "FILES", "SIZE", "STATE", "WHERE", "SOURCE"), rows):
+        print(line)
+    if not rows:
+        print(f"no models in {cfg.cache_dir}", file=sys.stderr)
     return 0
 
 
@@ -134,7 +172,7 @@ def cmd_verify(cfg: Config, ns: argparse.Namespace) -> int:
 def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.store import Store
 
-    budget = _parse_size(ns.max_bytes)
+    budget = ns.max_bytes  # a size: parsed (and refused, exit 2) with the command line
     with Store.open(cfg.cache_dir, exclusive=True) as store:
         plan = store.plan_gc(budget)
         for name in plan.models:
@@ -157,38 +195,86 @@ def _tier_name(tier: Any) -> str:
     return TIER_NAMES.get(tier) or "-"
 
 
+def _age(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``2h 10m``: how long a lease has been held."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
+    """The tiers; then one row per resident model and tier (size, pin, leases) with one
+    line per lease holder (pid, name, age); then the pins and the problems."""
     with _need_daemon(cfg) as client:
         st = client.status()
         models = client.list()
-    print(f"weightd {st.version}, pid {st.pid}, up {st.uptime_seconds:.0f}s, "
-          f"cache {st.cache_dir}")
-    print(f"{'TIER':<5} {'DEVICE':<12} {'USED':>10} {'BUDGET':>10}  STATE")
+    now = time.time()
+    print(f"weightd {st.version}, pid {st.pid}, up {_age(st.uptime_seconds)}; "
+          f"cache {st.cache_dir}, socket {cfg.socket}\n")
+    tiers = []
     for t in st.tiers:
         state = ("ok" + (", mlocked" if t.locked else "")) if t.available else "unavailable"
-        reason = f" ({t.reason})" if t.reason else ""
-        budget = format_size(t.bytes_budget) if t.bytes_budget else "-"
-        print(f"{_tier_name(t.tier):<5} {t.device or '-':<12} {format_size(t.bytes_used):>10} "
-              f"{budget:>10}  {state}{reason}")
-    print(f"\n{len(models)} models, {len(st.leases)} leases, {len(st.pins)} pins")
-    for m in models:
-        where = ", ".join(f"{_tier_name(r.tier)} ({r.leases} leases)" for r in m.resident)
-        print(f"  {m.model}  {format_size(m.bytes)}  {where or 'disk only'}")
+        tiers.append((_tier_name(t.tier), t.device or "-", format_size(t.bytes_used),
+                      format_size(t.bytes_budget) if t.bytes_budget else "-",
+                      state + (f" ({t.reason})" if t.reason else "")))
+    for line in _table(("TIER", "DEVICE", "USED", "BUDGET", "STATE"), tiers):
+        print(line)
+    resident = [(m, r) for m in models for r in m.resident]
+    print(f"\n{_plural(len(models), 'model')} cached, "
+          f"{len({m.model for m, _ in resident})} resident, {_plural(len(st.leases), 'lease')}, "
+          f"{_plural(len(st.pins), 'pin')}")
+    rows, holders = [], []
+    for m, r in resident:
+        pinned = any(p.model == m.model and p.tier == r.tier and p.device == r.device
+                     for p in st.pins)
+        held = sorted((x for x in st.leases if x.model == m.model and x.device == r.device),
+                      key=lambda x: x.since)
+        rows.append((m.model, _tier_name(r.tier), r.device, format_size(r.bytes),
+                     "pinned" if pinned else "-", _plural(len(held), "lease") if held else "-"))
+        holders.append([f"    lease: pid {x.pid}"
+                        + (f' "{x.client_name}"' if x.client_name else "")
+                        + f", age {_age(now - x.since)}" for x in held])
+    if rows:
+        lines = _table(("MODEL", "TIER", "DEVICE", "SIZE", "PIN", "LEASES"), rows)
+        print("\n" + lines[0])
+        for line, under in zip(lines[1:], holders, strict=True):
+            print(line)
+            for holder in under:
+                print(holder)
+    if st.pins:
+        print()
     for p in st.pins:
         print(f"  pin {p.model} on {_tier_name(p.tier)}: {p.state}")
+    shown = [t.reason for t in st.tiers if t.reason]
     for problem in st.problems:
-        print(f"problem: {problem}")
+        if not any(reason in problem for reason in shown):  # already in the tiers' table
+            print(f"problem: {problem}")
     return 0
+
+
+def _source_of(client: Any, ref: str) -> str:
+    """The source a model name (as ``weightd ls`` prints it) was fetched from; any other
+    reference (a URL, an existing path) as given."""
+    if "://" in ref or os.path.exists(ref):
+        return ref
+    for m in client.list():
+        if m.model == ref:
+            return str(m.source)
+    return ref
 
 
 def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
     with _need_daemon(cfg) as client:
+        source = _source_of(client, ns.source)
         if ns.command == "pin":
-            name = client.pin(ns.source, tier=ns.tier)
+            name = client.pin(source, tier=ns.tier)
             print(f"pinned {name} on the {ns.tier} tier (warming in the background: "
                   "see `weightd status`)", file=sys.stderr)
-        elif not client.unpin(ns.source, tier=ns.tier):
-            print(f"{ns.source} was not pinned on the {ns.tier} tier", file=sys.stderr)
+        elif not client.unpin(source, tier=ns.tier):
+            print(f"weightd: {ns.source} was not pinned on the {ns.tier} tier", file=sys.stderr)
             return 1
     return 0
 
@@ -221,23 +307,64 @@ def cmd_serve(cfg: Config, ns: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake as one line on stderr (exit 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+EXIT_CODES = """\
+exit codes:
+  0    done
+  1    the operation failed: the source, the cache or the daemon said no (the
+       one line on stderr says why)
+  2    a usage or configuration mistake: an unknown command or flag, a bad value
+       (size, share, duration), a bad setting in the config file or WEIGHTD_*
+  130  interrupted"""
+
+
+def _epilog() -> str:
+    return f"""\
+defaults (for this user):
+  cache    {default_text("cache_dir")}  (cache_dir)
+  socket   {default_text("socket")}  (socket)
+  config   none; --config FILE or WEIGHTD_CONFIG
+  metrics  off; set metrics_address (--metrics-address, WEIGHTD_METRICS_ADDRESS),
+           e.g. 127.0.0.1:9464, to serve Prometheus text; `weightd stats` reads it
+
+Every setting has one name: cache_dir in the TOML file, WEIGHTD_CACHE_DIR in the
+environment, --cache-dir here (flags override the environment, which overrides the
+file); a command takes them after its name too. Sizes take units (64MiB, 2GB).
+
+{EXIT_CODES}
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="weightd", description="Model-weight cache and daemon for fast model cold starts.")
+    parser = _Parser(
+        prog="weightd", description="Model-weight cache and daemon for fast model cold starts.",
+        usage="weightd [--config FILE] [--SETTING VALUE ...] COMMAND [ARGS]",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"weightd {__version__}")
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML config file (default: WEIGHTD_CONFIG, else none)")
     add_flags(parser)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     add_flags(common, suppress=True)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", parents=[common],
-                       help="run the daemon on its unix socket until SIGTERM")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        about = textwrap.fill(f"{text[0].upper()}{text[1:]}. Takes every --SETTING that "
+                              "`weightd --help` lists.", 80)
+        return sub.add_parser(name, prog=f"weightd {name}", parents=[common], help=text,
+                              description=about, epilog=EXIT_CODES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("serve", "run the daemon on its unix socket until SIGTERM")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("fetch", parents=[common],
-                       help="fetch a model into the cache; print its snapshot path")
+    p = command("fetch", "fetch a model into the cache; print its snapshot path")
     p.add_argument("source", help="s3://, gs://, hf://, http(s)://, file:// URL or a path")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="files to bring from a directory (repeatable; default: shards and "
@@ -245,57 +372,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="files to leave out")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("status", parents=[common],
-                       help="the daemon's tiers, models, leases, pins and problems")
+    p = command("status", "the daemon's tiers, resident models, leases, pins and problems")
     p.set_defaults(func=cmd_status)
 
     for name, text in (("pin", "keep a model resident on a tier (survives restarts)"),
                        ("unpin", "drop a pin; the model becomes evictable")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("source")
+        p = command(name, text)
+        p.add_argument("source", help="the reference, or the model's name as `weightd ls` "
+                                      "prints it")
         p.add_argument("--tier", choices=("host", "disk"), default="host")
         p.set_defaults(func=cmd_pin)
 
-    p = sub.add_parser("evict", parents=[common],
-                       help="drop an unleased, unpinned model from host memory now")
-    p.add_argument("source", help="the reference or the model name (see `weightd status`)")
+    p = command("evict", "drop an unleased, unpinned model from host memory now")
+    p.add_argument("source", help="the reference, or the model's name as `weightd ls` "
+                                  "prints it")
     p.add_argument("--tier", choices=("host",), default="host")
     p.set_defaults(func=cmd_evict)
 
-    p = sub.add_parser("stats", parents=[common],
-                       help="the daemon's metrics (from metrics_address) as a table")
+    p = command("stats", "the daemon's metrics (from metrics_address) as a table")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("ls", parents=[common], help="list cached models")
+    p = command("ls", "list cached models (through the daemon when one answers)")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("verify", parents=[common],
-                       help="rehash every blob; quarantine corrupt ones")
+    p = command("verify", "rehash every blob; quarantine corrupt ones (needs the daemon stopped)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("gc", parents=[common], help="evict least recently used models and blobs")
-    p.add_argument("--max-bytes", required=True, help="what the blobs may take (e.g. 100GiB)")
+    p = command("gc", "evict least recently used models and blobs (needs the daemon stopped)")
+    p.add_argument("--max-bytes", required=True, type=arg_type("size", parse_size),
+                   metavar="SIZE", help="what the blobs may take (e.g. 100GiB)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
     p.set_defaults(func=cmd_gc)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    """The ``weightd`` command. A user's mistake is one line on stderr and an exit code
+    (see :data:`EXIT_CODES`), never a traceback."""
+    ns = build_parser().parse_args(argv)
     try:
         cfg = _config(ns)
+        _setup_logging(cfg.log_level)
+        return int(ns.func(cfg, ns))
     except ConfigError as e:
         print(f"weightd: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
-    try:
-        return int(ns.func(cfg, ns))
     except WeightdError as e:
         print(f"weightd: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `weightd ls | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
