@@ -311,7 +311,8 @@ def test_the_demo_twice_the_second_a_warm_node_that_fetches_nothing(tmp_path: Pa
     assert "0 bytes from the source" in out and "8.0 MiB from the source" not in out
     assert len(re.findall(r"replica \d \(pid \d+\): .* ready in [\d.]+ ms", out)) == 2, out
     assert re.search(r"sum .* = \d+\.\d\d × the model \(8\.0 MiB\) for 2 replicas", out), out
-    assert re.search(r"load_file.*\n\s+ready in [\d.]+ ms; added .* = \d+\.\d\d × the model", out)
+    assert re.search(r"load_file.*\n\s+ready in [\d.]+ ms, .*; added .* = \d+\.\d\d × the "
+                     r"model", out), out
     assert "the same bytes in every replica and the baseline" in out
     assert _blobs(cache) == blobs  # the same model: the cache does not grow
     log = re.search(r"its log: (\S+)", out)

@@ -297,7 +297,8 @@ def run(ns: argparse.Namespace) -> int:
         daemon_pss = _pss(daemon.pid)
         for r, e in zip(replicas, ready, strict=True):
             _say(f"   replica {r.name.rsplit(' ', 1)[-1]} (pid {r.pid}): {e['tensors']} "
-                 f"tensors, {format_size(e['bytes'])}, ready in {e['ready_ms']:.1f} ms")
+                 f"tensors, {format_size(e['bytes'])}: ready in {e['ready_ms']:.1f} ms, "
+                 f"every page read after {e['read_ms']:.0f} ms")
         added = sum(after[r.pid]["Pss"] - before[r.pid]["Pss"] for r in replicas)
         total = added + daemon_pss["Pss"]
         _say(f"   memory while all {ns.replicas} hold every page (PSS, /proc/PID/smaps_rollup):")
@@ -312,8 +313,9 @@ def run(ns: argparse.Namespace) -> int:
         baseline.send()
         base = baseline.event(STEP_TIMEOUT)
         base_added = _pss(baseline.pid)["Pss"] - before[baseline.pid]["Pss"]
-        _say(f"   ready in {base['ready_ms']:.1f} ms; added {format_size(base_added)} to its "
-             f"PSS = {_ratio(base_added, model_bytes)}, for one replica")
+        _say(f"   ready in {base['ready_ms']:.1f} ms, every page read after "
+             f"{base['read_ms']:.0f} ms; added {format_size(base_added)} to its PSS = "
+             f"{_ratio(base_added, model_bytes)}, for one replica")
         same = len({e["checksum"] for e in [*ready, base]}) == 1
         times = [e["ready_ms"] for e in ready]
         _say("\nin short:")

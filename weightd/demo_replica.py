@@ -7,7 +7,8 @@ Driven over stdin/stdout, one JSON line per event, so that the demo can read thi
 process's memory at the right moments: it imports torch and the loaders, says
 ``imported`` and waits for a line on stdin; then it loads the model (through the daemon,
 or with ``safetensors.torch.load_file`` from the model's own files), reads every page of
-every tensor, says ``ready`` (time to ready, a checksum of the bytes), and keeps the
+every tensor, says ``ready`` (time to ready, time until every page was read, a checksum
+of the bytes), and keeps the
 weights until the next line (or EOF) on stdin. Needs the client's ``torch`` extra.
 """
 
@@ -69,8 +70,9 @@ def main(argv: list[str]) -> int:
         tensors = loaded
     ready = time.perf_counter() - t0
     nbytes, checksum = read_every_page(tensors)
-    _say(event="ready", ready_ms=ready * 1000, tensors=len(tensors), bytes=nbytes,
-         checksum=checksum)
+    read = time.perf_counter() - t0
+    _say(event="ready", ready_ms=ready * 1000, read_ms=read * 1000, tensors=len(tensors),
+         bytes=nbytes, checksum=checksum)
     sys.stdin.readline()  # hold the weights while the demo reads our memory
     return 0
 
