@@ -196,6 +196,8 @@ class Daemon:
         try:
             for msg in self.stub.Fetch(pb.FetchRequest(source=source), timeout=3600):
                 if msg.done:
+                    if msg.bytes_fetched > done:  # the last stretch: the bar ends full
+                        cb.relative_update(msg.bytes_fetched - done)
                     return msg
                 if msg.bytes_total and cb.size != msg.bytes_total:
                     cb.set_size(msg.bytes_total)
@@ -320,7 +322,8 @@ def run(ns: argparse.Namespace) -> int:
         times = [e["ready_ms"] for e in ready]
         _say("\nin short:")
         _say(f"  source   {_bytes(got.bytes_fetched)} from the source this run "
-             f"({_ratio(got.bytes_fetched, model_bytes)})")
+             + (f"({_ratio(got.bytes_fetched, model_bytes)})" if got.bytes_fetched
+                else "(a warm node: the cache had every file)"))
         _say(f"  weightd  {ns.replicas} replicas ready in {statistics.median(times):.1f} ms "
              f"(median; {min(times):.1f}-{max(times):.1f}), all of them and the daemon "
              f"{_ratio(total, model_bytes)}")
