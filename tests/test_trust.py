@@ -493,9 +493,9 @@ def _first_bytes(shard: Path, name: str = "layers.0.weight") -> list[int]:
 
 
 def _squat(owner: pwd.struct_passwd, mode: int) -> Path:
-    """What another user leaves behind: a directory of theirs where our socket goes."""
-    d = _private_tmp("weightd-squat-") / f"weightd-{os.getuid()}"
-    d.mkdir()
+    """What another user leaves behind: a directory of theirs in /tmp, where our socket
+    goes (``/tmp/weightd-<uid>`` is the default; a unique name here)."""
+    d = Path(tempfile.mkdtemp(prefix=f"weightd-{os.getuid()}-squat-", dir="/tmp"))
     os.chown(d, owner.pw_uid, owner.pw_gid)
     os.chmod(d, mode)
     return d
@@ -512,7 +512,7 @@ def test_a_squatted_runtime_directory_stops_the_daemon(outsider, tmp_path):
             assert "Traceback" not in log, log
             assert not (run / "weightd.sock").exists()
         finally:
-            shutil.rmtree(run.parent, ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def test_a_world_writable_runtime_directory_stops_the_daemon(tmp_path):
@@ -563,7 +563,7 @@ def test_the_client_refuses_a_socket_another_user_listens_on(outsider, tmp_path)
         if fake is not None:
             fake.kill()
             fake.wait(10)
-        shutil.rmtree(run.parent, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def test_the_client_refuses_a_socket_in_a_directory_others_can_write(world, tmp_path):
