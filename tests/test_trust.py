@@ -194,6 +194,71 @@ def test_two_sources_never_share_a_model_name(world, pair):
         done(world, other)
 
 
+def test_a_cache_named_the_old_way_is_migrated_and_served_without_a_fetch(tmp_path,
+                                                                          monkeypatch):
+    import weightd.store.fetch
+    from weightd.config import Config
+    from weightd.sources import canonical_url, model_name
+    from weightd.sources.base import _legacy_model_name
+    from weightd.store import Fetcher, Store
+
+    models = tmp_path / "models"
+    src = models / "org" / "llama"
+    write_synthetic_model(src, total_bytes=MiB // 2, tensors=4, seed=23)
+    url = canonical_url(str(src))
+    legacy, new = _legacy_model_name(url), model_name(url)
+    cache = tmp_path / "cache"
+    # the layout weightd 0.1 wrote: snapshots/<legacy>, .revs/<legacy>/, index rows, a pin
+    with monkeypatch.context() as mp:
+        mp.setattr(weightd.store.fetch, "model_name", _legacy_model_name)
+        with Store.open(cache) as store:
+            snap = Fetcher(store, Config(cache_dir=cache)).fetch(str(src))
+            store.index.add_pin(url, "host", "cpu")
+    assert snap.name == legacy and (cache / "snapshots" / legacy).is_symlink()
+    daemon = DaemonProcess(tmp_path, env={"WEIGHTD_ALLOWED_SOURCES": str(models)})
+    try:
+        got = daemon.stub().Acquire(pb.AcquireRequest(source=str(src), client=client_info()),
+                                    timeout=60)
+        daemon.stub().Release(pb.ReleaseRequest(lease_id=got.lease_id), timeout=10)
+        pins = list(daemon.status().pins)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert not got.fetched, "the migrated model was fetched again"
+    assert got.model == new and got.snapshot_path == str(cache / "snapshots" / new)
+    assert snapshot_files(got.snapshot_path) == snapshot_files(src)
+    assert not (cache / "snapshots" / legacy).exists()
+    assert not (cache / "snapshots" / ".revs" / legacy).exists()
+    assert [(p.model, p.state) for p in pins] == [(new, "resident")]
+    manifests = list((cache / "snapshots" / ".revs" / new).glob("*.manifest.json"))
+    assert [json.loads(m.read_text())["name"] for m in manifests] == [new]
+
+
+def test_verify_narrows_modes_wider_than_the_stores(tmp_path):
+    from tests.conftest import run_cli
+
+    src = tmp_path / "m"
+    write_synthetic_model(src, total_bytes=MiB // 4, tensors=2)
+    cache = tmp_path / "cache"
+    run_cli("fetch", str(src), "--cache-dir", str(cache), check=True)
+    blob = next((cache / "blobs").glob("*/*"))
+    manifest = next((cache / "snapshots" / ".revs").glob("*/*.manifest.json"))
+    # what weightd 0.1 (or a umask of 0) left: world-readable blobs and directories
+    os.chmod(blob, 0o444)
+    os.chmod(blob.parent, 0o777)
+    os.chmod(manifest, 0o666)
+    os.chmod(cache / "snapshots", 0o755)
+    res = run_cli("verify", "--cache-dir", str(cache))
+    assert res.returncode == 0, res.stderr
+    for path, old, new in ((blob, "0444", "0440"), (blob.parent, "0777", "0750"),
+                           (manifest, "0666", "0640"), (cache / "snapshots", "0755", "0750")):
+        assert f"MODE {path}: {old} " in res.stdout and f"narrowed to {new}" in res.stdout, \
+            res.stdout
+        assert stat.S_IMODE(path.stat().st_mode) == int(new, 8)
+    assert "4 modes narrowed" in res.stderr, res.stderr
+    again = run_cli("verify", "--cache-dir", str(cache))
+    assert again.returncode == 0 and "MODE" not in again.stdout, again.stdout
+
+
 # 3. redirects ------------------------------------------------------------------------------
 
 

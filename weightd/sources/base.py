@@ -143,12 +143,36 @@ def check_allowed(url: str, allowed: Sequence[str]) -> None:
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def model_name(url: str) -> str:
-    """A flat, filesystem-safe name for a model's snapshot directory.
+#: Hex digits of sha256(canonical URL) that end every model name (64 bits).
+MODEL_DIGEST_CHARS = 16
+_MODEL_READABLE_CHARS = 140
 
-    ``s3://bucket/org/model`` → ``s3--bucket--org--model``. Long names keep their tail and
-    gain a short hash so that they stay unique.
+
+def model_name(url: str) -> str:
+    """A flat, filesystem-safe name for a model's snapshot directory, one per source.
+
+    The readable part flattens the URL (``s3://bucket/org/model`` → ``s3--bucket--org--
+    model``, characters outside ``[A-Za-z0-9._-]`` become ``_``, long names keep their
+    tail); that alone is not injective (``org/llama`` and ``org--llama``, ``llama 7b`` and
+    ``llama_7b`` flatten alike), so the name ends with 16 hex digits of the canonical
+    URL's sha256: two sources never share a name.
+
+    Example
+    -------
+    >>> model_name("s3://bucket/org/model")
+    's3--bucket--org--model--b488b85f60f70d91'
     """
+    scheme, rest = url.split("://", 1)
+    parts = [_NAME_BAD.sub("_", p) for p in rest.split("/") if p]
+    readable = "--".join([_PROTOCOL_ALIASES.get(scheme, scheme), *parts])
+    if len(readable) > _MODEL_READABLE_CHARS:
+        readable = readable[-_MODEL_READABLE_CHARS:].lstrip("-")
+    return f"{readable}--{hashlib.sha256(url.encode()).hexdigest()[:MODEL_DIGEST_CHARS]}"
+
+
+def _legacy_model_name(url: str) -> str:
+    """The model name before names were injective (weightd 0.1): kept to build and test
+    the migration of a cache made by it (Store renames such models on open)."""
     scheme, rest = url.split("://", 1)
     parts = [_NAME_BAD.sub("_", p) for p in rest.split("/") if p]
     name = "--".join([_PROTOCOL_ALIASES.get(scheme, scheme), *parts])
