@@ -349,7 +349,7 @@ def test_a_directory_link_out_of_the_model_is_never_requested(world):
 SWAPPER = r"""
 import os, sys, time
 target, keep, secret, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-link_tmp, decoy_tmp = target + ".swap-link", target + ".swap-decoy"
+link_tmp, decoy_tmp = keep + ".link", keep + ".tmp"  # beside keep: not in the model
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     os.symlink(secret, link_tmp)

@@ -21,7 +21,7 @@ from fsspec.callbacks import Callback
 
 from weightd.config import Config, format_size
 from weightd.errors import FormatError, GpuUnavailable, ModelInUse, SourceNotFound
-from weightd.formats import ShardLayout, read_layout
+from weightd.formats import ShardLayout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name
@@ -133,7 +133,6 @@ class Node:
         self._residency = threading.RLock()
         # (model, device) -> when it was last used; device is "cpu" or "cuda:<uuid>"
         self._resident: dict[tuple[str, str], _Residency] = {}
-        self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._warmer: threading.Thread | None = None
@@ -401,11 +400,8 @@ class Node:
                      metadata)
 
     def _layout(self, digest: str) -> ShardLayout:
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = read_layout(self.store.blob_path(digest))
-            self._layouts[digest] = layout
-        return layout
+        # parsed once, by the fetch, and kept within a byte budget (weightd.formats.cache)
+        return self.fetcher.layout(digest)
 
     def release(self, lease_id: str) -> Lease:
         return self.leases.release(lease_id)
@@ -457,7 +453,9 @@ class Node:
 
     def _unload(self, name: str, device: str) -> int:
         """Drop a model from a device. Caller holds the residency lock."""
-        self._resident.pop((name, device), None)
+        res = self._resident.pop((name, device), None)
+        for shard in res.view.shards if res is not None else ():
+            self.fetcher.layouts.drop(shard.digest)  # parsed again if it is loaded again
         if device == "cpu":
             freed = self.host.unload(name)
         else:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import xxhash
 
-from weightd.errors import BudgetExceeded, CacheLocked, FormatError, IntegrityError
-from weightd.sources import model_name
+from weightd.errors import BudgetExceeded, CacheLocked, IntegrityError
+from weightd.sources import check_relpaths, model_name
 from weightd.store.index import Index, ModelFile, ModelRecord
 
 log = logging.getLogger(__name__)
@@ -114,23 +114,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def check_relpaths(source: str, files: Collection[str]) -> None:
-    """Refuse a set of relative paths in which one is a directory of another.
-
-    Raises:
-        FormatError: e.g. ``x.json`` and ``x.json/y.json`` (an object store can hold both;
-            a directory cannot).
-    """
-    names = set(files)
-    for rel in sorted(names):
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent in names:
-                raise FormatError(source, f"the source has both a file {parent!r} and a file "
-                                          f"{rel!r} under it: a snapshot cannot hold both")
 
 
 @dataclass(frozen=True)
@@ -443,7 +426,7 @@ class Store:
             IntegrityError: the name belongs to another source (cannot happen with
                 :func:`~weightd.sources.model_name`; checked all the same).
         """
-        check_relpaths(source, files)
+        check_relpaths(source, list(files))
         known = self.index.model(name)
         if known is not None and known.source != source:
             raise IntegrityError(f"{source}: its model name {name} belongs to {known.source}")
