@@ -94,6 +94,14 @@ def _mkdirs(path: Path) -> None:
         os.chmod(d, DIR_MODE)
 
 
+def _create(path: Path) -> None:
+    """Create an empty file of :data:`FILE_MODE` if there is none (SQLite would make its
+    database 0644; its -wal and -shm files take the database's mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        os.chmod(path, FILE_MODE)
+
+
 def _tighten(path: Path, mode: int) -> int | None:
     """Remove the mode bits of ``path`` (not a link) beyond ``mode``; return the old mode
     when it was wider, else None."""
@@ -206,6 +214,7 @@ class Store:
             raise IntegrityError(
                 f"{path}: the index is missing; start the daemon or run `weightd verify` to "
                 "rebuild it from the snapshots")
+        _create(path)
         try:
             index = Index(path)
         except sqlite3.DatabaseError as e:
@@ -227,6 +236,7 @@ class Store:
                 os.close(self._lock_fd)
                 raise IntegrityError(f"{path}: the index is damaged ({e}) and cannot be moved "
                                      f"aside ({moved}); move it away by hand") from moved
+            _create(path)
             index = Index(path)
         if self.exclusive and has_snapshots and not index.models():
             self._rebuild(index)
