@@ -19,8 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.daemon import DaemonProcess
-from weightd.leases import process_start_time
+from tests.daemon import DaemonProcess, client_info
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -44,11 +43,6 @@ def write_wide_shard(path: Path, rest: bytes, n: int, tag: int) -> None:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         f.write(b"\0" * n)
-
-
-def client_info() -> pb.ClientInfo:
-    me = os.getpid()
-    return pb.ClientInfo(pid=me, start_time=process_start_time(me) or 0, name="test_memory")
 
 
 def rss(pid: int) -> int:

@@ -39,9 +39,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.daemon import ClientError, ClientProcess, DaemonProcess
+from tests.daemon import ClientError, ClientProcess, DaemonProcess, client_info
 from tests.test_access import OUTSIDER, _ensure_user, _python_for_others
-from weightd.leases import process_start_time
 from weightd.store import hash_file
 from weightd.testing import RangeHTTPServer, write_synthetic_model
 from weightd.testing.servers import Lie
@@ -112,17 +111,12 @@ def world() -> Iterator[World]:
 
 
 def stub(w: World) -> pb_grpc.WeightdStub:
-    return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{w.daemon.socket}"))
-
-
-def client_info() -> pb.ClientInfo:
-    me = os.getpid()
-    return pb.ClientInfo(pid=me, start_time=process_start_time(me) or 0, name="test_trust")
+    return w.daemon.stub()
 
 
 def acquire(w: World, source: str | Path) -> pb.AcquireResponse:
-    return stub(w).Acquire(pb.AcquireRequest(source=str(source), client=client_info()),
-                           timeout=120)
+    return stub(w).Acquire(pb.AcquireRequest(source=str(source),
+                                             client=client_info("test_trust")), timeout=120)
 
 
 def done(w: World, got: pb.AcquireResponse) -> None:
