@@ -127,7 +127,7 @@ def test_layouts_of_released_models_do_not_pile_up(tmp_path):
     n = 100_000
     rest = b",".join(_entries(n))
     models = tmp_path / "models"
-    count = 7
+    count = 5
     for tag in range(count):
         write_wide_shard(models / f"wide-{tag}" / "model.safetensors", rest, n, tag)
     daemon = DaemonProcess(tmp_path, env={"WEIGHTD_ALLOWED_SOURCES": str(models)})
@@ -143,10 +143,10 @@ def test_layouts_of_released_models_do_not_pile_up(tmp_path):
                                         .leases[0].lease_id), timeout=10)
             s.Evict(pb.EvictRequest(source=src), timeout=10)
             seen.append(rss(daemon.pid))
-        growth = seen[-1] - seen[1]  # the first models warm the daemon's heaps up
-        # each layout of 100,000 tensors is ~25 MiB of objects: kept, they would add
-        # ~125 MiB here; dropped with their model, they add nothing but noise
-        assert growth < 48 * MiB, [f"{r / MiB:.0f} MiB" for r in seen]
+        growth = seen[-1] - seen[1]  # the first model warms the daemon's heaps up
+        # each layout of 100,000 tensors is ~28 MiB of objects: kept (weightd 0.1), they
+        # added ~87 MiB over these three models; dropped with their model, a few MiB
+        assert growth < 32 * MiB, [f"{r / MiB:.0f} MiB" for r in seen]
         assert daemon.status().pid == daemon.pid
     finally:
         code = daemon.stop()

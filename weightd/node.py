@@ -351,8 +351,9 @@ class Node:
         with self._flight(name):
             record, fetched = self._ensure_cached(source, name, include, exclude)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
+            # validates every shard before it becomes resident; held here, so that the
+            # view below never parses one again under the residency lock
+            layouts = {f.digest: self._layout(f.digest) for f in shards}
             blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._residency:
                 res = self._resident.get((name, device))
@@ -373,7 +374,7 @@ class Node:
                     loaded = True
                     self._update_resident_metric(device)
                     res = self._resident[(name, device)] = _Residency(
-                        self._view(name, record.revision, shards, uuid))
+                        self._view(name, record.revision, shards, uuid, layouts))
                 res.last_used = time.time()
                 lease = None
                 if lease_args is not None:
@@ -381,7 +382,7 @@ class Node:
         return fetched, loaded, (res.view, lease)
 
     def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
-              uuid: str | None) -> View:
+              uuid: str | None, layouts: dict[str, ShardLayout]) -> View:
         """The answer's shards, tensors and metadata for a model just made resident."""
         exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
         infos = tuple(
@@ -392,7 +393,7 @@ class Node:
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
         for i, f in enumerate(shards):
-            layout = self._layout(f.digest)
+            layout = layouts[f.digest]
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
