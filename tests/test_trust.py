@@ -423,13 +423,16 @@ def test_a_lying_range_answer_is_retried_and_never_written(world):
             return Lie(serve=(CHUNK, CHUNK + end), status=200)
         if "/liar-once" in path and start >= CHUNK:
             return Lie(serve=(start - CHUNK, end - CHUNK))
+        if "/liar-short" in path:
+            return Lie(body_bytes=(end - start) // 2)  # a short body, its length honest
         return None
 
     once, want_once = _liar_model(world, "liar-once", 61)
     ok200, want_200 = _liar_model(world, "liar-200", 62)
+    short, want_short = _liar_model(world, "liar-short", 64)
     world.origin.set_lie(lie_once)
     try:
-        for ref, want in ((once, want_once), (ok200, want_200)):
+        for ref, want in ((once, want_once), (ok200, want_200), (short, want_short)):
             got = acquire(world, ref)
             done(world, got)
             assert shard_digests(got) == [want], f"{ref}: wrong bytes were written"
