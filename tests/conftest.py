@@ -67,8 +67,10 @@ def s3(s3_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mot
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     s3_server.log.reset()
     s3_server.set_fault(None)
+    s3_server.set_body(None)
     yield s3_server
     s3_server.set_fault(None)
+    s3_server.set_body(None)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,

@@ -29,6 +29,14 @@ class DaemonProcess(BaseDaemonProcess):
             return pb_grpc.WeightdStub(ch).Status(pb.StatusRequest(), timeout=10)
 
 
+def client_info(name: str = "tests") -> pb.ClientInfo:
+    """This test process as the client of a raw Acquire."""
+    from weightd.leases import process_start_time
+
+    me = os.getpid()
+    return pb.ClientInfo(pid=me, start_time=process_start_time(me) or 0, name=name)
+
+
 class ClientProcess:
     """A model-server-like process (tests/client_worker.py) driven over stdin/stdout."""
 

@@ -60,9 +60,14 @@ def _entry(dtype: str, shape: list[object], start: int, end: int) -> dict[str, o
 
 
 def _million_tensors() -> bytes:
-    # 1,000,000 one-byte U8 tensors that tile 1,000,000 bytes... but the data section is
-    # one byte short: the whole header must be read (about 50 MB of JSON) to refuse it.
-    n = 1_000_000
+    # 1,000,000 one-byte U8 tensors (about 50 MB of JSON): more than MAX_TENSORS a shard
+    # may declare, refused before the header is decoded.
+    return _wide_short(1_000_000)
+
+
+def _wide_short(n: int) -> bytes:
+    # ``n`` one-byte U8 tensors that tile ``n`` bytes... but the data section is one byte
+    # short: the whole header must be read to refuse it.
     parts = [b"{"]
     parts.extend(b'"%x":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]},' % (i, i, i + 1)
                  for i in range(n))
@@ -111,7 +116,9 @@ _CASES: dict[str, tuple[Callable[[], bytes], tuple[str, ...], bool]] = {
     "deep-object": (_deep_object, ("nest", "deep", "object", "entry", "dtype"), False),
     "huge-json-whitespace": (_huge_whitespace, ("offset", "data", "bytes", "end"), True),
     "huge-json-array": (_huge_array, ("object", "entry", "array"), True),
-    "million-tensors": (_million_tensors, ("offset", "data", "bytes", "end", "short"), True),
+    "million-tensors": (_million_tensors, ("tensors", "limit"), True),
+    "wide-and-one-byte-short": (lambda: _wide_short(130_000),
+                                ("offset", "data", "bytes", "end", "short"), True),
     "not-json": (lambda: _file(b"this is not json"), ("json",), False),
     "truncated-json": (lambda: _file(b'{"w":{"dtype":"F32",'), ("json", "end"), False),
     "header-not-an-object": (lambda: _file(b"[1,2,3]"), ("object", "array"), False),

@@ -164,8 +164,12 @@ def cmd_verify(cfg: Config, ns: argparse.Namespace) -> int:
         print(f"CORRUPT {digest}: moved to quarantine/ (the next fetch downloads it again)")
     for digest in report.missing:
         print(f"MISSING {digest}: in the index but not on disk (forgotten)")
+    for path, old, new in report.modes:
+        print(f"MODE {path}: {old:04o} was readable or writable by more than the daemon's "
+              f"user and group: narrowed to {new:04o}")
     print(f"verified {report.checked} blobs, {format_size(report.bytes)} in {dt:.1f}s: "
-          f"{len(report.corrupt)} corrupt, {len(report.missing)} missing", file=sys.stderr)
+          f"{len(report.corrupt)} corrupt, {len(report.missing)} missing, "
+          f"{len(report.modes)} modes narrowed", file=sys.stderr)
     return 1 if report.corrupt or report.missing else 0
 
 

@@ -21,7 +21,7 @@ from fsspec.callbacks import Callback
 
 from weightd.config import Config, format_size
 from weightd.errors import FormatError, GpuUnavailable, ModelInUse, SourceNotFound
-from weightd.formats import ShardLayout, read_layout
+from weightd.formats import ShardLayout
 from weightd.leases import Lease, LeaseTable
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name, open_source
@@ -133,7 +133,6 @@ class Node:
         self._residency = threading.RLock()
         # (model, device) -> when it was last used; device is "cpu" or "cuda:<uuid>"
         self._resident: dict[tuple[str, str], _Residency] = {}
-        self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._warmer: threading.Thread | None = None
@@ -363,8 +362,9 @@ class Node:
         with self._flight(name):
             record, fetched = self._ensure_cached(source, name, include, exclude)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
+            # validates every shard before it becomes resident; held here, so that the
+            # view below never parses one again under the residency lock
+            layouts = {f.digest: self._layout(f.digest) for f in shards}
             blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._residency:
                 res = self._resident.get((name, device))
@@ -385,7 +385,7 @@ class Node:
                     loaded = True
                     self._update_resident_metric(device)
                     res = self._resident[(name, device)] = _Residency(
-                        self._view(name, record.revision, shards, uuid))
+                        self._view(name, record.revision, shards, uuid, layouts))
                 res.last_used = time.time()
                 lease = None
                 if lease_args is not None:
@@ -393,7 +393,7 @@ class Node:
         return fetched, loaded, (res.view, lease)
 
     def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
-              uuid: str | None) -> View:
+              uuid: str | None, layouts: dict[str, ShardLayout]) -> View:
         """The answer's shards, tensors and metadata for a model just made resident."""
         exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
         infos = tuple(
@@ -404,7 +404,7 @@ class Node:
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
         for i, f in enumerate(shards):
-            layout = self._layout(f.digest)
+            layout = layouts[f.digest]
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
@@ -412,11 +412,8 @@ class Node:
                      metadata)
 
     def _layout(self, digest: str) -> ShardLayout:
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = read_layout(self.store.blob_path(digest))
-            self._layouts[digest] = layout
-        return layout
+        # parsed once, by the fetch, and kept within a byte budget (weightd.formats.cache)
+        return self.fetcher.layout(digest)
 
     def release(self, lease_id: str) -> Lease:
         return self.leases.release(lease_id)
@@ -468,7 +465,9 @@ class Node:
 
     def _unload(self, name: str, device: str) -> int:
         """Drop a model from a device. Caller holds the residency lock."""
-        self._resident.pop((name, device), None)
+        res = self._resident.pop((name, device), None)
+        for shard in res.view.shards if res is not None else ():
+            self.fetcher.layouts.drop(shard.digest)  # parsed again if it is loaded again
         if device == "cpu":
             freed = self.host.unload(name)
         else:

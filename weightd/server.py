@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from weightd.config import Config
 from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
+from weightd.rundir import UnsafeRuntimeDir, prepare_runtime_dir
 from weightd.service import WeightdServicer
 from weightd.store import Store
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
@@ -87,9 +88,13 @@ def cuda_requested(config: Config, node: Node) -> bool:
 
 
 def _prepare_socket(path: Path) -> None:
-    """Create the socket's directory; refuse a live socket, remove a stale one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    if not path.exists() and not path.is_socket():
+    """Create or check the socket's directory (weightd/rundir.py: only the daemon's user
+    may change it); refuse a live socket, remove a stale one."""
+    try:
+        prepare_runtime_dir(path.parent)
+    except UnsafeRuntimeDir as e:
+        raise SystemExit(str(e)) from e
+    if not os.path.lexists(path):
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:

@@ -9,11 +9,14 @@ It must not touch the network or the cache: it reads local files or bytes it is
 given, and nothing else.
 """
 
+from weightd.formats.cache import DEFAULT_LAYOUT_BUDGET, LayoutCache, layout_bytes
 from weightd.formats.hf_index import MAX_INDEX_BYTES, IndexJson, parse_index_json
 from weightd.formats.safetensors import (
     DTYPE_BITS,
     MAX_HEADER_BYTES,
     MAX_METADATA_ENTRIES,
+    MAX_TENSORS,
+    PARSE_SLOTS,
     ShardLayout,
     TensorInfo,
     header_length,
@@ -23,14 +26,19 @@ from weightd.formats.safetensors import (
 )
 
 __all__ = [
+    "DEFAULT_LAYOUT_BUDGET",
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES",
     "MAX_METADATA_ENTRIES",
+    "MAX_TENSORS",
+    "PARSE_SLOTS",
     "IndexJson",
+    "LayoutCache",
     "ShardLayout",
     "TensorInfo",
     "header_length",
+    "layout_bytes",
     "layout_from_bytes",
     "parse_header",
     "parse_index_json",

@@ -39,6 +39,14 @@ is walked member by member, and each member is refused as soon as it is read:
 What remains is 3 to 5 times the header: per tensor, its name, a ``TensorInfo``, its
 shape tuple and an entry in the by-name index. The cyclic garbage collector is paused
 while parsing: it would otherwise rescan the growing list of tensors again and again.
+
+That bounds one header; many at once are bounded as a whole. A shard may declare at most
+:data:`MAX_TENSORS` tensors, counted by their ``"data_offsets"`` keys before anything is
+parsed (a quote inside a string is escaped, so only hostile names can add to the count), so
+no layout is larger than about ``MAX_TENSORS`` × 300 bytes. And at most
+:data:`PARSE_SLOTS` headers over :data:`SMALL_HEADER_BYTES` are parsed at once in a
+process; others wait for a slot (a small header never waits). Eight million-tensor
+headers at once used to need more than 2 GiB; now each is refused in milliseconds.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -60,6 +69,8 @@ __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
     "MAX_METADATA_ENTRIES",
+    "MAX_TENSORS",
+    "PARSE_SLOTS",
     "ShardLayout",
     "TensorInfo",
     "header_length",
@@ -98,6 +109,20 @@ DTYPE_BITS: dict[str, int] = {
 #: The largest header (JSON bytes, without the 8-byte prefix) that is accepted; the
 #: same limit as the safetensors library's ``MAX_HEADER_SIZE``.
 MAX_HEADER_BYTES = 100_000_000
+
+#: The most tensors one shard may declare. Real checkpoints hold a few hundred to a few
+#: thousand per shard (DeepSeek-V3, 671B parameters, has about 91,000 in all, over 163
+#: shards); a million-tensor header is an attack on the daemon's memory.
+MAX_TENSORS = 131_072
+
+#: Headers larger than this (bytes of JSON) take one of :data:`PARSE_SLOTS` slots.
+SMALL_HEADER_BYTES = 1024 * 1024
+
+#: How many large headers one process parses at once (a header of 100 MB needs a few
+#: hundred MB while it is parsed; parsing is CPU-bound under the GIL, so more at once
+#: would not go faster).
+PARSE_SLOTS = 2
+_PARSE_SLOTS = threading.BoundedSemaphore(PARSE_SLOTS)
 
 #: The most ``__metadata__`` pairs accepted (files in the wild have a handful; see the
 #: Note in the module docstring). The safetensors library has no such limit.
@@ -351,6 +376,13 @@ def parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> Sh
     # Many small containers make the cyclic GC run over and over while decoding a big
     # header, for nothing: nothing here makes cycles. Pause it (process-wide, so only
     # re-enable what we disabled).
+    if len(header) <= SMALL_HEADER_BYTES:
+        return _parse_paused(header, path=path, file_size=file_size)
+    with _PARSE_SLOTS:
+        return _parse_paused(header, path=path, file_size=file_size)
+
+
+def _parse_paused(header: bytes | memoryview, *, path: str, file_size: int) -> ShardLayout:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -889,6 +921,12 @@ def _parse_header(header: bytes | memoryview, *, path: str, file_size: int) -> S
         text = str(header, "utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(path, f"header is not valid UTF-8 (byte {e.start}: {e.reason})") from e
+    declared = text.count('"data_offsets"')  # C speed; see the Note
+    if declared > MAX_TENSORS:
+        raise FormatError(
+            path, f"header declares {declared} tensors, more than the limit of {MAX_TENSORS} "
+            "per shard (split the checkpoint into more shards)",
+        )
 
     reader = _HeaderReader(text, path=path, data_size=data_size, data_offset=data_offset)
     tensors, by_name, metadata = reader.read()

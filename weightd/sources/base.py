@@ -10,7 +10,7 @@ import os
 import posixpath
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -19,8 +19,16 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from weightd.config import Config
-from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable, WeightdError
-from weightd.formats import parse_index_json
+from weightd.errors import (
+    FormatError,
+    IntegrityError,
+    NotPermitted,
+    SourceNotFound,
+    SourceUnavailable,
+    WeightdError,
+)
+from weightd.formats import MAX_INDEX_BYTES, parse_index_json
+from weightd.sources.digests import OriginDigest, parse_origin_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +46,6 @@ DEFAULT_INCLUDE: tuple[str, ...] = (
 )
 
 _PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
-
-#: aiohttp's read buffer per ranged HTTP response (its default, 256 KiB, pauses and
-#: resumes the socket every 512 KiB).
-_READ_BUFSIZE = 4 * MiB
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class RemoteFile:
         relpath: POSIX path relative to the model's root (where it goes in the snapshot).
         size: bytes.
         identity: changes whenever the content may have changed (ETag, version, mtime).
+        origin_digest: the file's digest as the listing states it, ``algorithm:hex``
+            (Hugging Face's LFS sha256), or empty (see weightd/sources/digests.py).
     """
 
     url: str
@@ -90,6 +96,7 @@ class RemoteFile:
     relpath: str
     size: int
     identity: str
+    origin_digest: str = ""
 
 
 def canonical_url(ref: str) -> str:
@@ -144,12 +151,36 @@ def check_allowed(url: str, allowed: Sequence[str]) -> None:
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def model_name(url: str) -> str:
-    """A flat, filesystem-safe name for a model's snapshot directory.
+#: Hex digits of sha256(canonical URL) that end every model name (64 bits).
+MODEL_DIGEST_CHARS = 16
+_MODEL_READABLE_CHARS = 140
 
-    ``s3://bucket/org/model`` → ``s3--bucket--org--model``. Long names keep their tail and
-    gain a short hash so that they stay unique.
+
+def model_name(url: str) -> str:
+    """A flat, filesystem-safe name for a model's snapshot directory, one per source.
+
+    The readable part flattens the URL (``s3://bucket/org/model`` → ``s3--bucket--org--
+    model``, characters outside ``[A-Za-z0-9._-]`` become ``_``, long names keep their
+    tail); that alone is not injective (``org/llama`` and ``org--llama``, ``llama 7b`` and
+    ``llama_7b`` flatten alike), so the name ends with 16 hex digits of the canonical
+    URL's sha256: two sources never share a name.
+
+    Example
+    -------
+    >>> model_name("s3://bucket/org/model")
+    's3--bucket--org--model--b488b85f60f70d91'
     """
+    scheme, rest = url.split("://", 1)
+    parts = [_NAME_BAD.sub("_", p) for p in rest.split("/") if p]
+    readable = "--".join([_PROTOCOL_ALIASES.get(scheme, scheme), *parts])
+    if len(readable) > _MODEL_READABLE_CHARS:
+        readable = readable[-_MODEL_READABLE_CHARS:].lstrip("-")
+    return f"{readable}--{hashlib.sha256(url.encode()).hexdigest()[:MODEL_DIGEST_CHARS]}"
+
+
+def _legacy_model_name(url: str) -> str:
+    """The model name before names were injective (weightd 0.1): kept to build and test
+    the migration of a cache made by it (Store renames such models on open)."""
     scheme, rest = url.split("://", 1)
     parts = [_NAME_BAD.sub("_", p) for p in rest.split("/") if p]
     name = "--".join([_PROTOCOL_ALIASES.get(scheme, scheme), *parts])
@@ -159,21 +190,10 @@ def model_name(url: str) -> str:
     return name
 
 
-def _storage_options(protocol: str, config: Config) -> dict[str, Any]:
-    if protocol == "s3":
-        endpoint = config.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
-        if endpoint:
-            opts["endpoint_url"] = endpoint
-        return opts
-    if protocol in ("http", "https"):
-        return {"skip_instance_cache": True}
-    return {}
-
-
 def is_transient(e: BaseException) -> bool:
     """Whether a read error is worth retrying (connection trouble, 5xx, 429, short read)."""
-    if isinstance(e, SourceNotFound | NotPermitted | FileNotFoundError | PermissionError):
+    if isinstance(e, SourceNotFound | NotPermitted | IntegrityError | FileNotFoundError
+                  | PermissionError):
         return False
     status = getattr(e, "status", None) or getattr(e, "code", None)
     if isinstance(status, int):
@@ -191,6 +211,23 @@ def is_transient(e: BaseException) -> bool:
 
 class _ShortRead(OSError):
     """A ranged read returned fewer bytes than asked for."""
+
+
+class _BadRange(_ShortRead):
+    """A ranged read was answered with other bytes than those asked for (a Content-Range
+    that does not match, or a 200 with the whole file to a ranged request): transient,
+    and never written."""
+
+
+class RedirectRefused(Exception):
+    """A request (a redirect's hop) that would leave ``allowed_sources``, refused before
+    it was made. Deliberately not an ``OSError``: aiohttp and fsspec would turn one into a
+    connection error (retried) or into "not found"; :meth:`Source.error` finds it again
+    in the chain and raises :attr:`error`."""
+
+    def __init__(self, error: NotPermitted) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _causes(e: BaseException) -> list[BaseException]:
@@ -291,10 +328,57 @@ def _safe_relpath(rel: str, url: str) -> str:
     return rel
 
 
+class FileReader:
+    """One file of a source, opened for a download: :meth:`read` its chunks, then ask
+    :meth:`identity` whether it changed meanwhile. :attr:`digest` is the file's digest as
+    the origin states it (None when it gives none), checked by the fetch.
+
+    Use it as a context manager (:meth:`Source.open_file`); subclasses hold what must
+    stay open (a local file's descriptor).
+    """
+
+    def __init__(self, source: Source, rf: RemoteFile, digest: OriginDigest | None) -> None:
+        self.source = source
+        self.rf = rf
+        self.digest = digest
+
+    async def read(self, start: int, end: int) -> list[bytes]:
+        """Bytes ``[start, end)`` as the blocks they arrived in (see
+        :meth:`Source.read_blocks`)."""
+        return await self.source.read_blocks(self.rf.path, start, end, size=self.rf.size)
+
+    def identity(self) -> str:
+        """The file's identity now (compared with the listing's after a download)."""
+        return self.source.stat(self.rf).identity
+
+    def close(self) -> None:
+        """Release what the reader holds."""
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: Source classes by protocol (after aliases), filled by the modules that define them
+#: (weightd/sources/__init__.py imports them all); others get :class:`Source`.
+SOURCE_CLASSES: dict[str, type[Source]] = {}
+
+
+def source_class(protocol: str) -> type[Source]:
+    """The class that reads ``protocol`` (``https`` is ``http``, ``s3a`` is ``s3``...)."""
+    return SOURCE_CLASSES.get(_PROTOCOL_ALIASES.get(protocol, protocol), Source)
+
+
 class Source:
     """One model reference opened on its filesystem.
 
-    Build it with :func:`open_source`; then :meth:`list_files` and :meth:`read_blocks`.
+    Build it with :func:`open_source`; then :meth:`list_files` and :meth:`open_file`.
+    Protocols with more to check than fsspec does subclass it (``local``, ``http``,
+    ``s3``, ``hf`` modules); the hooks are :meth:`storage_options`, :meth:`_file_info`,
+    :meth:`_check_link`, :meth:`_find`, :meth:`_read_range`, :meth:`_read_small` and
+    :meth:`open_file`.
     """
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, path: str, config: Config):
@@ -305,6 +389,11 @@ class Source:
         self.protocol = url.split("://", 1)[0]
         self.plan = chunk_plan(self.protocol, config)
 
+    @classmethod
+    def storage_options(cls, protocol: str, config: Config) -> dict[str, Any]:
+        """Keyword arguments for the fsspec filesystem of this protocol."""
+        return {}
+
     @property
     def is_async(self) -> bool:
         return isinstance(self.fs, AsyncFileSystem) and getattr(self.fs, "async_impl", False)
@@ -314,29 +403,43 @@ class Source:
             return path
         return f"{self.protocol}://{path.lstrip('/') if self.protocol != 'file' else path}"
 
+    def error(self, e: BaseException, what: str) -> WeightdError:
+        """:func:`translate_error`, except that a refused redirect anywhere in the chain
+        of causes is the :class:`NotPermitted` it carries (naming ``what``)."""
+        seen: BaseException | None = e
+        for _ in range(32):  # a chain of causes is short; bounded all the same
+            if seen is None:
+                break
+            if isinstance(seen, RedirectRefused):
+                return NotPermitted(f"{what}: {seen.error}")
+            seen = seen.__cause__ or seen.__context__
+        return translate_error(e, what)
+
     def _info(self, path: str) -> dict[str, Any]:
         try:
             return dict(self.fs.info(path))
         except Exception as e:
-            raise translate_error(e, self._url_of(path)) from e
+            raise self.error(e, self._url_of(path)) from e
+
+    def _file_info(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
+        """What a file's size and identity come from: the listing's ``info``, or one
+        ``info`` call when the listing gave no size."""
+        return info if info.get("size") is not None else self._info(path)
+
+    def _origin_digest(self, info: dict[str, Any]) -> str:
+        """The file's digest as the origin states it in a listing, as
+        ``algorithm:hex`` (see weightd/sources/digests.py); empty when there is none."""
+        return ""
 
     def _remote(self, path: str, relpath: str, info: dict[str, Any]) -> RemoteFile:
         relpath = _safe_relpath(relpath, self.url)  # before anything is asked of the source
-        if self.protocol == "file":
-            # listings describe a link itself; what is read is its target
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise translate_error(e, self._url_of(path)) from e
-            info = {"size": st.st_size, "mtime": st.st_mtime_ns, "ino": st.st_ino}
+        info = self._file_info(path, info)
         size = info.get("size")
-        if size is None:
-            info = self._info(path)
-            size = info.get("size")
         if size is None:
             raise SourceUnavailable(f"{self._url_of(path)}: the source does not say its size")
         return RemoteFile(url=self._url_of(path), path=path, relpath=relpath, size=int(size),
-                          identity=f"{int(size)}:{_identity(info)}")
+                          identity=f"{int(size)}:{_identity(info)}",
+                          origin_digest=self._origin_digest(info))
 
     def stat(self, rf: RemoteFile) -> RemoteFile:
         """Stat one file again (to see whether it changed during a download): one
@@ -354,6 +457,11 @@ class Source:
         every shard its weight map names and the side files beside it; a directory brings
         every file under it that matches ``include`` (default :data:`DEFAULT_INCLUDE`) and
         no ``exclude`` glob. Globs match the relative path or the file name.
+
+        Raises:
+            FormatError: one listed file lies "under" another (``x.json`` and
+                ``x.json/y.json``), or the index json is malformed or too large.
+            NotPermitted, SourceNotFound, SourceUnavailable.
         """
         include = tuple(include) if include else DEFAULT_INCLUDE
         path = self.path.rstrip("/")
@@ -365,53 +473,57 @@ class Source:
                 raise SourceNotFound(f"{self.url}: is a directory, not a .safetensors file")
             return [self._remote(path, posixpath.basename(path), info)]
         if lower.endswith(".index.json"):
-            return self._list_index(path, include, exclude)
-        files = self._find(path)
-        if not files:
-            self._info(path)  # find() swallows errors: say why, when it was not emptiness
-            raise SourceNotFound(f"{self.url}: no files at the source")
-        out = [self._remote(p, rel, info) for p, rel, info in files
-               if _matches(rel, include) and not _matches(rel, exclude)]
-        if not any(f.relpath.endswith(".safetensors") for f in out):
-            raise SourceNotFound(f"{self.url}: no .safetensors files (after include/exclude)")
+            out = self._list_index(path, include, exclude)
+        else:
+            files = self._find(path)
+            if not files:
+                self._info(path)  # find() swallows errors: say why, when it was not emptiness
+                raise SourceNotFound(f"{self.url}: no files at the source")
+            out = [self._remote(p, rel, info) for p, rel, info in files
+                   if _matches(rel, include) and not _matches(rel, exclude)]
+            if not any(f.relpath.endswith(".safetensors") for f in out):
+                raise SourceNotFound(f"{self.url}: no .safetensors files (after include/exclude)")
+        check_relpaths(self.url, [f.relpath for f in out])
         return sorted(out, key=lambda f: f.relpath)
 
     def _find(self, root: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every file under ``root``: (path, relpath, listing info)."""
         try:
             found = self.fs.find(root, detail=True, withdirs=False)
         except Exception as e:
-            raise translate_error(e, self.url) from e
+            raise self.error(e, self.url) from e
         prefix = root.rstrip("/") + "/"
         out = []
         for p, info in sorted(found.items()):
             if info.get("type") == "directory":
                 continue
             if not p.startswith(prefix):
-                # http listings can link outside the directory; never follow them
+                # listings can link outside the directory; never follow them
                 continue
-            self._check_link(p)
             out.append((p, p[len(prefix):], dict(info)))
         return out
 
     def _check_link(self, path: str) -> None:
-        """A local file reached through a link must still lie under allowed_sources."""
-        if self.protocol != "file" or not self.config.allowed_sources:
-            return
-        real = os.path.realpath(path)
-        if real != os.path.normpath(path):
-            try:
-                check_allowed("file://" + real, self.config.allowed_sources)
-            except NotPermitted as e:
-                raise NotPermitted(f"file://{path}: a link to {real}, outside "
-                                   "allowed_sources") from e
+        """Refuse a file the model reaches through a link out of ``allowed_sources``
+        (local files only; every file of the model is checked as it is listed)."""
+
+    def _read_small(self, path: str, limit: int) -> bytes:
+        """A small file (an index json) read whole, but never more than ``limit`` + 1
+        bytes of it, whatever the source says its size is."""
+        try:
+            with self.fs.open(path, "rb") as f:
+                return bytes(f.read(limit + 1))
+        except Exception as e:
+            raise self.error(e, self._url_of(path)) from e
 
     def _list_index(self, path: str, include: Sequence[str],
                     exclude: Sequence[str]) -> list[RemoteFile]:
-        try:
-            raw = self.fs.cat_file(path)
-        except Exception as e:
-            raise translate_error(e, self._url_of(path)) from e
-        index = parse_index_json(bytes(raw), path=self._url_of(path))
+        self._check_link(path)
+        raw = self._read_small(path, MAX_INDEX_BYTES)
+        if len(raw) > MAX_INDEX_BYTES:
+            raise FormatError(self._url_of(path), f"index file is larger than the limit of "
+                                                  f"{MAX_INDEX_BYTES} bytes")
+        index = parse_index_json(raw, path=self._url_of(path))
         parent = posixpath.dirname(path)
         wanted = set(index.shards)
         found = {rel: (p, info) for p, rel, info in self._find(parent)}
@@ -425,64 +537,55 @@ class Source:
                     not rel.endswith(".safetensors") and _matches(rel, include)
                     and not _matches(rel, exclude)):
                 out.append(self._remote(p, rel, info))
-        return sorted(out, key=lambda f: f.relpath)
+        return out
 
-    async def read_blocks(self, path: str, start: int, end: int) -> list[bytes]:
-        """Bytes ``[start, end)`` of a file as the buffers they arrived in.
+    def open_file(self, rf: RemoteFile) -> FileReader:
+        """Open one listed file for a download (use it as a context manager)."""
+        return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url))
+
+    async def read_blocks(self, path: str, start: int, end: int, *,
+                          size: int | None = None) -> list[bytes]:
+        """Bytes ``[start, end)`` of a file (of ``size`` bytes, when known) as the buffers
+        they arrived in.
 
         For HTTP and S3 the response body is taken block by block from aiohttp (as the
         socket delivered it) instead of joined into one ``bytes``: the join is a copy of
         every byte into freshly faulted memory, as costly as the ``recv`` itself (see
-        docs/fetch-tuning.md). Other filesystems give one block. A short read raises a
-        transient error.
+        docs/fetch-tuning.md). Other filesystems give one block. A short read, or an
+        answer for another range than the one asked for, raises a transient error.
         """
-        kind = _PROTOCOL_ALIASES.get(self.protocol, self.protocol)
-        if self.is_async and kind == "http" and hasattr(self.fs, "set_session"):
-            blocks = await self._http_blocks(path, start, end)
-        elif self.is_async and kind == "s3" and hasattr(self.fs, "_call_s3"):
-            blocks = await self._s3_blocks(path, start, end)
-        elif self.is_async:
-            blocks = [await self.fs._cat_file(path, start=start, end=end)]
-        else:
-            blocks = [await asyncio.to_thread(self.fs.cat_file, path, start, end)]
+        try:
+            blocks = await self._read_range(path, start, end, size)
+        except RedirectRefused as e:
+            raise NotPermitted(f"{self._url_of(path)}: {e.error}") from e
         got = sum(len(b) for b in blocks)
         if got != end - start:
             raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, "
                              f"got {got} bytes")
         return [b if isinstance(b, bytes) else bytes(b) for b in blocks]
 
-    async def _http_blocks(self, path: str, start: int, end: int) -> list[bytes]:
-        """A ranged GET on fsspec's own aiohttp session (its headers, auth, encoding)."""
-        fs: Any = self.fs
-        kw = dict(getattr(fs, "kwargs", None) or {})
-        headers = dict(kw.pop("headers", None) or {})
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        kw.setdefault("read_bufsize", _READ_BUFSIZE)
-        session = await fs.set_session()
-        url = fs.encode_url(path) if hasattr(fs, "encode_url") else path
-        async with session.get(url, headers=headers, **kw) as r:
-            fs._raise_not_found_for_status(r, path)
-            if r.status != 206 and not (start == 0 and r.content_length == end):
-                raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, the "
-                                 f"server ignored the range (HTTP {r.status})")
-            return [data async for data, _ in r.content.iter_chunks() if data]
+    async def _read_range(self, path: str, start: int, end: int,
+                          size: int | None) -> list[bytes]:
+        if self.is_async:
+            return [await self.fs._cat_file(path, start=start, end=end)]
+        return [await asyncio.to_thread(self.fs.cat_file, path, start, end)]
 
-    async def _s3_blocks(self, path: str, start: int, end: int) -> list[bytes]:
-        """A ranged GetObject through s3fs's client (its retries, request options)."""
-        fs: Any = self.fs
-        bucket, key, version = fs.split_path(path)
-        extra = {"VersionId": version} if version else {}
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                 Range=f"bytes={start}-{end - 1}", **extra)
-        body = resp["Body"]
-        try:
-            content: Any = getattr(getattr(body, "raw_stream", None), "content", None)
-            # only the plain aiohttp body: a checksum-validating wrapper must see the bytes
-            if type(body).__name__ == "AioStreamingBody" and hasattr(content, "iter_chunks"):
-                return [data async for data, _ in content.iter_chunks() if data]
-            return [await body.read()]
-        finally:
-            body.close()
+
+def check_relpaths(url: str, relpaths: Collection[str]) -> None:
+    """Refuse a listing in which one file is a directory of another (``x.json`` and
+    ``x.json/y.json``: an object store holds both, a snapshot directory cannot).
+
+    Raises:
+        FormatError: naming ``url`` and both files.
+    """
+    names = set(relpaths)
+    for rel in sorted(names):
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                raise FormatError(url, f"the source has both a file {'/'.join(parts[:i])!r} "
+                                       f"and a file {rel!r} under it: a snapshot cannot hold "
+                                       "both")
 
 
 def open_source(ref: str, config: Config) -> Source:
@@ -495,15 +598,16 @@ def open_source(ref: str, config: Config) -> Source:
     url = canonical_url(ref)
     check_allowed(url, config.allowed_sources)
     protocol = url.split("://", 1)[0]
+    cls = source_class(protocol)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **_storage_options(protocol, config))
+        fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
     except ImportError as e:
         extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
         hint = f": pip install '{extra}'" if extra else f": {e}"
         raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
     except ValueError as e:
         raise SourceNotFound(f"{url}: unknown protocol {protocol!r} ({protocols_text()})") from e
-    return Source(url, fs, path, config)
+    return cls(url, fs, path, config)
 
 
 #: The protocols weightd is made for: the package behind each, and the extra with it.

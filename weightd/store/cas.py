@@ -14,6 +14,11 @@ Layout under ``cache_dir``::
 A blob becomes visible only by ``rename`` from ``tmp/`` after fsync; a snapshot switches
 revisions by an atomic ``rename`` of its link. Locks only avoid duplicate work:
 correctness comes from the rename.
+
+Modes, whatever the umask: directories 0750, blobs 0440, the index, manifests and lock
+files 0640, temp files 0600; the group is the daemon's (its files' default). Members of
+that group (model servers) read the cache, nobody else can. An exclusive open tightens
+the top-level entries of a cache made with wider modes; ``verify`` fixes every entry.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -37,11 +43,17 @@ from pathlib import Path
 import xxhash
 
 from weightd.errors import BudgetExceeded, CacheLocked, IntegrityError
+from weightd.sources import check_relpaths, model_name
 from weightd.store.index import Index, ModelFile, ModelRecord
 
 log = logging.getLogger(__name__)
 
 HASH_BLOCK = 8 * 1024 * 1024
+
+#: Modes of what the store creates (see the module's docstring).
+DIR_MODE = 0o750
+BLOB_MODE = 0o440
+FILE_MODE = 0o640
 
 
 def hash_file(path: str | os.PathLike[str], *, block: int = HASH_BLOCK) -> str:
@@ -58,11 +70,50 @@ def hash_file(path: str | os.PathLike[str], *, block: int = HASH_BLOCK) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with open(fd, "wb") as f:
+        os.fchmod(fd, FILE_MODE)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _mkdirs(path: Path) -> None:
+    """``mkdir -p`` whose every new directory is :data:`DIR_MODE`, whatever the umask."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(d, DIR_MODE)
+
+
+def _create(path: Path) -> None:
+    """Create an empty file of :data:`FILE_MODE` if there is none (SQLite would make its
+    database 0644; its -wal and -shm files take the database's mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        os.chmod(path, FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> int | None:
+    """Remove the mode bits of ``path`` (not a link) beyond ``mode``; return the old mode
+    when it was wider, else None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    old = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or not old & ~mode:
+        return None
+    os.chmod(path, old & mode)
+    return old
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,6 +131,7 @@ class VerifyReport:
     corrupt: tuple[str, ...]       # digests moved to quarantine
     missing: tuple[str, ...]       # digests in the index without a blob
     unindexed: tuple[str, ...]     # blobs on disk the index did not know (now indexed)
+    modes: tuple[tuple[str, int, int], ...] = ()  # (path, old, new): wider modes, narrowed
 
 
 @dataclass(frozen=True)
@@ -111,8 +163,8 @@ class Store:
     def __init__(self, root: Path, *, exclusive: bool = False, wait: bool = False) -> None:
         self.root = Path(root)
         for sub in ("blobs", "tmp", "snapshots/.revs", "quarantine", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            _mkdirs(self.root / sub)
+        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(self._lock_fd, mode | (0 if wait else fcntl.LOCK_NB))
@@ -124,9 +176,32 @@ class Store:
                 "talk to the daemon, or stop it first") from e
         self.exclusive = exclusive
         self.index = self._open_index()
+        self._tighten_top()
+        if exclusive:
+            self._migrate_names()
         self._flight: dict[str, threading.Lock] = {}
         self._flight_guard = threading.Lock()
         self.clean_tmp()
+
+    def _top_entries(self) -> list[tuple[Path, int]]:
+        """The cache's own directories and files, with the widest mode each may have."""
+        dirs = [self.root, *(self.root / d for d in ("blobs", "tmp", "snapshots",
+                                                      "snapshots/.revs", "quarantine", "locks"))]
+        index = self.root / "index.sqlite3"
+        files = [self.root / ".lock", index, *(index.with_name(index.name + suffix)
+                                               for suffix in ("-wal", "-shm"))]
+        return [(d, DIR_MODE) for d in dirs] + [(f, FILE_MODE) for f in files]
+
+    def _tighten_top(self) -> None:
+        """A cache made with wider modes (before 0.2, or by hand) is narrowed where it
+        matters at once: nobody else can enter it (``verify`` narrows every entry)."""
+        self._narrowed: list[tuple[str, int, int]] = []
+        for path, mode in self._top_entries():
+            with contextlib.suppress(PermissionError):
+                old = _tighten(path, mode)
+                if old is not None:
+                    self._narrowed.append((str(path), old, old & mode))
+                    log.warning("%s was mode %04o: narrowed to %04o", path, old, old & mode)
 
     def _open_index(self) -> Index:
         """Open the index; rebuild it from the snapshot manifests when it is missing or
@@ -139,6 +214,7 @@ class Store:
             raise IntegrityError(
                 f"{path}: the index is missing; start the daemon or run `weightd verify` to "
                 "rebuild it from the snapshots")
+        _create(path)
         try:
             index = Index(path)
         except sqlite3.DatabaseError as e:
@@ -160,6 +236,7 @@ class Store:
                 os.close(self._lock_fd)
                 raise IntegrityError(f"{path}: the index is damaged ({e}) and cannot be moved "
                                      f"aside ({moved}); move it away by hand") from moved
+            _create(path)
             index = Index(path)
         if self.exclusive and has_snapshots and not index.models():
             self._rebuild(index)
@@ -200,6 +277,45 @@ class Store:
         if restored or skipped:
             log.warning("index rebuilt from manifests: %d models restored, %d skipped",
                         restored, skipped)
+
+    def _migrate_names(self) -> None:
+        """Rename models whose name is not :func:`~weightd.sources.model_name` of their
+        source (a cache made before names were injective): the revision directories,
+        the snapshot link and the index rows move to the new name, so that existing
+        snapshots stay reachable and nothing is fetched again. Each step is idempotent;
+        an interrupted migration finishes at the next exclusive open."""
+        for m in self.index.models():
+            new = model_name(m.source)
+            if new != m.name:
+                self._rename_model(m, new)
+
+    def _rename_model(self, m: ModelRecord, new: str) -> None:
+        revs = self.root / "snapshots" / ".revs"
+        old_dir, new_dir = revs / m.name, revs / new
+        if self.index.model(new) is not None:
+            # fetched again under its new name meanwhile (by a command that may not
+            # migrate): the old name's revisions only take room
+            shutil.rmtree(old_dir, ignore_errors=True)
+            self.index.forget_model(m.name)
+            log.info("model %s: dropped, %s holds %s now", m.name, new, m.source)
+        else:
+            if old_dir.is_dir():
+                _mkdirs(new_dir)
+                for entry in sorted(old_dir.iterdir()):
+                    if not (new_dir / entry.name).exists():
+                        os.rename(entry, new_dir / entry.name)
+                shutil.rmtree(old_dir, ignore_errors=True)
+            for manifest in new_dir.glob("*.manifest.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    record = json.loads(manifest.read_bytes())
+                    if record.get("name") != new:
+                        record["name"] = new
+                        _write_atomic(manifest, json.dumps(record, indent=1).encode())
+            self._switch_link(new, new_dir / m.revision)
+            self.index.rename_model(m.name, new)
+            log.info("model %s is now %s (injective names)", m.name, new)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.snapshot_path(m.name))
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, exclusive: bool = False,
@@ -261,7 +377,7 @@ class Store:
         """
         name = f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}-{hint[:40]}"
         path = self.root / "tmp" / (name.replace("/", "_") + ".incomplete")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if size:
@@ -286,8 +402,8 @@ class Store:
         dest = self.blob_path(digest)
         if dest.exists():
             return dest  # same content already there; the temp file is removed by the caller
-        dest.parent.mkdir(exist_ok=True)
-        os.fchmod(fd, 0o444)
+        _mkdirs(dest.parent)
+        os.fchmod(fd, BLOB_MODE)
         os.rename(tmp, dest)
         _fsync_dir(dest.parent)
         return dest
@@ -301,7 +417,8 @@ class Store:
             lock = self._flight.setdefault(key, threading.Lock())
         with lock:
             name = hashlib.sha256(key.encode()).hexdigest()[:32]
-            fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root / "locks" / f"{name}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -311,12 +428,36 @@ class Store:
     # snapshots --------------------------------------------------------------------------
 
     def commit_snapshot(self, name: str, source: str, files: Mapping[str, ModelFile]) -> Path:
-        """Build a revision directory of links and switch the model's link to it atomically."""
+        """Build a revision directory of links and switch the model's link to it atomically.
+
+        Raises:
+            FormatError: one relpath is a directory of another (``x.json`` and
+                ``x.json/y.json``): no snapshot can hold both. Nothing is left behind.
+            IntegrityError: the name belongs to another source (cannot happen with
+                :func:`~weightd.sources.model_name`; checked all the same).
+        """
+        check_relpaths(source, list(files))
+        known = self.index.model(name)
+        if known is not None and known.source != source:
+            raise IntegrityError(f"{source}: its model name {name} belongs to {known.source}")
         manifest = "\n".join(f"{rel}\0{f.digest}" for rel, f in sorted(files.items()))
         rev = xxhash.xxh3_64_hexdigest(manifest.encode())
         revs = self.root / "snapshots" / ".revs" / name
         rev_dir = revs / rev
-        revs.mkdir(parents=True, exist_ok=True)
+        _mkdirs(revs)
+        if not rev_dir.is_dir():
+            staging = revs / f".{rev}.{os.getpid()}.{threading.get_ident()}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                for rel, f in files.items():
+                    link = staging / rel
+                    _mkdirs(link.parent)
+                    os.symlink(os.path.relpath(self.blob_path(f.digest), link.parent), link)
+                os.rename(staging, rev_dir)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                if not rev_dir.is_dir():  # not another process that won the race
+                    raise
         # beside the revision (not in it: the snapshot stays a plain directory of the model's
         # files): what the index needs to be rebuilt if it is ever lost
         record = {"source": source, "name": name, "revision": rev,
@@ -329,17 +470,12 @@ class Store:
             unchanged = False
         if not unchanged:  # a repeat fetch of an unchanged model writes (and fsyncs) nothing
             _write_atomic(manifest_path, data)
-        if not rev_dir.is_dir():
-            staging = revs / f".{rev}.{os.getpid()}.{threading.get_ident()}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            for rel, f in files.items():
-                link = staging / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(os.path.relpath(self.blob_path(f.digest), link.parent), link)
-            try:
-                os.rename(staging, rev_dir)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+        link = self._switch_link(name, rev_dir)
+        self.index.record_model(name, source, rev, files)
+        return link
+
+    def _switch_link(self, name: str, rev_dir: Path) -> Path:
+        """Point ``snapshots/<name>`` at ``rev_dir`` (atomically; nothing when it does)."""
         link = self.snapshot_path(name)
         target = os.path.relpath(rev_dir, link.parent)
         try:
@@ -353,7 +489,6 @@ class Store:
             os.symlink(target, tmp_link)
             os.replace(tmp_link, link)
             _fsync_dir(link.parent)
-        self.index.record_model(name, source, rev, files)
         return link
 
     def model_complete(self, model: ModelRecord) -> bool:
@@ -362,7 +497,9 @@ class Store:
     # verify -----------------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Rehash every blob; move corrupt ones to quarantine/ and forget them."""
+        """Rehash every blob; move corrupt ones to quarantine/ and forget them; narrow
+        every entry whose mode is wider than the store's (see the module's docstring)."""
+        modes = self._narrow_modes()
         known = {b.digest: b for b in self.index.blobs()}
         corrupt, unindexed = [], []
         checked = total = 0
@@ -390,7 +527,25 @@ class Store:
         missing = sorted(set(known) - on_disk)
         for digest in missing:
             self.index.forget_blob(digest)
-        return VerifyReport(checked, total, tuple(corrupt), tuple(missing), tuple(unindexed))
+        return VerifyReport(checked, total, tuple(corrupt), tuple(missing), tuple(unindexed),
+                            modes)
+
+    def _narrow_modes(self) -> tuple[tuple[str, int, int], ...]:
+        """Every directory 0750 at most, blobs 0440, other files 0640 (links are skipped)."""
+        fixed, self._narrowed = self._narrowed, []  # what the open narrowed already
+        entries = self._top_entries()
+        for top in ("blobs", "snapshots", "quarantine", "locks"):
+            for dirpath, dirnames, filenames in os.walk(self.root / top):
+                base = Path(dirpath)
+                entries += [(base / d, DIR_MODE) for d in dirnames]
+                blob_dir = base.parent == self.root / "blobs"
+                entries += [(base / f, BLOB_MODE if blob_dir else FILE_MODE) for f in filenames]
+        for path, mode in entries:
+            old = _tighten(path, mode)
+            if old is not None:
+                fixed.append((str(path), old, old & mode))
+                log.warning("%s was mode %04o: narrowed to %04o", path, old, old & mode)
+        return tuple(fixed)
 
     # gc ---------------------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
 """Fetching a model from its source into the store.
 
 Per file: stat (already done by the listing); a hit when the index knows this source
-file at this identity and its blob is present (no data is read); otherwise concurrent
-ranged reads into a preallocated temp file, hashed with xxh3-128 in order as the chunks
-land, validated (safetensors header), fsynced and renamed into ``blobs/``. Transient
-errors are retried per chunk; a permanent error leaves nothing visible. The same source
-file fetched twice at once, in one process or in two, is downloaded once.
+file at this identity and its blob is present (no data is read); otherwise the file is
+opened once (:meth:`~weightd.sources.Source.open_file`), read in concurrent ranged reads
+into a preallocated temp file, hashed with xxh3-128 in order as the chunks land (and with
+the origin's own digest, where it gives one, on a thread of its own), validated
+(safetensors header: the layout is kept for the node), fsynced and renamed into
+``blobs/``. Transient errors are retried per chunk; a permanent error leaves nothing
+visible. The same source file fetched twice at once, in one process or in two, is
+downloaded once. A model whose Acquire answer would not fit in a gRPC message is refused
+before its snapshot is made.
 """
 
 from __future__ import annotations
@@ -28,15 +32,39 @@ import xxhash
 from fsspec.callbacks import Callback, NoOpCallback
 
 from weightd.config import Config
-from weightd.errors import BudgetExceeded, IntegrityError, WeightdError
-from weightd.formats import read_layout
+from weightd.errors import BudgetExceeded, FormatError, IntegrityError, WeightdError
+from weightd.formats import LayoutCache, ShardLayout, read_layout
 from weightd.retry import RetryPolicy, retry_async
-from weightd.sources import RemoteFile, Source, is_transient, model_name, open_source
-from weightd.sources.base import translate_error
+from weightd.sources import (
+    FileReader,
+    OriginDigest,
+    RemoteFile,
+    Source,
+    is_transient,
+    model_name,
+    open_source,
+)
 from weightd.store.cas import Store
 from weightd.store.index import ModelFile
 
 log = logging.getLogger(__name__)
+
+#: The largest Acquire answer a model may need: the daemon's and the client's gRPC
+#: message limit (64 MiB, weightd/server.py), less 1 MiB for what is not counted.
+MAX_ANSWER_BYTES = 63 * 1024 * 1024
+
+
+def answer_bytes(layouts: Sequence[ShardLayout]) -> int:
+    """An upper bound of the Acquire answer's size for a model of these shards: each
+    tensor is one ``TensorLayout`` message (its name and dtype, at most 11 bytes per
+    dimension, 48 for the fields, tags and lengths), each metadata pair its two strings."""
+    total = 0
+    for layout in layouts:
+        total += 256 + len(layout.path)
+        total += sum(48 + len(t.name.encode()) + len(t.dtype) + 11 * len(t.shape)
+                     for t in layout.tensors)
+        total += sum(8 + len(k.encode()) + len(v.encode()) for k, v in layout.metadata.items())
+    return total
 
 
 @dataclass
@@ -143,14 +171,49 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 _start_writeback = _load_sync_file_range()
 
 
+class _SideHash:
+    """The origin's digest of a file, computed on a thread of its own one chunk behind
+    the writer (hashlib and zlib release the GIL), so that MD5 or SHA-256 (1.3-1.6 s/GiB
+    here, twenty times xxh3) overlaps the writes and the network instead of adding to
+    them. At most one chunk waits for it."""
+
+    def __init__(self, digest: OriginDigest) -> None:
+        self.digest = digest
+        self.hasher = digest.hasher()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-digest")
+        self.pending: concurrent.futures.Future[None] | None = None
+
+    def _update(self, blocks: list[bytes]) -> None:
+        for b in blocks:
+            self.hasher.update(b)
+
+    def add(self, blocks: list[bytes]) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(self._update, blocks)
+
+    def check(self, url: str) -> None:
+        """Wait for the last chunk; raise IntegrityError on a mismatch."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        self.digest.check(self.hasher.hexdigest(), url)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Fetcher:
     """Fetches models into a :class:`Store` under a :class:`Config`."""
 
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store, config: Config, *,
+                 layouts: LayoutCache | None = None) -> None:
         self.store = store
         self.config = config
         self.policy = RetryPolicy(attempts=config.retry_attempts,
                                   max_seconds=config.retry_max_seconds)
+        #: Shard layouts by digest, filled as shards are validated (the node reuses them)
+        self.layouts = layouts if layouts is not None else LayoutCache()
 
     def fetch(
         self,
@@ -206,6 +269,7 @@ class Fetcher:
                 for other in futures:
                     other.cancel()
                 raise
+        self._check_answer(source.url, results)
         name = model_name(source.url)
         path = self.store.commit_snapshot(name, source.url, results)
         stats.seconds = time.monotonic() - start
@@ -214,6 +278,27 @@ class Fetcher:
                  stats.seconds)
         return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
                         stats)
+
+    def layout(self, digest: str) -> ShardLayout:
+        """The layout of the shard blob ``digest``: the one its fetch parsed, while the
+        cache keeps it, else read from the blob (and kept)."""
+        layout = self.layouts.get(digest)
+        if layout is None:
+            layout = read_layout(self.store.blob_path(digest))
+            self.layouts.put(digest, layout)
+        return layout
+
+    def _check_answer(self, url: str, files: dict[str, ModelFile]) -> None:
+        """Refuse a model whose Acquire answer would not fit in a gRPC message."""
+        shards = [self.layout(f.digest) for rel, f in sorted(files.items())
+                  if rel.endswith(".safetensors")]
+        need = answer_bytes(shards)
+        if need > MAX_ANSWER_BYTES:
+            tensors = sum(len(s.tensors) for s in shards)
+            raise FormatError(url, f"its {tensors} tensors need an answer of about "
+                                   f"{need // (1024 * 1024)} MiB, over the "
+                                   f"{MAX_ANSWER_BYTES // (1024 * 1024)} MiB a gRPC message "
+                                   "may hold")
 
     def _hit(self, f: RemoteFile) -> str | None:
         digest = self.store.index.lookup_file(f.url, f.identity)
@@ -235,7 +320,9 @@ class Fetcher:
                   progress: _LockedCallback) -> tuple[str, float]:
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
-        with self.store.temp_file(f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
+        with source.open_file(f) as reader, self.store.temp_file(
+                f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
+            side = _SideHash(reader.digest) if reader.digest is not None else None
 
             def sink(offset: int, blocks: list[bytes]) -> None:
                 nonlocal hash_seconds
@@ -243,6 +330,8 @@ class Fetcher:
                 for b in blocks:
                     hasher.update(b)
                 hash_seconds += time.perf_counter() - t0
+                if side is not None:
+                    side.add(blocks)
                 nbytes = sum(len(b) for b in blocks)
                 try:
                     _pwritev_all(fd, blocks, offset)
@@ -256,25 +345,34 @@ class Fetcher:
                 progress.update(nbytes)
 
             try:
-                fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, source, f, sink)
-            except WeightdError:
-                raise
-            except Exception as e:
-                raise translate_error(e, f.url) from e
-            digest = hasher.hexdigest()
+                try:
+                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f, sink)
+                except WeightdError:
+                    raise
+                except Exception as e:
+                    raise source.error(e, f.url) from e
+                digest = hasher.hexdigest()
+                if side is not None:
+                    side.check(f.url)
+            finally:
+                if side is not None:
+                    side.close()
+            layout = None
             if f.relpath.endswith(".safetensors"):
                 # a malformed shard never becomes visible (raises FormatError)
                 with os.fdopen(os.dup(fd), "rb") as fobj:
-                    read_layout(f.url, fileobj=fobj)
-            again = source.stat(f)
-            if again.identity != f.identity:
+                    layout = read_layout(f.url, fileobj=fobj)
+            again = reader.identity()
+            if again != f.identity:
                 raise IntegrityError(f"{f.url}: the source changed during the download "
-                                     f"({f.identity} -> {again.identity}); fetch again")
+                                     f"({f.identity} -> {again}); fetch again")
             self.store.commit_blob(fd, tmp, digest)
         self.store.index.record_file(f.url, f.identity, f.size, digest)
+        if layout is not None:
+            self.layouts.put(digest, layout)
         return digest, hash_seconds
 
-    async def _read_all(self, source: Source, f: RemoteFile,
+    async def _read_all(self, reader: FileReader, f: RemoteFile,
                         sink: Callable[[int, list[bytes]], None]) -> None:
         """Read every chunk with bounded concurrency; hand them to ``sink`` in order.
 
@@ -282,7 +380,7 @@ class Fetcher:
         overlap the reads of the chunks after it. At most ``concurrency + 2`` chunks are
         in memory at once.
         """
-        plan = source.plan
+        plan = reader.source.plan
         loop = asyncio.get_running_loop()
         chunks = deque((o, min(o + plan.chunk_size, f.size))
                        for o in range(0, f.size, plan.chunk_size))
@@ -291,7 +389,7 @@ class Fetcher:
         async def read(start: int, end: int) -> list[bytes]:
             async with sem:
                 return await retry_async(
-                    lambda: source.read_blocks(f.path, start, end), policy=self.policy,
+                    lambda: reader.read(start, end), policy=self.policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
 
         pending: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()

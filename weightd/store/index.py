@@ -222,6 +222,16 @@ class Index:
         found = self.models(name)
         return found[0] if found else None
 
+    def rename_model(self, old: str, new: str) -> None:
+        """Give model ``old`` (its row and files) the name ``new``, unless ``new`` exists
+        already (then ``old`` is only forgotten)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO models SELECT ?, source, revision, fetched, "
+                       "last_used FROM models WHERE name=?", (new, old))
+            db.execute("INSERT OR IGNORE INTO model_files SELECT ?, relpath, url, digest, size "
+                       "FROM model_files WHERE model=?", (new, old))
+            db.execute("DELETE FROM models WHERE name=?", (old,))
+
     def forget_model(self, name: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM models WHERE name=?", (name,))

@@ -48,9 +48,10 @@ class DaemonProcess:
     """
 
     def __init__(self, home: str | Path, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), timeout: float = 60.0) -> None:
+                 args: tuple[str, ...] = (), timeout: float = 60.0,
+                 socket: str | Path | None = None) -> None:
         home = Path(home)
-        self.socket = home / "run" / "weightd.sock"
+        self.socket = Path(socket) if socket is not None else home / "run" / "weightd.sock"
         self.cache_dir = home / "cache"
         self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
         self.env = {**os.environ, "WEIGHTD_SOCKET": str(self.socket),

@@ -1,5 +1,11 @@
 """A static HTTP server with Range support and request counting, and moto's S3 server
-wrapped to count requests and body bytes. Both bind 127.0.0.1 port 0."""
+wrapped to count requests and body bytes. Both bind 127.0.0.1 port 0.
+
+Both take hooks that make them misbehave the way real origins do: fail a request (a
+status, or a dropped connection), and for the HTTP server also redirect a request
+elsewhere and answer a ranged GET with other bytes than those asked for (a lying
+``Content-Range``, a 200 that ignores the range, a short body); moto's server can
+change the bytes of a body on their way out."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +29,43 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 #: A fault hook: (method, path) -> None to serve normally, an HTTP status to answer
 #: with instead, or -1 to drop the connection without answering.
 FaultHook = Callable[[str, str], int | None]
+
+#: A redirect hook: (method, path) -> None to serve normally, or the ``Location`` to answer
+#: a 302 with (absolute, or relative to the request).
+RedirectHook = Callable[[str, str], str | None]
+
+
+@dataclass(frozen=True)
+class Lie:
+    """How the HTTP server answers one ranged GET instead of honestly.
+
+    Attributes:
+        serve: the bytes ``[start, end)`` of the file sent instead of those asked for
+            (default: those asked for).
+        status: 206, or 200 for an answer that ignores the ``Range`` header.
+        content_range: the ``Content-Range`` header sent with a 206 (default: the honest
+            one for ``serve``).
+        body_bytes: send only this many bytes of ``serve`` (a ``Content-Length`` that
+            matches them: the body is not cut off, it is short by design).
+    """
+
+    serve: tuple[int, int] | None = None
+    status: int = 206
+    content_range: str | None = None
+    body_bytes: int | None = None
+
+
+#: A range hook: (path, start, end (exclusive), file size) of a ranged GET -> None to
+#: answer honestly, or a :class:`Lie`.
+RangeHook = Callable[[str, int, int, int], Lie | None]
+
+#: A listing hook: the directory's path (as requested) -> hrefs added to its listing, as
+#: written (relative, absolute or percent-encoded: a lying listing).
+ListingHook = Callable[[str], list[str]]
+
+#: A body hook for moto's server: (method, path) -> None, or a function applied to each
+#: chunk of that response's body (same length in and out).
+BodyHook = Callable[[str, str], Callable[[bytes], bytes] | None]
 
 
 class RequestLog:
@@ -83,8 +127,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         return True
 
+    def _redirect(self) -> bool:
+        hook = self.server.redirect
+        location = hook(self.command, self.path) if hook else None
+        if location is None:
+            return False
+        self.send_response(HTTPStatus.FOUND)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.server.log.add("REDIRECT", urllib.parse.unquote(
+            urllib.parse.urlsplit(self.path).path), 0)
+        return True
+
     def _serve(self, *, body: bool) -> None:
-        if self._fault():
+        if self._fault() or self._redirect():
             return
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         root = self.server.root
@@ -117,6 +174,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = HTTPStatus.PARTIAL_CONTENT
+        content_range = f"bytes {start}-{end - 1}/{size}"
+        lie = (self.server.lie(rel, start, end, size)
+               if self.server.lie is not None and rng and body else None)
+        if lie is not None:
+            status = HTTPStatus(lie.status)
+            start, end = lie.serve or ((0, size) if lie.status == 200 else (start, end))
+            content_range = lie.content_range or f"bytes {start}-{end - 1}/{size}"
+            if lie.body_bytes is not None:
+                end = start + lie.body_bytes
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         self.send_header("Accept-Ranges", "bytes")
@@ -124,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
         self.send_header("Content-Type", "application/octet-stream")
         if status == HTTPStatus.PARTIAL_CONTENT:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.send_header("Content-Range", content_range)
         self.end_headers()
         if not body:
             self.server.log.add("HEAD", rel, 0)
@@ -141,8 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.add("GET", rel, sent)
 
     def _listing(self, target: Path, rel: str, body: bool) -> None:
-        items = [f'<a href="{html.escape(href)}">{html.escape(text)}</a>'
-                 for href, text in self._links(target, rel)]
+        links = self._links(target, rel)
+        if self.server.extra_links is not None:
+            links += [(href, href) for href in self.server.extra_links(rel)]
+        items = [f'<a href="{html.escape(href)}">{html.escape(text)}</a>' for href, text in links]
         data = ("<html><body>\n" + "\n".join(items) + "\n</body></html>\n").encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/html")
@@ -164,6 +232,9 @@ class _Server(ThreadingHTTPServer):
     root: Path
     log: RequestLog
     fault: FaultHook | None
+    redirect: RedirectHook | None = None
+    lie: RangeHook | None = None
+    extra_links: ListingHook | None = None
 
 
 class RangeHTTPServer:
@@ -197,6 +268,18 @@ class RangeHTTPServer:
     def set_fault(self, fault: FaultHook | None) -> None:
         self._server.fault = fault
 
+    def set_redirect(self, redirect: RedirectHook | None) -> None:
+        """Answer requests with a 302 to wherever ``redirect`` says (logged as REDIRECT)."""
+        self._server.redirect = redirect
+
+    def set_lie(self, lie: RangeHook | None) -> None:
+        """Answer ranged GETs as ``lie`` says (see :class:`Lie`)."""
+        self._server.lie = lie
+
+    def set_links(self, links: ListingHook | None) -> None:
+        """Add the hrefs ``links(path)`` gives to the listing of each directory."""
+        self._server.extra_links = links
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -210,10 +293,12 @@ class RangeHTTPServer:
 
 
 class _CountingApp:
-    def __init__(self, app: Any, log: RequestLog, fault: Callable[[], FaultHook | None]) -> None:
+    def __init__(self, app: Any, log: RequestLog, fault: Callable[[], FaultHook | None],
+                 body: Callable[[], BodyHook | None] = lambda: None) -> None:
         self.app = app
         self.log = log
         self.fault = fault
+        self.body = body
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         method = environ["REQUEST_METHOD"]
@@ -233,14 +318,16 @@ class _CountingApp:
             start_response(f"{status} Fault", [("Content-Length", "0")])
             return [b""]
         self.log.add(kind, path, 0)
-        return self._counted(self.app(environ, start_response), path)
+        change = self.body()
+        return self._counted(self.app(environ, start_response), path,
+                             change(method, path) if change else None)
 
-    def _counted(self, body: Any, path: str) -> Any:
+    def _counted(self, body: Any, path: str, change: Callable[[bytes], bytes] | None) -> Any:
         """The response body, its bytes added to the log as they are sent."""
         try:
             for chunk in body:
                 self.log.add_bytes(path, len(chunk))
-                yield chunk
+                yield change(chunk) if change is not None and chunk else chunk
         finally:
             close = getattr(body, "close", None)
             if close is not None:
@@ -264,8 +351,9 @@ class MotoS3Server:
 
         self.log = RequestLog()
         self._fault = fault
+        self._body: BodyHook | None = None
         app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.log,
-                           lambda: self._fault)
+                           lambda: self._fault, lambda: self._body)
         self._server = make_server("127.0.0.1", 0, app, threaded=True,
                                    request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
@@ -275,6 +363,10 @@ class MotoS3Server:
 
     def set_fault(self, fault: FaultHook | None) -> None:
         self._fault = fault
+
+    def set_body(self, body: BodyHook | None) -> None:
+        """Change the bytes of response bodies as ``body`` says (e.g. flip one)."""
+        self._body = body
 
     def client(self) -> Any:
         import boto3

@@ -33,6 +33,7 @@ from weightd_client.errors import (
     SourceUnavailable,
     WeightdError,
 )
+from weightd_client.rundir import check_socket
 from weightd_client.tensors import build_tensors, require_torch
 
 if TYPE_CHECKING:
@@ -443,6 +444,7 @@ class Client:
     def _connect(self) -> None:
         self._channel = grpc.insecure_channel("unix://" + self.socket, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.WeightdStub(self._channel)
+        self._trusted = False  # checked (weightd_client.rundir) before the channel's first call
 
     def _reconnect(self) -> None:
         """A fresh channel: after a daemon restart, gRPC's reconnect backoff would keep
@@ -478,6 +480,9 @@ class Client:
             raise DaemonUnavailable(f"weightd daemon unreachable at {self.socket}: no such "
                                     "socket (is `weightd serve` running? is WEIGHTD_SOCKET "
                                     "set to its socket?)")
+        if not self._trusted:  # whose socket is it? (another user's in /tmp: refused)
+            check_socket(self.socket)
+            self._trusted = True
         return cast(Callable[..., Any], getattr(self._stub, method))
 
     def _client_info(self) -> pb.ClientInfo:
