@@ -18,15 +18,37 @@ from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 
 
+def raw_stub(socket: str | Path) -> pb_grpc.WeightdStub:
+    """A raw stub on the daemon's socket, for tests that speak the wire protocol."""
+    return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{socket}"))
+
+
 class DaemonProcess(BaseDaemonProcess):
     """``weightd serve`` in a subprocess (weightd.testing), with raw stubs for the tests."""
 
     def stub(self) -> pb_grpc.WeightdStub:
-        return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{self.socket}"))
+        return raw_stub(self.socket)
 
     def status(self) -> pb.StatusResponse:
         with grpc.insecure_channel(f"unix://{self.socket}") as ch:
             return pb_grpc.WeightdStub(ch).Status(pb.StatusRequest(), timeout=10)
+
+    def acquire(self, source: str | Path, *, timeout: float = 60,
+                **kw: Any) -> pb.AcquireResponse:
+        """One raw Acquire in the name of this (the test's) process."""
+        me = os.getpid()
+        return self.stub().Acquire(pb.AcquireRequest(
+            source=str(source), client=pb.ClientInfo(pid=me, start_time=_start_time(me)),
+            **kw), timeout=timeout)
+
+    def release(self, lease_id: str, *, timeout: float = 10) -> None:
+        self.stub().Release(pb.ReleaseRequest(lease_id=lease_id), timeout=timeout)
+
+
+def _start_time(pid: int) -> int:
+    from weightd.leases import process_start_time
+
+    return process_start_time(pid) or 0
 
 
 class ClientProcess:

@@ -1,0 +1,121 @@
+"""`weightd verify` and `weightd gc` through a serving daemon (issue 13).
+
+The operator need not stop the node: the CLI asks the daemon when one answers (as `ls`
+does), and the daemon never deletes or quarantines a blob that a fetch, a load, a
+residency or a lease holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import run_cli
+from tests.daemon import ClientError, ClientProcess, DaemonProcess
+from weightd.store import hash_file
+from weightd.testing import write_synthetic_model
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def clients() -> Iterator[list[ClientProcess]]:
+    made: list[ClientProcess] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def cli(d: DaemonProcess, *args: str):  # type: ignore[no-untyped-def]
+    return run_cli(*args, env={"WEIGHTD_SOCKET": str(d.socket),
+                               "WEIGHTD_CACHE_DIR": str(d.cache_dir)})
+
+
+def shard_blob(d: DaemonProcess, src: Path) -> Path:
+    digest = hash_file(src / "model.safetensors")
+    return d.cache_dir / "blobs" / digest[:2] / digest
+
+
+def corrupt(blob: Path) -> None:
+    """Flip a byte near the end of a blob, in place (the daemon's pages see it)."""
+    with open(blob, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_verify_and_gc_run_through_a_serving_daemon(tmp_path):
+    kept, unused = tmp_path / "kept", tmp_path / "unused"
+    write_synthetic_model(kept, total_bytes=2 * MiB, tensors=4, seed=1)
+    write_synthetic_model(unused, total_bytes=2 * MiB, tensors=4, seed=2)
+    with DaemonProcess(tmp_path / "d") as d:
+        got = d.acquire(kept)
+        list(d.stub().Fetch(pb.FetchRequest(source=str(unused)), timeout=60))
+        res = cli(d, "verify")
+        assert res.returncode == 0, res.stderr
+        assert "verified 4 blobs" in res.stderr and "0 corrupt" in res.stderr
+        res = cli(d, "gc", "--max-bytes", "0", "--dry-run")
+        assert res.returncode == 0, res.stderr
+        assert "unused" in res.stdout and "kept" not in res.stdout
+        assert d.stub().List(pb.ListRequest(), timeout=10).models  # a dry run deletes nothing
+        res = cli(d, "gc", "--max-bytes", "0")
+        assert res.returncode == 0, res.stderr
+        names = [m.source for m in d.stub().List(pb.ListRequest(), timeout=10).models]
+        assert names == [str(kept)]  # the leased model stays, whole
+        assert shard_blob(d, kept).exists()
+        d.release(got.lease_id)
+        assert d.proc.poll() is None
+
+
+def test_a_corrupt_blob_in_use_is_kept_until_released_then_fetched_again(tmp_path, clients):
+    src = tmp_path / "m"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=4)
+    with DaemonProcess(tmp_path / "d") as d:
+        holder = ClientProcess(d.socket)
+        clients.append(holder)
+        holder.call("load", source=str(src))
+        blob = shard_blob(d, src)
+        corrupt(blob)
+        res = cli(d, "verify")
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "CORRUPT" in res.stdout and "in use" in res.stdout
+        assert blob.exists()  # the running client's files stay where they are
+        # no new lease on bytes known to be wrong
+        late = ClientProcess(d.socket)
+        clients.append(late)
+        with pytest.raises(ClientError) as e:
+            late.call("load", source=str(src), fallback=False)
+        assert e.value.kind == "IntegrityError", e.value
+        holder.call("release", source=str(src))
+        # nothing holds it any more: the next load quarantines it and fetches it again
+        got = late.call("compare", source=str(src), reference=str(src))
+        assert got["mismatches"] == []
+        assert hash_file(blob) == blob.name
+        assert list((d.cache_dir / "quarantine").iterdir())
+        res = cli(d, "verify")
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_corrupt_blob_nobody_holds_is_quarantined_at_once(tmp_path):
+    src = tmp_path / "m"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=4)
+    with DaemonProcess(tmp_path / "d") as d:
+        list(d.stub().Fetch(pb.FetchRequest(source=str(src)), timeout=60))
+        blob = shard_blob(d, src)
+        corrupt(blob)
+        res = cli(d, "verify")
+        assert res.returncode == 1
+        assert "CORRUPT" in res.stdout and "in use" not in res.stdout
+        assert not blob.exists()
+        got = d.acquire(src)  # fetched again from the source
+        assert got.fetched
+        assert hash_file(blob) == blob.name
+        d.release(got.lease_id)
+        with pytest.raises(grpc.RpcError):
+            d.release(got.lease_id)
