@@ -221,7 +221,7 @@ def write_shard(path: Path, tensors: int, *, size: int = 1) -> None:
 def test_gc_never_deletes_a_cached_model_while_it_is_being_acquired(tmp_path, clients):
     a = tmp_path / "a"
     # the first shard's header is large, so reading its layout takes a while
-    write_shard(a / "a.safetensors", 300_000)
+    write_shard(a / "a.safetensors", 100_000)
     write_shard(a / "b.safetensors", 1, size=4 * MiB)
     other = tmp_path / "c"
     write_synthetic_model(other, total_bytes=6 * MiB, tensors=4)
@@ -272,9 +272,9 @@ def test_a_leased_revision_keeps_its_own_files_and_directory(tmp_path, clients):
                                                      "WEIGHTD_CACHE_DIR": str(d.cache_dir)})
         assert res.returncode == 0, res.stderr
         assert json.loads((snap / "config.json").read_text()) == {"revision": 1}
-        again = new_client(d, clients).call("compare", source=str(src), reference=str(keep))
-        assert again["mismatches"] == []
-        for c in (a, b):
+        third = new_client(d, clients)
+        assert third.call("compare", source=str(src), reference=str(keep))["mismatches"] == []
+        for c in (a, b, third):
             c.call("release", source=str(src))
         # nothing holds revision 1 any more: the next load is revision 2
         fresh = new_client(d, clients).call("compare", source=str(src), reference=str(src))
@@ -298,15 +298,16 @@ def test_an_acquire_whose_deadline_passed_leaves_no_lease(tmp_path, http_server,
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             gate.open()
-        # the work goes on without the caller: the model becomes resident, unleased
-        wait_for(lambda: any(m.resident for m in d.stub().List(pb.ListRequest(),
-                                                                 timeout=10).models),
-                 what="the model to become resident")
+        # the fetch goes on without the caller (others may wait for it): the model is
+        # cached, and nobody holds a lease on it
+        wait_for(lambda: d.stub().List(pb.ListRequest(), timeout=10).models,
+                 what="the model to be cached")
         time.sleep(0.5)
         assert leases(d) == []
-        got = d.acquire(url)  # and it is served warm
-        assert not got.loaded
+        got = d.acquire(url)  # the next caller gets it without a fetch
+        assert not got.fetched
         d.release(got.lease_id)
+        assert leases(d) == []
 
 
 def test_an_answer_over_the_message_limit_leaves_no_lease(tmp_path):

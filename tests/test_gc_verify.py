@@ -59,7 +59,8 @@ def test_verify_and_gc_run_through_a_serving_daemon(tmp_path):
         list(d.stub().Fetch(pb.FetchRequest(source=str(unused)), timeout=60))
         res = cli(d, "verify")
         assert res.returncode == 0, res.stderr
-        assert "verified 4 blobs" in res.stderr and "0 corrupt" in res.stderr
+        blobs = len(list((d.cache_dir / "blobs").glob("*/*")))
+        assert f"verified {blobs} blobs" in res.stderr and "0 corrupt" in res.stderr
         res = cli(d, "gc", "--max-bytes", "0", "--dry-run")
         assert res.returncode == 0, res.stderr
         assert "unused" in res.stdout and "kept" not in res.stdout
@@ -67,7 +68,7 @@ def test_verify_and_gc_run_through_a_serving_daemon(tmp_path):
         res = cli(d, "gc", "--max-bytes", "0")
         assert res.returncode == 0, res.stderr
         names = [m.source for m in d.stub().List(pb.ListRequest(), timeout=10).models]
-        assert names == [str(kept)]  # the leased model stays, whole
+        assert names == [f"file://{kept}"]  # the leased model stays, whole
         assert shard_blob(d, kept).exists()
         d.release(got.lease_id)
         assert d.proc.poll() is None
