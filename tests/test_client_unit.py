@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -548,10 +549,13 @@ class FakeDaemon(pb_grpc.WeightdServicer):  # type: ignore[misc]
         self.releases: list[str] = []
         self.progress: list[pb.FetchProgress] = []
         self.error: tuple[grpc.StatusCode, str, str] | None = None
+        self.handshakes: list[int] = []
+        self.tokens: list[str | None] = []
 
     def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.AcquireResponse:
         self.acquires.append(request)
+        self.tokens.append(dict(context.invocation_metadata()).get("weightd-token"))
         if self.error:
             abort(context, *self.error)
         if request.device != "cpu":
@@ -592,6 +596,29 @@ class FakeDaemon(pb_grpc.WeightdServicer):  # type: ignore[misc]
         return pb.EvictResponse(bytes_freed=1000 + int(request.tier))
 
 
+def _credential_socket(path: Path, handshakes: list[int]) -> socket.socket:
+    """The fake daemon's credential socket: one token for every process that asks."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path) + ".cred")
+    listener.listen()
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                handshakes.append(1)
+                conn.sendall(json.dumps({"token": FAKE_TOKEN}).encode() + b"\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    return listener
+
+
+FAKE_TOKEN = "fake-token"
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[FakeDaemon, Path]]:
     servicer = FakeDaemon()
@@ -600,9 +627,11 @@ def daemon(tmp_path: Path) -> Iterator[tuple[FakeDaemon, Path]]:
     pb_grpc.add_WeightdServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{path}")
     server.start()
+    creds = _credential_socket(path, servicer.handshakes)
     try:
         yield servicer, path
     finally:
+        creds.close()
         server.stop(0)
 
 
@@ -618,6 +647,8 @@ def test_load_through_the_daemon(tmp_path: Path, daemon: tuple[FakeDaemon, Path]
         assert isinstance(m, LoadedModel)
         assert_same(m, load_file(str(path)))
         assert (m.lease_id, m.model, m.metadata) == ("lease-1", "file--m", {"format": "pt"})
+        # the credential handshake happened once, and the call carried its token
+        assert servicer.handshakes == [1] and servicer.tokens == [FAKE_TOKEN]
         assert m.snapshot_path == str(tmp_path)
         base, end = mapping_range(mappings[0][1])
         assert base <= m["bf16"].data_ptr() < end

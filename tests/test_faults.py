@@ -28,12 +28,10 @@ from tests.conftest import run_cli
 from tests.daemon import ClientError, ClientProcess, DaemonProcess
 from weightd.config import Config
 from weightd.errors import SourceUnavailable
-from weightd.leases import process_start_time
 from weightd.sources import canonical_url, model_name
 from weightd.store import Fetcher, Store, hash_file
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 
@@ -86,11 +84,7 @@ def assert_cache_clean(cache: Path) -> list[str]:
 
 
 def acquire(d: DaemonProcess, source: str, timeout: float = 60) -> pb.AcquireResponse:
-    me = os.getpid()
-    with grpc.insecure_channel(f"unix://{d.socket}") as ch:
-        return pb_grpc.WeightdStub(ch).Acquire(pb.AcquireRequest(
-            source=source, client=pb.ClientInfo(pid=me, start_time=process_start_time(me))),
-            timeout=timeout)
+    return d.acquire(source, timeout=timeout)
 
 
 def kill(d: DaemonProcess) -> None:
