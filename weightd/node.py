@@ -744,6 +744,7 @@ class Node:
                 self._life.end_load(name, device, revision=None)
                 self._life.forget_cached(name)
                 self._holds.release(holder)
+                self._prune_layouts()
                 self._end_job(key)
             log.info("%s: some of its blobs are gone (gc or quarantine): fetching it again",
                      name)
@@ -755,6 +756,7 @@ class Node:
                 detached = tier.detach(name, device)  # what a fill made, if it got so far
                 self._life.end_load(name, device, revision=None)
                 self._holds.release(holder)
+                self._prune_layouts()
                 self._end_job(key)
             tier.free(detached)
             raise
@@ -779,7 +781,11 @@ class Node:
                                  + ", ".join(d[:16] for d in bad if d not in free))
         try:
             for digest in free:
-                dest = self.store.quarantine(digest)
+                try:
+                    dest: object = self.store.quarantine(digest)
+                except FileNotFoundError:  # gone already: forgetting it is enough
+                    self.store.index.forget_blob(digest)
+                    dest = "it was gone"
                 log.warning("%s: damaged blob %s quarantined (%s); fetching it again",
                             record.name, digest[:16], dest)
         finally:
