@@ -120,3 +120,36 @@ def test_a_corrupt_blob_nobody_holds_is_quarantined_at_once(tmp_path):
         d.release(got.lease_id)
         with pytest.raises(grpc.RpcError):
             d.release(got.lease_id)
+
+
+# the plan itself ------------------------------------------------------------------------------
+
+
+def test_a_gc_plan_never_names_what_is_held_or_in_use(tmp_path):
+    from weightd.config import Config
+    from weightd.store import Fetcher, Store
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_synthetic_model(a, total_bytes=2 * MiB, tensors=4, seed=1)
+    write_synthetic_model(b, total_bytes=2 * MiB, tensors=4, seed=2)
+    with Store.open(tmp_path / "cache", exclusive=True) as store:
+        fetcher = Fetcher(store, Config(cache_dir=tmp_path / "cache"))
+        snap_a = fetcher.fetch(str(a))
+        old = store.index.model(snap_a.name).revision  # type: ignore[union-attr]
+        write_synthetic_model(a, total_bytes=2 * MiB, tensors=4, seed=3)  # a changes
+        fetcher.fetch(str(a))
+        snap_b = fetcher.fetch(str(b))
+        # an orphan blob (a's old shard) and an old revision directory of a
+        orphan = next(f.digest for f in snap_a.files if f.relpath == "model.safetensors")
+        everything = store.plan_gc(0)
+        assert orphan in {d for d, _ in everything.blobs}
+        assert (snap_a.name, old) in {(r.parent.name, r.name) for r in everything.revisions}
+        # held: a fetch or a residency relies on them
+        held = store.plan_gc(0, held={orphan}, held_revisions={(snap_a.name, old)})
+        assert orphan not in {d for d, _ in held.blobs}
+        assert (snap_a.name, old) not in {(r.parent.name, r.name) for r in held.revisions}
+        # a model in use keeps all of its revisions (one being fetched may not be in the
+        # index yet) and its blobs
+        kept = store.plan_gc(0, keep={snap_a.name})
+        assert snap_a.name not in kept.models and snap_b.name in kept.models
+        assert not [r for r in kept.revisions if r.parent.name == snap_a.name]

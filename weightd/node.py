@@ -946,8 +946,8 @@ class Node:
                 self.store.run_gc(plan)
             finally:
                 with self._changed:
-                    for name in plan.models:
-                        self._life.end_remove(name)
+                    for name in set(plan.models) | {r.parent.name for r in plan.revisions}:
+                        self._life.end_remove(name, removed=name in plan.models)
                     self._deleting.clear()
                     self._gc_done = None
                     self._changed.notify_all()
@@ -962,14 +962,16 @@ class Node:
                 | {m for m, _ in self._life.slots} | {p.model for p in self._pins.values()})
 
     def _claim(self, plan: GcPlan, keep: Collection[str]) -> bool:
-        """Take a plan for deletion if nothing it names is held or used now. Caller
-        holds the lock."""
+        """Take a plan for deletion if nothing it names is held or used now: its models,
+        and the models whose old revisions it deletes, go to REMOVING (no fetch or load
+        of them starts until gc is done). Caller holds the lock."""
         kept = self._kept_models(keep)
         held, revisions = self._holds.digests(), self._holds.revisions()
-        if (kept.intersection(plan.models) or held.intersection(d for d, _ in plan.blobs)
+        touched = set(plan.models) | {r.parent.name for r in plan.revisions}
+        if (kept.intersection(touched) or held.intersection(d for d, _ in plan.blobs)
                 or any((r.parent.name, r.name) in revisions for r in plan.revisions)):
             return False
-        for name in plan.models:
+        for name in touched:
             self._life.begin_remove(name)
         self._deleting.update(d for d, _ in plan.blobs)
         return True

@@ -431,7 +431,8 @@ class Store:
 
         Args:
             budget: bytes the blobs may take.
-            keep: models never evicted (resident, leased, pinned, being fetched...).
+            keep: models never evicted (resident, leased, pinned, being fetched...), nor
+                any of their revisions deleted.
             held: blobs never deleted, whoever references them (a fetch in progress
                 holds blobs that no model record names yet; a resident revision holds
                 blobs that its model's current record may no longer name).
@@ -443,8 +444,11 @@ class Store:
         before = sum(b.size for b in blobs.values())
         models = sorted(self.index.models(), key=lambda m: m.last_used)
         current = {(m.name, m.revision) for m in models} | set(held_revisions)
+        # old revisions of models nothing uses (a model being fetched may be writing a
+        # revision that the index does not name yet)
         revisions = tuple(
             rev for model_dir in sorted((self.root / "snapshots" / ".revs").iterdir())
+            if model_dir.name not in keep
             for rev in sorted(model_dir.iterdir())
             if rev.is_dir() and (model_dir.name, rev.name) not in current)
         users: dict[str, set[str]] = {}
