@@ -18,9 +18,9 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
-    """Drop the page-cache pages of files (``POSIX_FADV_DONTNEED``), so that the next read
-    comes from the disk: the "cold" half of a benchmark or a test. Pages of a file that
-    some process keeps mapped and locked stay."""
+    """``posix_fadvise(DONTNEED)`` each file: the kernel drops its clean, unmapped,
+    unlocked pages, so that the next read comes from the disk (the "cold" half of a
+    benchmark or a test). Mapped or mlocked pages stay."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
