@@ -623,13 +623,16 @@ class Node:
         tier = self._tier_of(device)  # before any fetch: fail fast
         _, name = self.resolve(source)
         t0 = time.perf_counter()
-        fetched = loaded = False
-        with self._lock:
-            self._life.want(name, device)
+        fetched = loaded = wanted = False
         try:
             for _ in range(MAX_ROUNDS):
                 with self._lock:
                     step = self._life.plan_acquire(name, device)
+                    if step is not Step.LEASE and not wanted:
+                        # from now on nothing evicts the slot under this Acquire (a warm
+                        # one needs no such care: it leases at once, or plans again)
+                        self._life.want(name, device)
+                        wanted = True
                     view: Any = None
                     wait: concurrent.futures.Future[Any] | None = None
                     if step is Step.LEASE:
@@ -669,8 +672,9 @@ class Node:
             raise SourceUnavailable(f"{name}: it kept changing while being acquired on "
                                     f"{device}; try again")
         finally:
-            with self._lock:
-                self._life.unwant(name, device)
+            if wanted:
+                with self._lock:
+                    self._life.unwant(name, device)
 
     def _lease(self, name: str, device: str, tier: Tier, view: View, caller: Caller,
                client_name: str, fetched: bool, loaded: bool) -> Acquired | None:

@@ -201,7 +201,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         # The shards / tensors / metadata part of an Acquire answer, per resident view:
         # built once and copied (in C) into each answer; gone with its view when the
         # model is unloaded or loaded again.
-        self._answers: weakref.WeakKeyDictionary[View, pb.AcquireResponse] = (
+        self._answers: weakref.WeakKeyDictionary[View, tuple[pb.AcquireResponse, int]] = (
             weakref.WeakKeyDictionary())
         self._answers_lock = threading.Lock()
         self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="weightd-io")
@@ -242,10 +242,11 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                f"not uid {caller.uid}")
         return caller
 
-    def _answer_template(self, model: str, view: View) -> pb.AcquireResponse:
+    def _answer_template(self, model: str, view: View) -> tuple[pb.AcquireResponse, int]:
+        """The part of an Acquire answer shared by every lease of ``view``, and its size."""
         with self._answers_lock:
-            template = self._answers.get(view)
-        if template is None:
+            cached = self._answers.get(view)
+        if cached is None:
             template = pb.AcquireResponse(
                 model=model, snapshot_path=view.snapshot_path, metadata=view.metadata,
                 shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
@@ -255,9 +256,10 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape,
                                          shard=t.shard, offset=t.offset, length=t.length)
                          for t in view.tensors])
+            cached = (template, template.ByteSize())
             with self._answers_lock:
-                self._answers[view] = template
-        return template
+                self._answers[view] = cached
+        return cached
 
     # RPCs ----------------------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
 
             def deliverable(model: str, view: View) -> None:
                 """What would leave a lease nobody can use is refused before leasing."""
-                size = self._answer_template(model, view).ByteSize() + _ANSWER_OVERHEAD
+                size = self._answer_template(model, view)[1] + _ANSWER_OVERHEAD
                 if size > self.max_message:
                     raise FormatError(model, f"its Acquire answer would be {size} bytes, over "
                                              f"the {self.max_message}-byte message limit "
@@ -327,7 +329,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
                  lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
         answer = pb.AcquireResponse()
-        answer.CopyFrom(self._answer_template(got.model, got.view))
+        answer.CopyFrom(self._answer_template(got.model, got.view)[0])
         answer.lease_id = got.lease.lease_id
         answer.tier = _TIERS[got.lease.tier]
         answer.device = got.lease.device
