@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import random
 import sys
@@ -23,36 +22,10 @@ import time
 
 import grpc
 
+from weightd.testing.answers import answer_mismatches
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.credentials import CredentialInterceptor
-
-
-def check(resp: pb.AcquireResponse, refs: dict[str, str]) -> list[str]:
-    """What is wrong with an answer (empty: nothing)."""
-    wrong = []
-    if not os.path.isdir(resp.snapshot_path):
-        wrong.append(f"snapshot {resp.snapshot_path} is missing")
-    for i, shard in enumerate(resp.shards):
-        ref_path = refs.get(shard.digest)
-        if ref_path is None:
-            wrong.append(f"{shard.relpath}: digest {shard.digest} is no revision's")
-            continue
-        try:
-            f = open(shard.path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            wrong.append(f"{shard.path}: held blob missing")
-            continue
-        with f, open(ref_path, "rb") as r, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, \
-                mmap.mmap(r.fileno(), 0, prot=mmap.PROT_READ) as want:
-            if len(m) != len(want):
-                wrong.append(f"{shard.relpath}: {len(m)} bytes, {len(want)} in the source")
-                continue
-            for t in resp.tensors:
-                if t.shard == i and m[t.offset:t.offset + t.length] != \
-                        want[t.offset:t.offset + t.length]:
-                    wrong.append(f"{t.name}: bytes differ from the source")
-    return wrong
 
 
 def main() -> int:
@@ -78,7 +51,7 @@ def main() -> int:
                                                   client=pb.ClientInfo(name="stress")),
                                 timeout=60)
             out.update(ms=(time.monotonic() - t0) * 1000, loaded=resp.loaded,
-                       fetched=resp.fetched, wrong=check(resp, refs[source]))
+                       fetched=resp.fetched, wrong=answer_mismatches(resp, refs[source]))
             time.sleep(rng.uniform(0, 0.15))
             stub.Release(pb.ReleaseRequest(lease_id=resp.lease_id), timeout=30)
             out["ok"] = True

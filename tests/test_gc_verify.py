@@ -15,9 +15,10 @@ import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import ClientError, ClientProcess, DaemonProcess
+from tests.daemon import ClientProcess, DaemonProcess
 from weightd.store import hash_file
 from weightd.testing import write_synthetic_model
+from weightd.testing.answers import answer_mismatches, references
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 MiB = 1024 * 1024
@@ -74,13 +75,12 @@ def test_verify_and_gc_run_through_a_serving_daemon(tmp_path):
         assert d.proc.poll() is None
 
 
-def test_a_corrupt_blob_in_use_is_kept_until_released_then_fetched_again(tmp_path, clients):
+def test_a_corrupt_blob_in_use_is_kept_until_released_then_fetched_again(tmp_path):
     src = tmp_path / "m"
     write_synthetic_model(src, total_bytes=2 * MiB, tensors=4)
+    refs = references(src)
     with DaemonProcess(tmp_path / "d") as d:
-        holder = ClientProcess(d.socket)
-        clients.append(holder)
-        holder.call("load", source=str(src))
+        held = d.acquire(src)
         blob = shard_blob(d, src)
         corrupt(blob)
         res = cli(d, "verify")
@@ -88,17 +88,17 @@ def test_a_corrupt_blob_in_use_is_kept_until_released_then_fetched_again(tmp_pat
         assert "CORRUPT" in res.stdout and "in use" in res.stdout
         assert blob.exists()  # the running client's files stay where they are
         # no new lease on bytes known to be wrong
-        late = ClientProcess(d.socket)
-        clients.append(late)
-        with pytest.raises(ClientError) as e:
-            late.call("load", source=str(src), fallback=False)
-        assert e.value.kind == "IntegrityError", e.value
-        holder.call("release", source=str(src))
+        with pytest.raises(grpc.RpcError) as e:
+            d.acquire(src)
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS, e.value.details()
+        assert dict(e.value.trailing_metadata())["weightd-error"] == "IntegrityError"
+        d.release(held.lease_id)
         # nothing holds it any more: the next load quarantines it and fetches it again
-        got = late.call("compare", source=str(src), reference=str(src))
-        assert got["mismatches"] == []
+        got = d.acquire(src)
+        assert got.fetched and got.loaded and answer_mismatches(got, refs) == []
         assert hash_file(blob) == blob.name
         assert list((d.cache_dir / "quarantine").iterdir())
+        d.release(got.lease_id)
         res = cli(d, "verify")
         assert res.returncode == 0, res.stdout + res.stderr
 
