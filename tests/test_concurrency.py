@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import ClientProcess, DaemonProcess
+from tests.daemon import DaemonProcess, wait_for
 from weightd.store import hash_file
 from weightd.testing import write_synthetic_model
 from weightd.testing.answers import answer_mismatches, references
@@ -33,36 +32,12 @@ from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def clients() -> Iterator[list[ClientProcess]]:
-    made: list[ClientProcess] = []
-    yield made
-    for c in made:
-        c.close()
-
-
-def new_client(d: DaemonProcess, clients: list[ClientProcess]) -> ClientProcess:
-    c = ClientProcess(d.socket)
-    clients.append(c)
-    return c
-
-
 def blob_files(d: DaemonProcess) -> list[Path]:
     return sorted(p for p in (d.cache_dir / "blobs").glob("*/*") if p.is_file())
 
 
 def leases(d: DaemonProcess) -> list[pb.LeaseInfo]:
     return list(d.status().leases)
-
-
-def wait_for(cond, timeout: float = 30, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Gate:

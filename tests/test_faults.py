@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import ClientError, ClientProcess, DaemonProcess
+from tests.daemon import ClientError, ClientProcess, DaemonProcess, wait_for
 from weightd.config import Config
 from weightd.errors import SourceUnavailable
 from weightd.sources import canonical_url, model_name
@@ -92,16 +92,6 @@ def kill(d: DaemonProcess) -> None:
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait(10)
     d.stop()
-
-
-def wait_for(cond, timeout: float = 30, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Faults:

@@ -8,28 +8,19 @@ residency or a lease holds.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import ClientProcess, DaemonProcess
+from tests.daemon import DaemonProcess
 from weightd.store import hash_file
 from weightd.testing import write_synthetic_model
 from weightd.testing.answers import answer_mismatches, references
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def clients() -> Iterator[list[ClientProcess]]:
-    made: list[ClientProcess] = []
-    yield made
-    for c in made:
-        c.close()
 
 
 def cli(d: DaemonProcess, *args: str):  # type: ignore[no-untyped-def]

@@ -37,12 +37,18 @@ def test_an_absent_model_is_fetched_then_loaded_then_leased():
     assert life.evictable("cpu", pinned={"m"}) == []
 
 
-def test_a_refresh_keeps_serving_the_leased_revision_and_reloads_once_free():
+def leased_on_cpu() -> Lifecycle:
+    """A lifecycle where model "m" (revision r1) is resident on "cpu", with one lease."""
     life = Lifecycle()
     life.cached("m", "r1")
     life.begin_load("m", "cpu")
     life.end_load("m", "cpu", revision="r1", view="v1")
     life.lease("m", "cpu", 1.0)
+    return life
+
+
+def test_a_refresh_keeps_serving_the_leased_revision_and_reloads_once_free():
+    life = leased_on_cpu()
     life.begin_fetch("m")
     # a cached revision loads at once on another device, the refresh does not hold it up
     assert life.plan_acquire("m", "cuda:GPU-1") is Step.LOAD
@@ -67,11 +73,7 @@ def test_a_load_that_lands_after_a_refresh_is_stale_at_once():
 
 
 def test_a_corrupt_residency_gets_no_new_lease_and_is_reloaded_once_free():
-    life = Lifecycle()
-    life.cached("m", "r1")
-    life.begin_load("m", "cpu")
-    life.end_load("m", "cpu", revision="r1", view="v1")
-    life.lease("m", "cpu", 1.0)
+    life = leased_on_cpu()
     life.mark_corrupt("m", "cpu")
     assert life.plan_acquire("m", "cpu") is Step.REFUSE
     with pytest.raises(IllegalTransition):

@@ -25,7 +25,13 @@ import grpc
 import pytest
 
 from tests.daemon import DaemonProcess
-from tests.test_access import GROUP, MEMBER, _ensure_group, _ensure_user, _python_for_others
+from tests.test_access import (
+    GROUP,
+    MEMBER,
+    _ensure_user,
+    _python_for_others,
+    need_other_users,
+)
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
@@ -107,12 +113,7 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def members() -> dict[str, pwd.struct_passwd]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create users and run processes as them")
-    for tool in ("useradd", "groupadd", "usermod"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    _ensure_group(GROUP)
+    need_other_users()
     return {"a": _ensure_user(MEMBER, (GROUP,)), "b": _ensure_user(OTHER_MEMBER, (GROUP,))}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -59,7 +60,7 @@ from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, St
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
-from weightd.tiers import Blob, CudaTier, HostTier, Tier
+from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
 from weightd.tiers.base import Detached
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
 from weightd.tiers.cuda import device_uuid
@@ -95,13 +96,11 @@ def run_sync(plan: Plan[T]) -> T:
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    relpath: str
-    digest: str
-    size: int
-    path: str
-    ipc_handle: bytes = b""
-    device_uuid: str = ""
+class ShardInfo(ShardExport):
+    """One shard of a view: where a client finds it (the tier's export) and its place in
+    the model's snapshot."""
+
+    relpath: str = ""
 
 
 @dataclass(frozen=True)
@@ -851,8 +850,7 @@ class Node:
               device: str) -> View:
         """The answer's shards, tensors and metadata for a model just made resident."""
         exports = {e.digest: e for e in tier.export(name, device)}
-        infos = tuple(ShardInfo(f.relpath, f.digest, f.size, exports[f.digest].path,
-                                exports[f.digest].ipc_handle, exports[f.digest].device_uuid)
+        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
                       for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
