@@ -43,6 +43,7 @@ from weightd_client.errors import (
     NotPermitted,
     SourceNotFound,
     SourceUnavailable,
+    Unauthenticated,
     WeightdError,
 )
 from weightd_client.tensors import build_host_tensors, build_tensors
@@ -550,12 +551,16 @@ class FakeDaemon(pb_grpc.WeightdServicer):  # type: ignore[misc]
         self.progress: list[pb.FetchProgress] = []
         self.error: tuple[grpc.StatusCode, str, str] | None = None
         self.handshakes: list[int] = []
+        self.revoked: set[str] = set()
         self.tokens: list[str | None] = []
 
     def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.AcquireResponse:
         self.acquires.append(request)
-        self.tokens.append(dict(context.invocation_metadata()).get("weightd-token"))
+        token = dict(context.invocation_metadata()).get("weightd-token")
+        self.tokens.append(token)
+        if token in self.revoked:  # as a restarted daemon knows no token of the old one
+            abort(context, C.UNAUTHENTICATED, "Unauthenticated", "unknown token")
         if self.error:
             abort(context, *self.error)
         if request.device != "cpu":
@@ -610,7 +615,8 @@ def _credential_socket(path: Path, handshakes: list[int]) -> socket.socket:
                 return
             with conn:
                 handshakes.append(1)
-                conn.sendall(json.dumps({"token": FAKE_TOKEN}).encode() + b"\n")
+                token = FAKE_TOKEN if len(handshakes) == 1 else f"{FAKE_TOKEN}-{len(handshakes)}"
+                conn.sendall(json.dumps({"token": token}).encode() + b"\n")
 
     threading.Thread(target=answer, daemon=True).start()
     return listener
@@ -663,6 +669,25 @@ def test_load_through_the_daemon(tmp_path: Path, daemon: tuple[FakeDaemon, Path]
         assert servicer.releases == ["lease-1"]
         client.load(path)  # held until the client closes
     assert servicer.releases == ["lease-1", "lease-2"]
+
+
+def test_an_unknown_token_is_replaced_by_a_new_handshake_once(
+        tmp_path: Path, daemon: tuple[FakeDaemon, Path],
+        mappings: list[tuple[str, mmap.mmap]]) -> None:
+    servicer, sock = daemon
+    path = tmp_path / "blob"
+    save_file(all_dtypes(), str(path))
+    servicer.response = response_for(path)
+    with Client(sock) as client:
+        client.load(str(path)).release()
+        servicer.revoked.add(FAKE_TOKEN)  # the daemon restarted: it knows no old token
+        client.load(str(path)).release()
+        assert servicer.tokens == [FAKE_TOKEN, FAKE_TOKEN, f"{FAKE_TOKEN}-2"]
+        servicer.revoked.add(f"{FAKE_TOKEN}-2")
+        servicer.revoked.add(f"{FAKE_TOKEN}-3")
+        with pytest.raises(Unauthenticated):  # one more handshake, then the error
+            client.load(str(path), fallback=False)
+    assert len(servicer.handshakes) == 3
 
 
 def test_daemon_errors_arrive_as_their_class(tmp_path: Path,

@@ -1056,14 +1056,6 @@ class Node:
         return [Resident(m, d, self._tiers[d].name, self._tiers[d].model_bytes(m, d), last, n)
                 for m, d, last, n in resident]
 
-    def state(self, source_or_name: str, device: str = "cpu") -> State:
-        """Where a model stands on a device (absent, fetching, cached, loading...)."""
-        with self._lock:
-            known = source_or_name in self._life.disk
-        name = source_or_name if known else self.resolve(source_or_name)[1]
-        with self._lock:
-            return self._life.state(name, _device_name(device))
-
     def problems(self) -> list[str]:
         out = []
         if self.host.lock_problem:
