@@ -79,7 +79,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.FETCHING, "fetched"): State.CACHED,
     (State.CACHED, "remove"): State.REMOVING,
     (State.REMOVING, "removed"): State.ABSENT,
-    (State.REMOVING, "kept"): State.CACHED,  # gc left it after all
+    (State.REMOVING, "kept"): State.CACHED,  # only old revisions went (or: as it was)
     # residency
     (State.CACHED, "load"): State.LOADING,
     (State.LOADING, "loaded"): State.RESIDENT,
@@ -123,6 +123,7 @@ class Disk:
     state: State = State.ABSENT
     revision: str = ""  # the revision the index records ("" until fetched)
     before_fetch: State = State.ABSENT  # where a failed fetch returns to
+    before_remove: State = State.CACHED  # where a gc that kept the model returns to
 
 
 @dataclass
@@ -234,16 +235,20 @@ class Lifecycle:
         return stale
 
     def begin_remove(self, model: str) -> None:
+        """gc is about to delete the model, or only old revisions of it."""
         if self.in_use(model):
             raise IllegalTransition(f"{model}: cannot remove a model in use")
         disk = self.disk.setdefault(model, Disk())
-        if disk.state is State.ABSENT:  # known to the index only (e.g. a broken record)
+        disk.before_remove = disk.state
+        if disk.state is State.ABSENT:  # on disk, unknown to the index (leftovers)
             disk.state = State.CACHED
         disk.state = _next(disk.state, "remove")
 
     def end_remove(self, model: str, *, removed: bool = True) -> None:
+        """gc is done: the model is gone, or (only old revisions went) as it was."""
         disk = self.disk[model]
-        disk.state = _next(disk.state, "removed" if removed else "kept")
+        _next(disk.state, "removed" if removed else "kept")  # checks the state
+        disk.state = State.ABSENT if removed else disk.before_remove
         if removed:
             disk.revision = ""
 
