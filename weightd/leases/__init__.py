@@ -245,8 +245,8 @@ class LeaseTable:
 
     Args:
         credentials: the callers the leases belong to; the reaper forgets dead ones.
-        on_end: called (outside the table's lock) with each lease that ends, by release,
-            by being dropped, or by reaping.
+        on_end: called (outside the table's lock) with each lease that ends, by release
+            or by reaping.
         reap_interval: seconds between checks of the holders' processes.
     """
 
@@ -288,16 +288,6 @@ class LeaseTable:
             self._pop(lease)
         self._ended(lease, "released" if lease.owner is caller
                     else f"released by pid {caller.pid} (uid {caller.uid})")
-        return lease
-
-    def drop(self, lease_id: str, why: str) -> Lease | None:
-        """End a lease whatever its owner (the daemon's own decision); None if gone."""
-        with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                return None
-            self._pop(lease)
-        self._ended(lease, why)
         return lease
 
     def _pop(self, lease: Lease) -> None:
