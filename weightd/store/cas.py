@@ -392,9 +392,12 @@ class Store:
                 continue
             for blob in sorted(sub.iterdir()):
                 digest = blob.name
+                try:
+                    actual = hash_file(blob)
+                    size = blob.stat().st_size
+                except FileNotFoundError:
+                    continue  # a daemon's gc removed it meanwhile: nothing to verify
                 on_disk.add(digest)
-                actual = hash_file(blob)
-                size = blob.stat().st_size
                 checked += 1
                 total += size
                 rec = known.get(digest)
@@ -408,7 +411,8 @@ class Store:
                               digest, actual, dest)
                 elif rec is None:
                     unindexed.append(digest)
-        missing = sorted(set(known) - on_disk)
+        # (what a daemon's gc removed meanwhile, it also forgot: not missing)
+        missing = sorted((set(known) - on_disk) & {b.digest for b in self.index.blobs()})
         for digest in missing:
             self.index.forget_blob(digest)
         return VerifyReport(checked, total, tuple(corrupt), tuple(missing), tuple(unindexed))
