@@ -1268,7 +1268,7 @@ def test_gpu_release_then_evict_returns_the_device_memory(tmp_path, gpu_tier, ch
 @pytest.mark.gpu
 def test_gpu_a_client_killed_with_sigkill_loses_its_lease_and_the_memory_is_reclaimed(
         tmp_path, gpu_tier, children):
-    from weightd.leases import LeaseTable, process_start_time
+    from weightd.leases import LeaseTable
 
     uuid = gpu_tier.devices()[0].uuid
     size = 128 * MiB
@@ -1281,9 +1281,8 @@ def test_gpu_a_client_killed_with_sigkill_loses_its_lease_and_the_memory_is_recl
         child = children[0]
         (export,) = gpu_tier.export("m", dev(uuid))
         child.call(cmd="open", uuid=uuid, shards=[[export.ipc_handle.hex(), size]])
-        start = process_start_time(child.proc.pid)
-        assert start is not None
-        leases.add("m", "cuda", "cuda:" + uuid, child.proc.pid, start, "child")
+        holder = leases.credentials.register(child.proc.pid, os.getuid(), os.getgid())
+        leases.add("m", "cuda", "cuda:" + uuid, holder, "child")
         loaded_free, _ = gpu_tier.memory_info(uuid)
         os.kill(child.proc.pid, signal.SIGKILL)
         child.proc.wait(10)
