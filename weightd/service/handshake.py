@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import struct
 from pathlib import Path
@@ -108,8 +109,6 @@ class CredentialServer:
 def _still_connected(sock: socket.socket) -> bool:
     """Whether the peer has not hung up: its pid (from connect time) still names it, so
     a pidfd opened now is the peer's (without ``SO_PEERPIDFD``)."""
-    import select
-
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
     return not poller.poll(0)
