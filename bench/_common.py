@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from weightd.testing.procfs import drop_page_cache  # noqa: F401 - the benchmarks' one
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -134,17 +136,6 @@ def fits_in_memory(need: int, *, margin: int = 2 * GiB) -> tuple[bool, int]:
 
 
 # --- page cache --------------------------------------------------------------------------
-
-
-def drop_page_cache(paths: Iterable[Path]) -> None:
-    """``posix_fadvise(DONTNEED)`` each file: the kernel drops its clean, unmapped,
-    unlocked pages (mlocked or mapped pages stay: see :func:`cached_bytes`)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

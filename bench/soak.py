@@ -85,15 +85,15 @@ def worker(socket_path: str, sources: list[str], seed: int) -> None:
 
     from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
     from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+    from weightd_client.credentials import CredentialInterceptor
 
     rng = random.Random(seed)
-    me = os.getpid()
-    stat = Path(f"/proc/{me}/stat").read_bytes()
-    client = pb.ClientInfo(pid=me, start_time=int(stat[stat.rfind(b")") + 2:].split()[19]),
-                           name="soak")
+    client = pb.ClientInfo(name="soak")  # the daemon leases in the kernel's pid
 
     def connect() -> tuple[Any, Any]:
-        ch = grpc.insecure_channel(f"unix://{socket_path}")
+        # a new interceptor: a restarted daemon knows no token of the old one
+        ch = grpc.intercept_channel(grpc.insecure_channel(f"unix://{socket_path}"),
+                                    CredentialInterceptor(socket_path))
         return ch, pb_grpc.WeightdStub(ch)
 
     channel, stub = connect()

@@ -21,6 +21,27 @@ import weightd_client  # noqa: E402
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def compare(loaded: weightd_client.LoadedModel, reference: str) -> list[str]:
+    """Names of the tensors whose bytes differ from the reference's safetensors files (or
+    that one side lacks)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    ref = Path(reference)
+    want: dict[str, torch.Tensor] = {}
+    for shard in ([ref] if ref.is_file() else sorted(ref.rglob("*.safetensors"))):
+        want.update(load_file(shard))
+    bad = sorted(set(want) ^ set(loaded))
+    bad += [name for name, t in want.items()
+            if name in loaded and not torch.equal(_bytes(loaded[name]), _bytes(t))]
+    return bad
+
+
 def main() -> None:
     client = weightd_client.Client()
     models: dict[str, weightd_client.LoadedModel] = {}
@@ -46,6 +67,13 @@ def main() -> None:
                 out = {"lease_id": m.lease_id, "tensors": len(m), "ready_s": ready,
                        "touch_s": touched, "checksum": checksum,
                        "snapshot_path": m.snapshot_path}
+            elif cmd == "compare":
+                # load, then compare every tensor byte for byte with the reference files
+                m = client.load(req["source"], fallback=False)
+                models[req["source"]] = m
+                out = {"lease_id": m.lease_id, "tensors": len(m),
+                       "snapshot_path": m.snapshot_path,
+                       "mismatches": compare(m, req["reference"])}
             elif cmd == "read":
                 m = models[req["source"]]
                 t = m[req["name"]]
@@ -59,6 +87,8 @@ def main() -> None:
                 out = smaps_for(os.getpid(), req["path"])
             elif cmd == "release":
                 models.pop(req["source"]).release()
+                out = {"ok": True}
+            elif cmd == "ping":  # answered once torch and the client are imported
                 out = {"ok": True}
             elif cmd == "fetch":
                 out = {"path": client.fetch(req["source"])}

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,34 @@ from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 
 
+def raw_stub(socket: str | Path) -> pb_grpc.WeightdStub:
+    """A raw stub on the daemon's socket, for tests that speak the wire protocol; its
+    calls carry this process's credentials (weightd_client.credentials)."""
+    from weightd_client.credentials import CredentialInterceptor
+
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"unix://{socket}"),
+                                     CredentialInterceptor(socket))
+    return pb_grpc.WeightdStub(channel)
+
+
 class DaemonProcess(BaseDaemonProcess):
     """``weightd serve`` in a subprocess (weightd.testing), with raw stubs for the tests."""
 
     def stub(self) -> pb_grpc.WeightdStub:
-        return pb_grpc.WeightdStub(grpc.insecure_channel(f"unix://{self.socket}"))
+        return raw_stub(self.socket)
 
     def status(self) -> pb.StatusResponse:
         with grpc.insecure_channel(f"unix://{self.socket}") as ch:
             return pb_grpc.WeightdStub(ch).Status(pb.StatusRequest(), timeout=10)
+
+    def acquire(self, source: str | Path, *, timeout: float = 60,
+                **kw: Any) -> pb.AcquireResponse:
+        """One raw Acquire, in the name of this (the test's) process."""
+        return self.stub().Acquire(pb.AcquireRequest(
+            source=str(source), client=pb.ClientInfo(name="test"), **kw), timeout=timeout)
+
+    def release(self, lease_id: str, *, timeout: float = 10) -> None:
+        self.stub().Release(pb.ReleaseRequest(lease_id=lease_id), timeout=timeout)
 
 
 def client_info(name: str = "tests") -> pb.ClientInfo:
@@ -64,6 +85,17 @@ class ClientProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something true (returned), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class ClientError(Exception):

@@ -27,12 +27,7 @@ import grpc
 
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
-
-
-def start_time(pid: int) -> int:
-    """``/proc/<pid>/stat`` field 22, as the daemon reads it."""
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(data[data.rfind(b")") + 2:].split()[19])
+from weightd_client.credentials import CredentialInterceptor
 
 
 def check_shards(resp: pb.AcquireResponse) -> int:
@@ -65,9 +60,10 @@ def main() -> int:
     ap.add_argument("--hold", type=float, default=0.0)
     ns = ap.parse_args()
     me = os.getpid()
-    client = pb.ClientInfo(pid=me, start_time=start_time(me), name="load_worker")
+    client = pb.ClientInfo(name="load_worker")  # the daemon leases in the kernel's pid
     out: dict[str, Any] = {"pid": me, "ok": False, "fetched": 0, "loaded": 0}
-    with grpc.insecure_channel(f"unix://{ns.socket}") as channel:
+    with grpc.insecure_channel(f"unix://{ns.socket}") as raw:
+        channel = grpc.intercept_channel(raw, CredentialInterceptor(ns.socket))
         stub = pb_grpc.WeightdStub(channel)
         if ns.ready:
             Path(ns.ready, str(me)).touch()

@@ -100,14 +100,19 @@ def _ensure_group(name: str) -> grp.struct_group:
         return grp.getgrnam(name)
 
 
-@pytest.fixture(scope="module")
-def users() -> dict[str, pwd.struct_passwd]:
+def need_other_users() -> None:
+    """Skip, saying why, unless this process may create users and run processes as them."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create users and run processes as them")
     for tool in ("useradd", "groupadd", "usermod"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     _ensure_group(GROUP)
+
+
+@pytest.fixture(scope="module")
+def users() -> dict[str, pwd.struct_passwd]:
+    need_other_users()
     return {"outsider": _ensure_user(OUTSIDER), "member": _ensure_user(MEMBER, (GROUP,))}
 
 

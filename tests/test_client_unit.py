@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -42,6 +43,7 @@ from weightd_client.errors import (
     NotPermitted,
     SourceNotFound,
     SourceUnavailable,
+    Unauthenticated,
     WeightdError,
 )
 from weightd_client.tensors import build_host_tensors, build_tensors
@@ -548,10 +550,17 @@ class FakeDaemon(pb_grpc.WeightdServicer):  # type: ignore[misc]
         self.releases: list[str] = []
         self.progress: list[pb.FetchProgress] = []
         self.error: tuple[grpc.StatusCode, str, str] | None = None
+        self.handshakes: list[int] = []
+        self.revoked: set[str] = set()
+        self.tokens: list[str | None] = []
 
     def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> pb.AcquireResponse:
         self.acquires.append(request)
+        token = dict(context.invocation_metadata()).get("weightd-token")
+        self.tokens.append(token)
+        if token in self.revoked:  # as a restarted daemon knows no token of the old one
+            abort(context, C.UNAUTHENTICATED, "Unauthenticated", "unknown token")
         if self.error:
             abort(context, *self.error)
         if request.device != "cpu":
@@ -592,6 +601,30 @@ class FakeDaemon(pb_grpc.WeightdServicer):  # type: ignore[misc]
         return pb.EvictResponse(bytes_freed=1000 + int(request.tier))
 
 
+def _credential_socket(path: Path, handshakes: list[int]) -> socket.socket:
+    """The fake daemon's credential socket: one token for every process that asks."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path) + ".cred")
+    listener.listen()
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                handshakes.append(1)
+                token = FAKE_TOKEN if len(handshakes) == 1 else f"{FAKE_TOKEN}-{len(handshakes)}"
+                conn.sendall(json.dumps({"token": token}).encode() + b"\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    return listener
+
+
+FAKE_TOKEN = "fake-token"
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[FakeDaemon, Path]]:
     servicer = FakeDaemon()
@@ -600,9 +633,11 @@ def daemon(tmp_path: Path) -> Iterator[tuple[FakeDaemon, Path]]:
     pb_grpc.add_WeightdServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{path}")
     server.start()
+    creds = _credential_socket(path, servicer.handshakes)
     try:
         yield servicer, path
     finally:
+        creds.close()
         server.stop(0)
 
 
@@ -618,6 +653,8 @@ def test_load_through_the_daemon(tmp_path: Path, daemon: tuple[FakeDaemon, Path]
         assert isinstance(m, LoadedModel)
         assert_same(m, load_file(str(path)))
         assert (m.lease_id, m.model, m.metadata) == ("lease-1", "file--m", {"format": "pt"})
+        # the credential handshake happened once, and the call carried its token
+        assert servicer.handshakes == [1] and servicer.tokens == [FAKE_TOKEN]
         assert m.snapshot_path == str(tmp_path)
         base, end = mapping_range(mappings[0][1])
         assert base <= m["bf16"].data_ptr() < end
@@ -632,6 +669,25 @@ def test_load_through_the_daemon(tmp_path: Path, daemon: tuple[FakeDaemon, Path]
         assert servicer.releases == ["lease-1"]
         client.load(path)  # held until the client closes
     assert servicer.releases == ["lease-1", "lease-2"]
+
+
+def test_an_unknown_token_is_replaced_by_a_new_handshake_once(
+        tmp_path: Path, daemon: tuple[FakeDaemon, Path],
+        mappings: list[tuple[str, mmap.mmap]]) -> None:
+    servicer, sock = daemon
+    path = tmp_path / "blob"
+    save_file(all_dtypes(), str(path))
+    servicer.response = response_for(path)
+    with Client(sock) as client:
+        client.load(str(path)).release()
+        servicer.revoked.add(FAKE_TOKEN)  # the daemon restarted: it knows no old token
+        client.load(str(path)).release()
+        assert servicer.tokens == [FAKE_TOKEN, FAKE_TOKEN, f"{FAKE_TOKEN}-2"]
+        servicer.revoked.add(f"{FAKE_TOKEN}-2")
+        servicer.revoked.add(f"{FAKE_TOKEN}-3")
+        with pytest.raises(Unauthenticated):  # one more handshake, then the error
+            client.load(str(path), fallback=False)
+    assert len(servicer.handshakes) == 3
 
 
 def test_daemon_errors_arrive_as_their_class(tmp_path: Path,

@@ -33,6 +33,7 @@ from weightd.config import ConfigError
 from weightd.errors import BudgetExceeded, FormatError, GpuUnavailable, IntegrityError
 from weightd.formats import read_layout
 from weightd.store import hash_file
+from weightd.testing.cuda import FakeDriver
 from weightd.testing.staging import HostMemoryBackend, random_delay
 from weightd.tiers import staging as staging_mod
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
@@ -417,78 +418,9 @@ def test_eviction_plan_properties(need, budget, models):
 # CudaTier on a fake driver ------------------------------------------------------------------
 
 
-class FakeDriver:
-    """A CudaDriver over host memory: device buffers are bytearrays, copies go through
-    HostMemoryBackend, handles encode the pointer."""
-
-    def __init__(self, *, devices: int = 2, total: int = 1 * MiB, delay: float = 0.0,
-                 fault: Any = None, register: bool = True, fail_staging: bool = False) -> None:
-        self._backend: HostMemoryBackend | None = None
-        self._backend_args: dict[str, Any] = {"delay": delay, "fault": fault}
-        self.total = total
-        self.infos = [DeviceInfo(format_uuid(bytes([i + 1]) * 16), i, f"Fake GPU {i}", total)
-                      for i in range(devices)]
-        self.mem: dict[int, bytearray] = {}
-        self.where: dict[int, int] = {}
-        self.used = [0] * devices
-        self.next_ptr = 0x10000
-        self.register = register
-        self.fail_staging = fail_staging
-        self.registered_copies = 0
-        self.staged_targets = 0
-        self.closed = False
-
-    @property
-    def backend(self) -> HostMemoryBackend:  # made on first use: it starts a thread
-        if self._backend is None:
-            self._backend = HostMemoryBackend(verify=True, **self._backend_args)
-        return self._backend
-
-    def devices(self) -> list[DeviceInfo]:
-        return list(self.infos)
-
-    def malloc(self, index: int, size: int) -> int:
-        if self.used[index] + size > self.total:
-            raise DeviceOutOfMemory("cudaErrorMemoryAllocation: out of memory")
-        ptr, self.next_ptr = self.next_ptr, self.next_ptr + size + 256
-        self.mem[ptr] = bytearray(size)
-        self.where[ptr] = index
-        self.used[index] += size
-        return ptr
-
-    def free(self, index: int, ptr: int) -> None:
-        assert self.where.pop(ptr) == index
-        self.used[index] -= len(self.mem.pop(ptr))
-
-    def ipc_handle(self, index: int, ptr: int) -> bytes:
-        return ptr.to_bytes(8, "little") + bytes(56)
-
-    def memory_info(self, index: int) -> tuple[int, int]:
-        return self.total - self.used[index], self.total
-
-    def staging_backend(self) -> HostMemoryBackend:
-        if self.fail_staging:
-            raise GpuUnavailable("CUDA error: cudaErrorMemoryAllocation (cudaHostAlloc)")
-        return self.backend
-
-    def target(self, index: int, ptr: int, size: int) -> Any:
-        assert self.where[ptr] == index and len(self.mem[ptr]) >= size
-        self.staged_targets += 1
-        return self.backend.target(self.mem[ptr])
-
-    def can_register(self, index: int) -> bool:
-        return self.register
-
-    def copy_registered(self, index: int, path: Path, ptr: int, size: int) -> None:
-        self.registered_copies += 1
-        self.mem[ptr][:size] = Path(path).read_bytes()
-
-    def close(self) -> None:
-        self.closed = True
-        self.backend.close()
-
-    def contents(self, handle: bytes) -> bytes:
-        return bytes(self.mem[int.from_bytes(handle[:8], "little")])
+def dev(uuid: str) -> str:
+    """The node's (and the tier's) name of a device."""
+    return "cuda:" + uuid
 
 
 def blobs_for(tmp_path: Path, sizes: list[int], seed: int = 0) -> list[tuple[str, Path, int]]:
@@ -525,7 +457,7 @@ def test_probe_without_cupy_says_how_to_install_it(monkeypatch):
     with pytest.raises(GpuUnavailable, match="cupy"):
         tier.resolve("GPU-00000000-0000-0000-0000-000000000000")
     with pytest.raises(GpuUnavailable, match="cupy"):
-        tier.load("m", "GPU-x", [])
+        tier.load("m", "cuda:GPU-x", [])
     tier.close()
 
 
@@ -569,17 +501,17 @@ def test_load_streams_every_blob_into_its_own_allocation(tmp_path, fake):
     tier = tier_on(fake)
     uuid = tier.devices()[0].uuid
     blobs = blobs_for(tmp_path, [10_000, 4096, 1])
-    assert tier.load("m", uuid, blobs) == 14_097
-    assert tier.resident("m", uuid) and not tier.resident("m", tier.devices()[1].uuid)
-    exports = tier.export("m", uuid)
+    assert tier.load("m", dev(uuid), blobs) == 14_097
+    assert tier.resident("m", dev(uuid)) and not tier.resident("m", dev(tier.devices()[1].uuid))
+    exports = tier.export("m", dev(uuid))
     assert [(e.digest, e.size, e.device_uuid) for e in exports] == \
         [(d, s, uuid) for d, _, s in blobs]
     assert len({e.ipc_handle for e in exports}) == 3
     for e, (_, path, _) in zip(exports, blobs, strict=True):
         assert fake.contents(e.ipc_handle) == path.read_bytes()
-    assert tier.bytes_used(uuid) == 14_097 == tier.model_bytes("m", uuid)
+    assert tier.bytes_used(uuid) == 14_097 == tier.model_bytes("m", dev(uuid))
     assert tier.memory_info(uuid) == (MiB - 14_097, MiB)
-    assert tier.load("m", uuid, blobs) == 0  # idempotent
+    assert tier.load("m", dev(uuid), blobs) == 0  # idempotent
     assert fake.backend.violations == 0 and fake.registered_copies == 0
 
 
@@ -587,26 +519,26 @@ def test_blobs_shared_by_models_are_allocated_once_per_device(tmp_path, fake):
     tier = tier_on(fake)
     gpu0, gpu1 = (d.uuid for d in tier.devices())
     shared, only_a, only_b = blobs_for(tmp_path, [5000, 3000, 2000])
-    assert tier.missing_bytes(gpu0, [shared, only_a]) == 8000
-    assert tier.load("a", gpu0, [shared, only_a]) == 8000
-    assert tier.missing_bytes(gpu0, [shared, only_b, only_b]) == 2000
-    assert tier.missing_bytes(gpu1, [shared]) == 5000
-    assert tier.load("b", gpu0, [shared, only_b, only_b]) == 2000  # a duplicate counts once
+    assert tier.missing_bytes(dev(gpu0), [shared, only_a]) == 8000
+    assert tier.load("a", dev(gpu0), [shared, only_a]) == 8000
+    assert tier.missing_bytes(dev(gpu0), [shared, only_b, only_b]) == 2000
+    assert tier.missing_bytes(dev(gpu1), [shared]) == 5000
+    assert tier.load("b", dev(gpu0), [shared, only_b, only_b]) == 2000  # a duplicate counts once
     assert tier.bytes_used(gpu0) == 10_000 and len(fake.mem) == 3
-    assert tier.export("a", gpu0)[0].ipc_handle == tier.export("b", gpu0)[0].ipc_handle
-    assert tier.freeable_bytes("a", gpu0) == 3000 and tier.model_bytes("b", gpu0) == 7000
+    assert tier.export("a", dev(gpu0))[0].ipc_handle == tier.export("b", dev(gpu0))[0].ipc_handle
+    assert tier.freeable_bytes("a", dev(gpu0)) == 3000 and tier.model_bytes("b", dev(gpu0)) == 7000
     # the same blob on another device is another allocation
-    assert tier.load("a", gpu1, [shared, only_a]) == 8000
-    assert sorted(tier.models()) == [("a", gpu0), ("a", gpu1), ("b", gpu0)]
-    assert tier.models(gpu1) == [("a", gpu1)]
-    assert tier.unload("a", gpu0) == 3000  # the shared blob stays for b
+    assert tier.load("a", dev(gpu1), [shared, only_a]) == 8000
+    assert sorted(tier.models()) == [("a", dev(gpu0)), ("a", dev(gpu1)), ("b", dev(gpu0))]
+    assert tier.models(dev(gpu1)) == [("a", dev(gpu1))]
+    assert tier.unload("a", dev(gpu0)) == 3000  # the shared blob stays for b
     assert tier.bytes_used(gpu0) == 7000
-    assert fake.contents(tier.export("b", gpu0)[0].ipc_handle) == shared[1].read_bytes()
-    assert tier.unload("b", gpu0) == 7000
-    assert tier.unload("b", gpu0) == 0  # idempotent
+    assert fake.contents(tier.export("b", dev(gpu0))[0].ipc_handle) == shared[1].read_bytes()
+    assert tier.unload("b", dev(gpu0)) == 7000
+    assert tier.unload("b", dev(gpu0)) == 0  # idempotent
     assert tier.bytes_used(gpu0) == 0 and fake.used == [0, 8000]
     with pytest.raises(KeyError):
-        tier.export("b", gpu0)
+        tier.export("b", dev(gpu0))
     tier.close()
     assert fake.used == [0, 0] and fake.mem == {} and fake.closed
     assert fake.backend.allocated == 0
@@ -618,11 +550,11 @@ def test_device_out_of_memory_is_budget_exceeded_with_need_and_free(tmp_path):
     uuid = tier.devices()[0].uuid
     blobs = blobs_for(tmp_path, [6000, 5000])
     with pytest.raises(BudgetExceeded) as e:
-        tier.load("m", uuid, blobs)
+        tier.load("m", dev(uuid), blobs)
     msg = str(e.value)
     assert "need 5000 bytes" in msg and "4000 bytes free" in msg and uuid in msg
     # nothing half-loaded: the first blob's allocation was given back
-    assert fake.mem == {} and tier.bytes_used(uuid) == 0 and not tier.resident("m", uuid)
+    assert fake.mem == {} and tier.bytes_used(uuid) == 0 and not tier.resident("m", dev(uuid))
     fake.backend.close()
 
 
@@ -636,13 +568,13 @@ def test_a_failed_copy_frees_the_allocations_of_that_load(tmp_path):
     fake = FakeDriver(fault=fault, delay=0.0005)
     tier = tier_on(fake)
     gpu0 = tier.devices()[0].uuid
-    tier.load("other", gpu0, blobs[:1])
+    tier.load("other", dev(gpu0), blobs[:1])
     with pytest.raises(GpuUnavailable, match="IllegalAddress"):
-        tier.load("m", gpu0, blobs)
+        tier.load("m", dev(gpu0), blobs)
     assert fake.backend.pending == 0
-    assert not tier.resident("m", gpu0)
+    assert not tier.resident("m", dev(gpu0))
     assert tier.bytes_used(gpu0) == 3000 and len(fake.mem) == 1  # other's blob stays
-    assert tier.export("other", gpu0)[0].size == 3000
+    assert tier.export("other", dev(gpu0))[0].size == 3000
     fake.backend.close()
 
 
@@ -651,7 +583,7 @@ def test_a_blob_whose_size_changed_is_refused(tmp_path, fake):
     uuid = tier.devices()[0].uuid
     digest, path, size = blobs_for(tmp_path, [5000])[0]
     with pytest.raises(IntegrityError):
-        tier.load("m", uuid, [(digest, path, size + 1)])
+        tier.load("m", dev(uuid), [(digest, path, size + 1)])
     assert fake.mem == {}
 
 
@@ -660,13 +592,13 @@ def test_register_host_copies_from_the_registered_mapping(tmp_path, fake):
     assert tier.staging_pool_bytes == 0  # not allocated: the registered path needs none
     uuid = tier.devices()[0].uuid
     blobs = blobs_for(tmp_path, [7000, 100])
-    tier.load("m", uuid, blobs)
+    tier.load("m", dev(uuid), blobs)
     assert fake.registered_copies == 2 and fake.staged_targets == 0
-    for e, (_, path, _) in zip(tier.export("m", uuid), blobs, strict=True):
+    for e, (_, path, _) in zip(tier.export("m", dev(uuid)), blobs, strict=True):
         assert fake.contents(e.ipc_handle) == path.read_bytes()
     # a device that cannot register read-only memory falls back to staging
     fake.register = False
-    tier.load("n", tier.devices()[1].uuid, blobs)
+    tier.load("n", dev(tier.devices()[1].uuid), blobs)
     assert fake.registered_copies == 2 and fake.staged_targets == 2
     assert tier.staging_pool_bytes == 2 * 4096
 
@@ -850,8 +782,10 @@ def test_cupy_driver_loads_exports_and_frees(tmp_path, fake_cupy, register_host)
     assert "Fake H100" in reason
     assert len(fake_cupy.host_mem) == (0 if register_host else 2)  # the pinned pool
     blobs = blobs_for(tmp_path, [10_000, 1, 8192])
-    assert tier.load("m", gpu1, blobs) == 18_193
-    for e, (_, path, _) in zip(tier.export("m", gpu1), blobs, strict=True):
+    # each blob takes whole 2 MiB granules on the device: the budget counts those
+    assert tier.load("m", dev(gpu1), blobs) == 3 * 2 * MiB
+    assert tier.bytes_used(gpu1) == 3 * 2 * MiB
+    for e, (_, path, _) in zip(tier.export("m", dev(gpu1)), blobs, strict=True):
         ptr = int.from_bytes(e.ipc_handle[:8], "little")
         buf, device = fake_cupy.device_mem[ptr]
         assert device == 1  # allocated on the asked device
@@ -864,8 +798,8 @@ def test_cupy_driver_loads_exports_and_frees(tmp_path, fake_cupy, register_host)
     assert fake_cupy.events == {} and fake_cupy.registered == {}  # nothing left behind
     # the device is full: BudgetExceeded, with what was needed and what is free
     with pytest.raises(BudgetExceeded, match=r"need 9000000 bytes .*8388608 bytes free"):
-        tier.load("big", gpu0, blobs_for(tmp_path, [9_000_000], seed=1))
-    assert tier.unload("m", gpu1) == 18_193
+        tier.load("big", dev(gpu0), blobs_for(tmp_path, [9_000_000], seed=1))
+    assert tier.unload("m", dev(gpu1)) == 3 * 2 * MiB
     assert fake_cupy.device_mem == {}
     tier.close()
     assert fake_cupy.host_mem == {} and fake_cupy.streams == {}
@@ -886,12 +820,12 @@ def test_a_gpu_named_mig_or_gpu_is_one_device_to_the_node(tmp_path, fake_cupy):
     node.start()
     try:
         uuid = node.cuda.devices()[1].uuid
-        me = os.getpid()
-        first = node.acquire(str(model), device="cuda:MIG-" + uuid[4:], pid=me, start_time=1)
-        again = node.acquire(str(model), device="cuda:" + uuid, pid=me, start_time=1)
+        me = node.credentials.local()
+        first = node.acquire(str(model), device="cuda:MIG-" + uuid[4:], caller=me)
+        again = node.acquire(str(model), device="cuda:" + uuid, caller=me)
         assert first.loaded and not again.loaded  # one copy on the device, not two
         assert first.lease.device == again.lease.device == "cuda:" + uuid
-        assert [d for _, d, _, _ in node.residency()] == ["cuda:" + uuid]
+        assert [r.device for r in node.residency()] == ["cuda:" + uuid]
         assert node.leases.count(first.model, "cuda:" + uuid) == 2
     finally:
         node.close()
@@ -903,7 +837,7 @@ def test_cupy_driver_falls_back_to_staging_without_read_only_registration(tmp_pa
     tier = CudaTier(staging_buffers=2, staging_buffer_size=4096, register_host=True)
     assert tier.start()[0]
     uuid = tier.devices()[0].uuid
-    tier.load("m", uuid, blobs_for(tmp_path, [10_000]))
+    tier.load("m", dev(uuid), blobs_for(tmp_path, [10_000]))
     assert fake_cupy.registered == {} and len(fake_cupy.copies) == 3  # staged in 3 chunks
     assert len(fake_cupy.host_mem) == 2
     tier.close()
@@ -1281,8 +1215,8 @@ def test_gpu_two_clients_read_identical_bytes_from_one_buffer(tmp_path, children
     try:
         uuid = tier.devices()[0].uuid
         blobs = blobs_for(tmp_path, [5 * MiB + 12_345, 4096])
-        tier.load("m", uuid, blobs)
-        exports = tier.export("m", uuid)
+        tier.load("m", dev(uuid), blobs)
+        exports = tier.export("m", dev(uuid))
         shards = [[e.ipc_handle.hex(), e.size] for e in exports]
         expected = [hashlib.sha256(p.read_bytes()).hexdigest() for _, p, _ in blobs]
         for _ in range(2):
@@ -1304,8 +1238,8 @@ def test_gpu_bf16_round_trips_bitwise_against_safetensors_cuda_load(tmp_path, gp
     save_model(path)
     uuid = gpu_tier.devices()[0].uuid
     digest = hash_file(path)
-    gpu_tier.load("m", uuid, [(digest, path, path.stat().st_size)])
-    (export,) = gpu_tier.export("m", uuid)
+    gpu_tier.load("m", dev(uuid), [(digest, path, path.stat().st_size)])
+    (export,) = gpu_tier.export("m", dev(uuid))
     response = cuda_response(path, export.ipc_handle, uuid)
     children.append(Child())
     answer = children[0].call(cmd="compare", uuid=uuid, path=str(path),
@@ -1318,14 +1252,14 @@ def test_gpu_release_then_evict_returns_the_device_memory(tmp_path, gpu_tier, ch
     uuid = gpu_tier.devices()[0].uuid
     size = 256 * MiB
     blobs = blobs_for(tmp_path, [size])
-    gpu_tier.load("m", uuid, blobs)
+    gpu_tier.load("m", dev(uuid), blobs)
     children.append(Child())
-    (export,) = gpu_tier.export("m", uuid)
+    (export,) = gpu_tier.export("m", dev(uuid))
     children[0].call(cmd="open", uuid=uuid, shards=[[export.ipc_handle.hex(), size]])
     # memory info is device-wide: read it once the child's own CUDA context exists
     loaded_free, _ = gpu_tier.memory_info(uuid)
     assert children[0].call(cmd="close", handles=[export.ipc_handle.hex()]) == {"open": 0}
-    assert gpu_tier.unload("m", uuid) == size
+    assert gpu_tier.unload("m", dev(uuid)) == size
     assert gpu_tier.bytes_used(uuid) == 0
     free, _ = gpu_tier.memory_info(uuid)
     assert free - loaded_free >= size - 4 * MiB  # cudaMalloc rounds to 2 MiB pages
@@ -1334,28 +1268,27 @@ def test_gpu_release_then_evict_returns_the_device_memory(tmp_path, gpu_tier, ch
 @pytest.mark.gpu
 def test_gpu_a_client_killed_with_sigkill_loses_its_lease_and_the_memory_is_reclaimed(
         tmp_path, gpu_tier, children):
-    from weightd.leases import LeaseTable, process_start_time
+    from weightd.leases import LeaseTable
 
     uuid = gpu_tier.devices()[0].uuid
     size = 128 * MiB
-    gpu_tier.load("m", uuid, blobs_for(tmp_path, [size]))
+    gpu_tier.load("m", dev(uuid), blobs_for(tmp_path, [size]))
     ended = threading.Event()
     leases = LeaseTable(on_end=lambda lease, why: ended.set(), reap_interval=0.1)
     leases.start()
     try:
         children.append(Child())
         child = children[0]
-        (export,) = gpu_tier.export("m", uuid)
+        (export,) = gpu_tier.export("m", dev(uuid))
         child.call(cmd="open", uuid=uuid, shards=[[export.ipc_handle.hex(), size]])
-        start = process_start_time(child.proc.pid)
-        assert start is not None
-        leases.add("m", "cuda", "cuda:" + uuid, child.proc.pid, start, "child")
+        holder = leases.credentials.register(child.proc.pid, os.getuid(), os.getgid())
+        leases.add("m", "cuda", "cuda:" + uuid, holder, "child")
         loaded_free, _ = gpu_tier.memory_info(uuid)
         os.kill(child.proc.pid, signal.SIGKILL)
         child.proc.wait(10)
         assert ended.wait(5), "the reaper did not end the dead client's lease"
         assert not leases.held("m")
-        assert gpu_tier.unload("m", uuid) == size
+        assert gpu_tier.unload("m", dev(uuid)) == size
         _wait_for(lambda: gpu_tier.memory_info(uuid)[0] - loaded_free >= size - 4 * MiB, 10,
                   "the device memory to come back")
     finally:

@@ -17,7 +17,6 @@ import pytest
 
 from tests.daemon import ClientError, ClientProcess, DaemonProcess
 from tests.smaps import smaps_for
-from weightd.leases import process_start_time
 from weightd.store import hash_file
 from weightd.testing import write_synthetic_model
 from weightd.testing.procfs import smaps_rollup
@@ -175,7 +174,7 @@ def test_32_concurrent_loads_fetch_each_file_once(daemon, http_server, http_root
         try:
             results.append(stub.Acquire(pb.AcquireRequest(
                 source=url, device="cpu",
-                client=pb.ClientInfo(pid=os.getpid(), start_time=process_start_time(os.getpid()))),
+                client=pb.ClientInfo(name="test")),
                 timeout=120))
         except grpc.RpcError as e:
             results.append(e)
@@ -282,7 +281,7 @@ def test_a_refetched_model_is_served_in_its_new_revision_once_no_lease_holds_the
     src = tmp_path / "changing"
     write_synthetic_model(src, total_bytes=2 * MiB, tensors=4, seed=1)
     stub = daemon.stub()
-    me = pb.ClientInfo(pid=os.getpid(), start_time=process_start_time(os.getpid()) or 0)
+    me = pb.ClientInfo(name="test")  # the daemon leases in this process's name anyway
 
     def acquire() -> pb.AcquireResponse:
         return stub.Acquire(pb.AcquireRequest(source=str(src), client=me), timeout=60)

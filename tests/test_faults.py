@@ -25,15 +25,13 @@ import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import ClientError, ClientProcess, DaemonProcess
+from tests.daemon import ClientError, ClientProcess, DaemonProcess, wait_for
 from weightd.config import Config
 from weightd.errors import SourceUnavailable
-from weightd.leases import process_start_time
 from weightd.sources import canonical_url, model_name
 from weightd.store import Fetcher, Store, hash_file
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 
@@ -86,11 +84,7 @@ def assert_cache_clean(cache: Path) -> list[str]:
 
 
 def acquire(d: DaemonProcess, source: str, timeout: float = 60) -> pb.AcquireResponse:
-    me = os.getpid()
-    with grpc.insecure_channel(f"unix://{d.socket}") as ch:
-        return pb_grpc.WeightdStub(ch).Acquire(pb.AcquireRequest(
-            source=source, client=pb.ClientInfo(pid=me, start_time=process_start_time(me))),
-            timeout=timeout)
+    return d.acquire(source, timeout=timeout)
 
 
 def kill(d: DaemonProcess) -> None:
@@ -98,16 +92,6 @@ def kill(d: DaemonProcess) -> None:
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait(10)
     d.stop()
-
-
-def wait_for(cond, timeout: float = 30, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Faults:

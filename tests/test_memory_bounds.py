@@ -21,7 +21,6 @@ import pytest
 
 from tests.daemon import DaemonProcess, client_info
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
-from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -101,15 +100,14 @@ def test_eight_million_tensor_headers_at_once_in_2GiB(tmp_path, cgroup):
         (cgroup / "cgroup.procs").write_text(str(daemon.pid))
 
         def acquire(tag: int) -> str:
-            with grpc.insecure_channel(f"unix://{daemon.socket}") as ch:
-                try:
-                    got = pb_grpc.WeightdStub(ch).Acquire(pb.AcquireRequest(
-                        source=str(models / f"wide-{tag}"), client=client_info()), timeout=240)
-                except grpc.RpcError as e:
-                    return f"{e.code().name}: {e.details()}"
-                pb_grpc.WeightdStub(ch).Release(pb.ReleaseRequest(lease_id=got.lease_id),
-                                                timeout=30)
-                return "OK"
+            stub = daemon.stub()  # a channel of its own, carrying this process's credentials
+            try:
+                got = stub.Acquire(pb.AcquireRequest(
+                    source=str(models / f"wide-{tag}"), client=client_info()), timeout=240)
+            except grpc.RpcError as e:
+                return f"{e.code().name}: {e.details()}"
+            stub.Release(pb.ReleaseRequest(lease_id=got.lease_id), timeout=30)
+            return "OK"
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(acquire, range(8)))

@@ -214,19 +214,20 @@ def test_lease_counts_follow_adds_releases_and_reaping() -> None:
     import subprocess
     import sys
 
-    from weightd.leases import LeaseTable, process_start_time
+    from weightd.leases import Credentials, LeaseTable
 
-    table = LeaseTable()
-    me = os.getpid()
-    a = table.add("m", "host", "cpu", me, process_start_time(me))
-    table.add("m", "cuda", "cuda:GPU-x", me, process_start_time(me))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start_time(gone.pid)
-    gone.wait()
-    table.add("m", "host", "cpu", gone.pid, start or 1)
+    credentials = Credentials()
+    table = LeaseTable(credentials)
+    me = credentials.local()
+    a = table.add("m", "host", "cpu", me)
+    table.add("m", "cuda", "cuda:GPU-x", me)
+    gone = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    table.add("m", "host", "cpu", credentials.register(gone.pid, os.getuid(), os.getgid()))
+    gone.communicate(b"")
     assert (table.on_tier("host"), table.on_tier("cuda")) == (2, 1)
     assert len(table.reap()) == 1  # the exited process's lease
-    table.release(a.lease_id)
+    table.release(a.lease_id, me)
     with pytest.raises(LeaseNotFound):
-        table.release(a.lease_id)  # a second release changes nothing
+        table.release(a.lease_id, me)  # a second release changes nothing
     assert (table.on_tier("host"), table.on_tier("cuda")) == (0, 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.daemon import DaemonProcess
-from weightd.leases import process_start_time
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
@@ -36,14 +34,11 @@ def tight(tmp_path: Path) -> Iterator[DaemonProcess]:
 
 
 def acquire(d: DaemonProcess, source: str) -> pb.AcquireResponse:
-    me = os.getpid()
-    return d.stub().Acquire(pb.AcquireRequest(
-        source=source, client=pb.ClientInfo(pid=me, start_time=process_start_time(me))),
-        timeout=60)
+    return d.acquire(source)
 
 
 def release(d: DaemonProcess, lease_id: str) -> None:
-    d.stub().Release(pb.ReleaseRequest(lease_id=lease_id), timeout=10)
+    d.release(lease_id)
 
 
 def host_resident(d: DaemonProcess) -> set[str]:

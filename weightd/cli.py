@@ -156,40 +156,65 @@ def cmd_ls(cfg: Config, ns: argparse.Namespace) -> int:
 def cmd_verify(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.store import Store
 
-    with Store.open(cfg.cache_dir, exclusive=True) as store:
-        t0 = time.monotonic()
-        report = store.verify()
-        dt = time.monotonic() - t0
-    for digest in report.corrupt:
-        print(f"CORRUPT {digest}: moved to quarantine/ (the next fetch downloads it again)")
-    for digest in report.missing:
+    client = _daemon(cfg)
+    if client is not None:  # the daemon owns the cache: it verifies (and knows what is held)
+        with client:
+            r = client.verify()
+        corrupt, missing, in_use, checked, nbytes, dt = (
+            list(r.corrupt), list(r.missing), set(r.in_use), r.checked, r.bytes, r.seconds)
+        modes = [(m.path, m.old_mode, m.new_mode) for m in r.modes]
+    else:
+        with Store.open(cfg.cache_dir, exclusive=True) as store:
+            t0 = time.monotonic()
+            report = store.verify()
+            dt = time.monotonic() - t0
+        corrupt, missing, in_use = list(report.corrupt), list(report.missing), set()
+        checked, nbytes, modes = report.checked, report.bytes, list(report.modes)
+    for digest in corrupt:
+        if digest in in_use:
+            print(f"CORRUPT {digest}: in use, left in place (no new lease uses it; it is "
+                  "fetched again once nothing holds it)")
+        else:
+            print(f"CORRUPT {digest}: moved to quarantine/ (the next fetch downloads it again)")
+    for digest in missing:
         print(f"MISSING {digest}: in the index but not on disk (forgotten)")
-    for path, old, new in report.modes:
+    for path, old, new in modes:
         print(f"MODE {path}: {old:04o} was readable or writable by more than the daemon's "
               f"user and group: narrowed to {new:04o}")
-    print(f"verified {report.checked} blobs, {format_size(report.bytes)} in {dt:.1f}s: "
-          f"{len(report.corrupt)} corrupt, {len(report.missing)} missing, "
-          f"{len(report.modes)} modes narrowed", file=sys.stderr)
-    return 1 if report.corrupt or report.missing else 0
+    print(f"verified {checked} blobs, {format_size(nbytes)} in {dt:.1f}s: "
+          f"{len(corrupt)} corrupt, {len(missing)} missing, "
+          f"{len(modes)} modes narrowed", file=sys.stderr)
+    return 1 if corrupt or missing else 0
 
 
 def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     from weightd.store import Store
 
     budget = ns.max_bytes  # a size: parsed (and refused, exit 2) with the command line
-    with Store.open(cfg.cache_dir, exclusive=True) as store:
-        plan = store.plan_gc(budget)
-        for name in plan.models:
-            print(f"evict model {name}")
-        for digest, size in plan.blobs:
-            print(f"delete blob {digest} ({format_size(size)})")
-        for rev in plan.revisions:
-            print(f"delete old revision {rev}")
-        verb = "would free" if ns.dry_run else "freed"
-        if not ns.dry_run:
-            store.run_gc(plan)
-    print(f"{verb} {format_size(plan.freed)}: {format_size(plan.before)} -> "
-          f"{format_size(plan.after)} (budget {format_size(budget)})", file=sys.stderr)
+    client = _daemon(cfg)
+    if client is not None:  # through the daemon: it never deletes what it holds
+        with client:
+            r = client.gc(budget, dry_run=ns.dry_run)
+        models, blobs, revisions = list(r.models), [(b.digest, b.size) for b in r.blobs], list(
+            r.revisions)
+        before, after = r.before, r.after
+    else:
+        with Store.open(cfg.cache_dir, exclusive=True) as store:
+            plan = store.plan_gc(budget)
+            if not ns.dry_run:
+                store.run_gc(plan)
+        models, blobs, revisions = list(plan.models), list(plan.blobs), [
+            str(rev) for rev in plan.revisions]
+        before, after = plan.before, plan.after
+    for name in models:
+        print(f"evict model {name}")
+    for digest, size in blobs:
+        print(f"delete blob {digest} ({format_size(size)})")
+    for rev in revisions:
+        print(f"delete old revision {rev}")
+    verb = "would free" if ns.dry_run else "freed"
+    print(f"{verb} {format_size(before - after)}: {format_size(before)} -> "
+          f"{format_size(after)} (budget {format_size(budget)})", file=sys.stderr)
     return 0
 
 

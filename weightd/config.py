@@ -240,6 +240,9 @@ class Config:
     retry_max_seconds: float = _setting(
         60.0, parse_duration, "time bound on the retries of one chunk"
     )
+    cold_workers: int = _setting(
+        8, _int, "fetches and loads the daemon runs at once (the rest wait their turn)"
+    )
     host_budget: int | None = _setting(
         None, _opt_size, "bytes the host tier may keep resident (default: half of the RAM)"
     )
@@ -274,6 +277,8 @@ class Config:
             raise ConfigError(f"max_parallel_files must be 1..64, got {self.max_parallel_files}")
         if self.staging_buffers < 1 or self.staging_buffer_size < 1024 * 1024:
             raise ConfigError("staging_buffers must be >= 1 and staging_buffer_size >= 1MiB")
+        if not 1 <= self.cold_workers <= 256:
+            raise ConfigError(f"cold_workers must be 1..256, got {self.cold_workers}")
         if self.retry_attempts < 1:
             raise ConfigError(f"retry_attempts must be at least 1, got {self.retry_attempts}")
 

@@ -1,50 +1,106 @@
 """The node: what the daemon does, independent of how it is asked (gRPC is in service/).
 
-It composes the store (disk tier), the host tier and the lease table, and owns the
-decisions between them: fetch a model once however many replicas ask at the same time,
-make it resident, evict the least recently used models that nobody leases when a budget
-needs room, and describe a resident model's layout so that a client can build tensors.
+It composes the store (disk tier), the residency tiers (host memory, CUDA devices: one
+:class:`~weightd.tiers.base.Tier` interface, keyed by device) and the lease table, and
+owns the decisions between them: fetch a model once however many replicas ask for it,
+make it resident, evict the least recently used models that nobody leases when a
+budget needs room, keep on disk every blob something still holds, and describe a
+resident model's layout so that a client can build tensors.
+
+How it stays fast and right under concurrency (docs/architecture.md):
+
+* Each (model, device) is a small state machine (:mod:`weightd.lifecycle`, pure). The
+  node's one lock guards the transitions and the table lookups: microseconds. Every
+  fetch, load, unload and hash runs outside it, on a bounded executor of cold work;
+  whoever needs that work waits for that work's future alone. A warm Acquire takes the
+  lock once, leases the resident view and returns: it never waits for another model's
+  fetch, load, eviction or gc.
+* Every blob has holders (:class:`~weightd.lifecycle.BlobHolds`): a fetch in progress,
+  a load in progress, a residency (which a lease pins). gc, the disk budget and verify
+  delete or quarantine only what nobody holds; a holder that arrives while gc deletes
+  its blob waits for gc, then finds it gone and fetches it again.
+* A view names its own revision's snapshot directory (``snapshots/.revs/<model>/<rev>``),
+  which stays on disk while the revision is resident.
+
+Work that has to wait is written once, as a *plan*: a generator that yields the futures
+it waits for and returns its result (:meth:`Node.acquiring`, :meth:`Node.fetching`).
+:func:`run_sync` drives one in a thread; the gRPC service drives the same plan on its
+event loop without blocking it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import psutil
 from fsspec.callbacks import Callback
 
 from weightd.config import Config, format_size
-from weightd.errors import FormatError, GpuUnavailable, ModelInUse, SourceNotFound
+from weightd.errors import (
+    FormatError,
+    GpuUnavailable,
+    IntegrityError,
+    ModelInUse,
+    SourceNotFound,
+    SourceUnavailable,
+)
 from weightd.formats import ShardLayout
-from weightd.leases import Lease, LeaseTable
+from weightd.leases import Caller, Credentials, Lease, LeaseTable
+from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, Step
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name, open_source
-from weightd.store import Fetcher, ModelFile, ModelRecord, Snapshot, Store
-from weightd.tiers import HostTier
+from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
+from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
+from weightd.tiers.base import Detached
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
-from weightd.tiers.cuda import CudaTier, device_uuid
+from weightd.tiers.cuda import device_uuid
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A piece of work that may wait: yields the futures it waits for, returns its result.
+Plan = Generator["concurrent.futures.Future[Any]", None, T]
 
 #: Seconds between writes of the models' last-used times to the index (see
 #: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
 TOUCH_FLUSH_INTERVAL = 5.0
 
+#: Rounds of plan → wait → plan again one Acquire may take (a round ends when the work
+#: it waited for ends: a fetch, a load, an eviction, a gc). Far more than any real
+#: sequence needs; a model that keeps changing under its acquirer fails instead.
+MAX_ROUNDS = 32
+
+
+def run_sync(plan: Plan[T]) -> T:
+    """Drive a plan in this thread: wait for each future it yields; return its result."""
+    try:
+        future = next(plan)
+        while True:
+            future.result()
+            future = plan.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        plan.close()
+
 
 @dataclass(frozen=True)
-class ShardInfo:
-    relpath: str
-    digest: str
-    size: int
-    path: str
-    ipc_handle: bytes = b""
-    device_uuid: str = ""
+class ShardInfo(ShardExport):
+    """One shard of a view: where a client finds it (the tier's export) and its place in
+    the model's snapshot."""
+
+    relpath: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,7 +145,8 @@ class View:
     """What every Acquire of a model resident on one device answers: built once, when
     the model is made resident there, from the revision that was loaded. The same
     object is handed out until the model is loaded again, so the service may key what
-    it derives from it (its answer message) on the view itself."""
+    it derives from it (its answer message) on the view itself. ``snapshot_path`` is
+    that revision's own directory, not the model's moving link."""
 
     revision: str
     snapshot_path: str
@@ -102,11 +159,142 @@ class View:
         return sum(s.size for s in self.shards)
 
 
-@dataclass
-class _Residency:
-    view: View
-    last_used: float = field(default_factory=time.time)
-    stale: bool = False  # a newer revision was fetched: reload once no lease holds this one
+@dataclass(frozen=True)
+class Resident:
+    """A model resident on one device (what List shows)."""
+
+    model: str
+    device: str
+    tier: str
+    bytes: int
+    last_used: float
+    leases: int
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """``weightd verify`` through the daemon: the store's report, plus the corrupt blobs
+    left in place because something holds them (quarantined once nothing does)."""
+
+    report: VerifyReport
+    in_use: tuple[str, ...]
+    seconds: float
+
+
+class _Fanout(Callback):  # type: ignore[misc]
+    """Progress of one fetch, for every caller that waits for it (each joins late or
+    early: the last size and value are replayed to a new listener)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._listeners: list[Callback] = []
+
+    def subscribe(self, cb: Callback) -> None:
+        with self._lock:
+            self._listeners.append(cb)
+            size, value = self.size, self.value
+        if size is not None:
+            cb.set_size(size)
+        if value:
+            cb.relative_update(value)
+
+    def unsubscribe(self, cb: Callback) -> None:
+        with self._lock:
+            if cb in self._listeners:
+                self._listeners.remove(cb)
+
+    def set_size(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+            listeners = list(self._listeners)
+        for cb in listeners:
+            cb.set_size(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        with self._lock:
+            self.value += inc
+            listeners = list(self._listeners)
+        for cb in listeners:
+            cb.relative_update(inc)
+
+
+@dataclass(eq=False)
+class _Job:
+    """Cold work in progress (a fetch, a load, an unload) and its future."""
+
+    future: concurrent.futures.Future[Any]
+    progress: _Fanout | None = None
+
+
+class ColdWork:
+    """A bounded pool of threads for the node's cold work (fetches, loads, unloads): at
+    most ``workers`` run at once, the rest wait in order. The RPC threads (or the
+    service's event loop) only wait for the futures.
+
+    Its threads are daemon threads, unlike ``ThreadPoolExecutor``'s, which the
+    interpreter joins at exit: a fetch from a stalled source must not hold up a SIGTERM
+    for its retries' worth of minutes (see :meth:`shutdown`).
+    """
+
+    def __init__(self, workers: int, *, name: str = "weightd-cold") -> None:
+        if workers < 1:
+            raise ValueError(f"cold work needs at least one worker, got {workers}")
+        self.workers = workers
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any],
+                                             Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, work: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the node is closing")
+            self._queue.put((future, work, args))
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._run, daemon=True,
+                                          name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, work, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work(*args))
+            except BaseException as e:  # handed to whoever waits for the future
+                future.set_exception(e)
+
+    def shutdown(self, timeout: float) -> bool:
+        """Cancel what has not started; wait up to ``timeout`` seconds for what runs.
+        Returns whether every worker finished."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
+
+
+class _NeedsFetch(Exception):
+    """A load found a blob of its record missing: the model must be fetched again."""
 
 
 class Node:
@@ -122,48 +310,110 @@ class Node:
         self.cuda = CudaTier(staging_buffers=config.staging_buffers,
                              staging_buffer_size=config.staging_buffer_size,
                              register_host=config.gpu_register_host)
-        self.leases = LeaseTable(on_end=self._lease_ended)
+        self.credentials = Credentials()
+        self.leases = LeaseTable(self.credentials, on_end=self._lease_ended)
         self.metrics.count_leases(self.leases.on_tier)
         self.metrics.set_budget("host", "cpu", self.host_budget)
         if config.disk_budget is not None:
             self.metrics.set_budget("disk", "disk", config.disk_budget)
         self.started = time.time()
-        self._flights: dict[str, threading.Lock] = {}
-        self._flights_guard = threading.Lock()
-        self._residency = threading.RLock()
-        # (model, device) -> when it was last used; device is "cpu" or "cuda:<uuid>"
-        self._resident: dict[tuple[str, str], _Residency] = {}
+        # One lock for every decision below; never held while anything waits on I/O.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # gc or verify let blobs go
+        self._life = Lifecycle()
+        self._holds = BlobHolds()
+        self._deleting: set[str] = set()   # digests gc or verify is removing right now
+        self._corrupt: set[str] = set()    # digests verify found damaged while held
+        self._jobs: dict[tuple[str, ...], _Job] = {}
+        self._gc_done: concurrent.futures.Future[None] | None = None
+        self._gc_guard = threading.Lock()      # one gc at a time (it plans, then deletes)
+        self._verify_guard = threading.Lock()  # one verify at a time
+        self._cold = ColdWork(config.cold_workers)
+        self._ids = itertools.count(1)
+        self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
+        self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
+        self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
-        self._warmer: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
         self._touch_lock = threading.Lock()
         self._touched: dict[str, float] = {}  # model -> last used, not yet in the index
-        self._touches_flushed = 0.0  # the first touch writes at once
+        for record in store.index.models():
+            self._life.cached(record.name, record.revision)
+        self.disk_bytes = 0
+        self._count_disk()
 
     def start(self) -> None:
-        """Start the lease reaper, the GPU tier (if any) and re-warm the recorded pins."""
+        """Start the lease reaper, the GPU tier (if any), the housekeeping, and re-warm
+        the recorded pins."""
         self.leases.start()
         ok, why = self.cuda.start()
         log.info("cuda tier: %s", why if not ok else "available")
         if ok:
             for d in self.cuda.devices():
-                self.metrics.set_budget("cuda", d.uuid, self.gpu_budget(d.uuid))
+                device = "cuda:" + d.uuid
+                self._tiers[device] = self.cuda
+                self._budgets[device] = self.gpu_budget(d.uuid)
+                self.metrics.set_budget("cuda", d.uuid, self._budgets[device])
         for pin in self.store.index.pins():
             state = PinState(pin.source, pin.tier, pin.device, model_name(pin.source))
             self._pins[state.key] = state
             self._warm_queue.put(state.key)
-        self._warmer = threading.Thread(target=self._warm_loop, name="weightd-warm",
-                                        daemon=True)
-        self._warmer.start()
+        for target, name in ((self._warm_loop, "weightd-warm"),
+                             (self._housekeeping, "weightd-housekeeping")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
+        self._stop.set()
         self._warm_queue.put(None)
-        if self._warmer is not None:
-            self._warmer.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        finished = self._cold.shutdown(timeout=10.0)
         self.leases.stop()
         self.flush_touches()
-        self.cuda.close()
-        self.host.close()
+        if finished:
+            self.cuda.close()
+            self.host.close()
+        else:  # a load may still write into them: the process's exit frees them
+            log.warning("cold work still running at close: leaving its memory to the exit")
+        self.credentials.close()
+
+    def _housekeeping(self) -> None:
+        """Write last-used times to the index now and then (never on a warm Acquire)."""
+        while not self._stop.wait(TOUCH_FLUSH_INTERVAL):
+            try:
+                self.flush_touches()
+            except Exception:  # noqa: BLE001 - a failed write is retried next round
+                log.exception("writing last-used times to the index failed")
+
+    # devices ------------------------------------------------------------------------------
+
+    def _tier_of(self, device: str) -> Tier:
+        """The tier serving ``device`` ("cpu" or "cuda:<uuid>").
+
+        Raises:
+            GpuUnavailable: a CUDA device the daemon cannot serve (with the reason).
+        """
+        tier = self._tiers.get(device)
+        if tier is not None:
+            return tier
+        if not self.cuda.available:
+            raise GpuUnavailable(f"{device}: the CUDA tier is unavailable: {self.cuda.reason}")
+        self.cuda.resolve(device_uuid(device))  # names the devices it does see
+        raise GpuUnavailable(f"{device}: not served by this daemon")
+
+    def gpu_budget(self, uuid: str) -> int:
+        return parse_gpu_budget(self.config.gpu_budget, self.cuda.total_bytes(uuid))
+
+    def budget(self, device: str) -> int:
+        return self._budgets[device]
+
+    def devices(self) -> list[tuple[Tier, str]]:
+        """Every (tier, device) the node serves."""
+        return [(tier, device) for device, tier in self._tiers.items()]
 
     # pins (the warm pool) ---------------------------------------------------------------
 
@@ -172,7 +422,7 @@ class Node:
         "cuda:<uuid>"); recorded in the index, warmed in the background."""
         device = _check_pin_device(tier, device)
         if tier == "cuda":
-            self._check_device(device)
+            self._tier_of(device)
         url, name = self._resolve_known(source)
         record = self.store.index.model(name)
         if record is None or not self.store.model_complete(record):
@@ -181,7 +431,7 @@ class Node:
             open_source(url, self.config).list_files()
         state = PinState(url, tier, device, name)
         self.store.index.add_pin(url, tier, device)
-        with self._residency:
+        with self._lock:
             self._pins.setdefault(state.key, state)
         self._warm_queue.put(state.key)
         return name
@@ -190,68 +440,37 @@ class Node:
         device = _check_pin_device(tier, device)
         url, _ = self._resolve_known(source)
         removed = self.store.index.remove_pin(url, tier, device)
-        with self._residency:
+        with self._lock:
             removed = self._pins.pop((url, tier, device), None) is not None or removed
         return removed
 
-    def _resolve_known(self, source: str) -> tuple[str, str]:
-        """:meth:`resolve`, where a model's name as List shows it stands for the source it
-        was fetched from (as :meth:`evict` takes names)."""
-        record = self.store.index.model(source) if "://" not in source else None
-        return self.resolve(record.source if record is not None else source)
-
     def pins(self) -> list[PinState]:
-        with self._residency:
+        with self._lock:
             return sorted(self._pins.values(), key=lambda p: p.since)
 
-    def _pinned(self, name: str, device: str | None = None) -> bool:
-        """Whether a pin holds the model on ``device`` (on any tier when None)."""
-        return any(p.model == name and (device is None or p.device == device)
-                   for p in list(self._pins.values()))
+    def _pinned_on(self, device: str) -> set[str]:
+        """Models a pin keeps resident on ``device``. Caller holds the lock."""
+        return {p.model for p in self._pins.values() if p.tier != "disk" and p.device == device}
 
     def _warm_loop(self) -> None:
         while (key := self._warm_queue.get()) is not None:
-            with self._residency:
+            with self._lock:
                 state = self._pins.get(key)
             if state is None:
                 continue  # unpinned meanwhile
             state.state = "warming"
             try:
                 if state.tier == "disk":
-                    with self._flight(state.model):
-                        self._ensure_cached(state.source, state.model, None, ())
+                    run_sync(self.fetching(state.source, only_if_absent=True))
                 else:
-                    self._make_resident(state.source, state.model, None, (), state.device,
-                                        None)
+                    run_sync(self.acquiring(state.source, device=state.device))
                 state.state = "resident"
                 log.info("pinned %s is resident on the %s tier", state.model, state.tier)
             except Exception as e:  # a pin that cannot warm is reported, not fatal
                 state.state = f"failed: {e}"
                 log.warning("pin of %s on %s failed: %s", state.source, state.tier, e)
 
-    # disk budget --------------------------------------------------------------------------
-
-    def _enforce_disk_budget(self, fetched: str) -> None:
-        budget = self.config.disk_budget
-        if budget is None:
-            return
-        self.flush_touches()  # rank models by when they were really last used
-        with self._residency:
-            keep = ({fetched} | {n for n, _ in self._resident}
-                    | {p.model for p in self._pins.values()}
-                    | {lease.model for lease in self.leases.all()})
-        plan = self.store.plan_gc(budget, keep=keep)
-        if plan.models or plan.blobs:
-            log.info("disk budget %s: evicting %s (%s)", format_size(budget),
-                     ", ".join(plan.models) or "orphan blobs", format_size(plan.freed))
-            self.store.run_gc(plan)
-            self.metrics.evicted("disk", len(plan.models))
-
-    # single flight per model ------------------------------------------------------------
-
-    def _flight(self, name: str) -> threading.Lock:
-        with self._flights_guard:
-            return self._flights.setdefault(name, threading.Lock())
+    # names --------------------------------------------------------------------------------
 
     def resolve(self, source: str) -> tuple[str, str]:
         """Canonical URL and model name of a reference, checked against allowed_sources."""
@@ -259,170 +478,571 @@ class Node:
         check_allowed(url, self.config.allowed_sources)
         return url, model_name(url)
 
+    def _resolve_known(self, source: str) -> tuple[str, str]:
+        """:meth:`resolve`, where a model's name as List shows it stands for the source it
+        was fetched from (as :meth:`evict` takes names)."""
+        record = self.store.index.model(source) if "://" not in source else None
+        return self.resolve(record.source if record is not None else source)
+
+    # cold work: the executor and its jobs ---------------------------------------------------
+
+    def _submit(self, key: tuple[str, ...], work: Callable[..., Any], *args: Any,
+                progress: _Fanout | None = None) -> _Job:
+        """Start ``work`` on the cold executor as the job ``key``. Caller holds the lock
+        and has made the transition that says the work is under way; ``work`` makes the
+        one that says it ended, and drops the job, under the lock, before it returns."""
+        job = _Job(self._cold.submit(work, key, *args), progress)
+        self._jobs[key] = job
+        return job
+
+    def _end_job(self, key: tuple[str, ...]) -> None:
+        """Caller holds the lock."""
+        self._jobs.pop(key, None)
+
+    # fetch --------------------------------------------------------------------------------
+
     def fetch(self, source: str, *, include: Sequence[str] | None = None,
               exclude: Sequence[str] = (), callback: Callback | None = None) -> Snapshot:
         """Fetch (or refresh) a model into the cache; concurrent calls fetch once."""
-        _, name = self.resolve(source)
-        with self._flight(name):
-            snap = self._fetch(source, include, exclude, callback)
+        snap = run_sync(self.fetching(source, include=include, exclude=exclude,
+                                      callback=callback))
+        if snap is None:  # pragma: no cover - only "fetch if absent" answers None
+            raise SourceNotFound(f"{source}: nothing was fetched")
         return snap
 
-    def _fetch(self, source: str, include: Sequence[str] | None, exclude: Sequence[str],
-               callback: Callback | None = None) -> Snapshot:
-        snap = self.fetcher.fetch(source, include=include, exclude=exclude, callback=callback)
-        self._mark_stale(snap.name)
+    def fetching(self, source: str, *, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] = (), callback: Callback | None = None,
+                 only_if_absent: bool = False) -> Plan[Snapshot | None]:
+        """The plan of a fetch: start it (or join the one running) and wait for it.
+
+        With ``only_if_absent``, a model already cached is not fetched again (returns
+        None).
+        """
+        _, name = self.resolve(source)
+        for _ in range(MAX_ROUNDS):
+            with self._lock:
+                disk = self._life.disk_of(name)
+                if disk.state is State.REMOVING:
+                    wait: concurrent.futures.Future[Any] | None = self._gc_done
+                    job = None
+                elif disk.state is State.CACHED and only_if_absent:
+                    return None
+                else:
+                    wait = None
+                    job = self._jobs.get(("fetch", name))
+                    if job is None:
+                        job = self._start_fetch(name, source, include, exclude)
+            if job is None:
+                if wait is not None:
+                    yield wait
+                continue
+            if callback is not None and job.progress is not None:
+                job.progress.subscribe(callback)
+            try:
+                yield job.future
+            finally:
+                if callback is not None and job.progress is not None:
+                    job.progress.unsubscribe(callback)
+            return job.future.result()  # type: ignore[no-any-return]
+        raise SourceUnavailable(f"{source}: gc kept removing the model; try again")
+
+    def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
+                     exclude: Sequence[str]) -> _Job:
+        """Caller holds the lock."""
+        self._life.begin_fetch(name)
+        progress = _Fanout()
+        return self._submit(("fetch", name), self._fetch_job, name, source, include,
+                            tuple(exclude), progress, progress=progress)
+
+    def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
+                   include: Sequence[str] | None, exclude: Sequence[str],
+                   progress: _Fanout) -> Snapshot:
+        holder = ("fetch", name, next(self._ids))
+        try:
+            snap = self.fetcher.fetch(source, include=include, exclude=exclude,
+                                      callback=progress,
+                                      hold=lambda digest: self._hold(holder, [digest]))
+            record = self.store.index.model(snap.name)
+            if record is None:  # pragma: no cover - a fetch records the model or raises
+                raise SourceNotFound(f"{source}: nothing was fetched")
+        except BaseException:
+            with self._lock:
+                self._life.end_fetch(name, None)
+                self._holds.release(holder)
+                self._end_job(key)
+            raise
+        with self._lock:
+            stale = self._life.end_fetch(name, record.revision)
+            self._holds.release(holder)
+            self._end_job(key)
+        if stale:
+            log.info("%s: a new revision was fetched; resident on %s in an older one (it is "
+                     "reloaded once no lease holds it)", name, ", ".join(stale))
         self.metrics.fetched(snap.source.split("://", 1)[0], snap.stats.bytes_fetched,
                              snap.stats.seconds)
-        self._enforce_disk_budget(snap.name)
-        self.metrics.set_resident("disk", "disk", self.store.blob_bytes())
+        self._count_disk()
+        self._enforce_disk_budget(keep={name})
         return snap
 
-    def _mark_stale(self, name: str) -> None:
-        """After a fetch: where the model is resident in another revision than the index
-        now records, the next Acquire that finds no lease there loads the new one."""
-        record = self.store.index.model(name)
-        if record is None:
-            return
-        with self._residency:
-            for (n, _), res in self._resident.items():
-                if n == name and res.view.revision != record.revision:
-                    res.stale = True
+    def _count_disk(self) -> None:
+        """What the blobs take now (Status reads it without touching the disk)."""
+        self.disk_bytes = self.store.blob_bytes()
+        self.metrics.set_resident("disk", "disk", self.disk_bytes)
 
-    def _ensure_cached(self, source: str, name: str, include: Sequence[str] | None,
-                       exclude: Sequence[str]) -> tuple[ModelRecord, bool]:
-        record = self.store.index.model(name)
-        if record is not None and self.store.model_complete(record):
-            return record, False
-        self._fetch(source, include, exclude)
-        record = self.store.index.model(name)
-        if record is None:  # pragma: no cover - fetch records the model or raises
-            raise SourceNotFound(f"{source}: nothing was fetched")
-        return record, True
+    def _hold(self, holder: tuple[Any, ...], digests: Sequence[str],
+              revision: tuple[str, str] | None = None) -> None:
+        """Add blobs to what ``holder`` holds; waits while gc or verify removes one of
+        them (then the caller finds it gone and fetches it again)."""
+        with self._changed:
+            while self._deleting.intersection(digests):
+                self._changed.wait(1.0)
+            self._holds.hold(holder, digests, revision)
 
-    # acquire / release ------------------------------------------------------------------
+    # acquire ------------------------------------------------------------------------------
 
-    def _check_device(self, device: str) -> str | None:
-        """The GPU UUID of a ``cuda:<uuid>`` device (None for ``cpu``), refused early with
-        the reason when the CUDA tier cannot serve it."""
-        if device == "cpu":
-            return None
-        uuid = device_uuid(device)
-        if not self.cuda.available:
-            raise GpuUnavailable(f"{device}: the CUDA tier is unavailable: {self.cuda.reason}")
-        self.cuda.resolve(uuid)
-        return uuid
-
-    def acquire(self, source: str, *, device: str, pid: int, start_time: int,
-                client_name: str = "", include: Sequence[str] | None = None,
-                exclude: Sequence[str] = ()) -> Acquired:
+    def acquire(self, source: str, *, device: str, caller: Caller, client_name: str = "",
+                include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> Acquired:
         """Make a model resident on ``device`` ("cpu" or "cuda:<GPU UUID>") and lease it
-        to process ``pid``.
+        to ``caller``, waiting in this thread (the service drives :meth:`acquiring`).
 
         Raises:
             GpuUnavailable: a CUDA device the tier cannot serve (with the reason).
             BudgetExceeded: the model does not fit even after evicting unleased models.
+            IntegrityError: the resident copy is known to be damaged and still leased.
             SourceNotFound, SourceUnavailable, NotPermitted, FormatError: from the fetch.
         """
+        got = run_sync(self.acquiring(source, device=device, caller=caller,
+                                      client_name=client_name, include=include,
+                                      exclude=exclude))
+        if got is None:  # pragma: no cover - a caller always gets a lease or an error
+            raise RuntimeError("no lease")
+        return got
+
+    def acquiring(self, source: str, *, device: str, caller: Caller | None = None,
+                  client_name: str = "", include: Sequence[str] | None = None,
+                  exclude: Sequence[str] = (),
+                  check: Callable[[str, View], None] | None = None) -> Plan[Acquired | None]:
+        """The plan of an Acquire: until the model is resident on ``device``, start (or
+        join) the work it needs and wait for it; then lease its view to ``caller`` (none:
+        only make it resident, as a pin's warm-up does).
+
+        ``check(model, view)`` runs before the lease is granted (the service checks the
+        answer's size there): what it raises leaves no lease.
+        """
         device = _device_name(device or "cpu")
-        self._check_device(device)  # before any fetch: fail fast
+        tier = self._tier_of(device)  # before any fetch: fail fast
         _, name = self.resolve(source)
         t0 = time.perf_counter()
-        lease_args = (pid, start_time, client_name)
-        fetched = loaded = False
-        got: tuple[View, Lease | None] | None = self._lease_resident(name, device, lease_args)
-        if got is None:  # not resident here (or a newer revision waits): the full path
-            fetched, loaded, got = self._make_resident(source, name, include, exclude, device,
-                                                       lease_args)
-        view, maybe_lease = got
-        lease = cast(Lease, maybe_lease)  # leased: lease_args were given
-        self.metrics.observe_acquire(lease.tier, time.perf_counter() - t0, hit=not loaded)
-        self.metrics.lookup("disk", hit=not fetched)
-        self._touch(name)
+        fetched = loaded = wanted = False
+        try:
+            for _ in range(MAX_ROUNDS):
+                with self._lock:
+                    step = self._life.plan_acquire(name, device)
+                    if step is not Step.LEASE and not wanted:
+                        # from now on nothing evicts the slot under this Acquire (a warm
+                        # one needs no such care: it leases at once, or plans again)
+                        self._life.want(name, device)
+                        wanted = True
+                    view: Any = None
+                    wait: concurrent.futures.Future[Any] | None = None
+                    if step is Step.LEASE:
+                        view = self._life.slots[(name, device)].view
+                    elif step is Step.REFUSE:
+                        raise IntegrityError(
+                            f"{name}: a blob of its resident copy on {device} is damaged "
+                            "(weightd verify); it is fetched again once no lease holds it")
+                    elif step is Step.WAIT_SLOT:
+                        wait = self._jobs[("slot", name, device)].future
+                    elif step is Step.WAIT_FETCH:
+                        wait = self._jobs[("fetch", name)].future
+                    elif step is Step.WAIT_REMOVAL:
+                        wait = self._gc_done
+                    elif step is Step.FETCH:
+                        wait = self._start_fetch(name, source, include, exclude).future
+                        fetched = True
+                    else:  # LOAD or RELOAD
+                        wait = self._start_load(name, device, reload=step is Step.RELOAD)
+                        loaded = True
+                if view is None:
+                    if wait is not None:
+                        yield wait
+                    continue
+                if caller is None:
+                    return None
+                if check is not None:
+                    check(name, view)
+                got = self._lease(name, device, tier, view, caller, client_name,
+                                  fetched, loaded)
+                if got is not None:
+                    self.metrics.observe_acquire(tier.name, time.perf_counter() - t0,
+                                                 hit=not loaded)
+                    self.metrics.lookup("disk", hit=not fetched)
+                    self._touch(name)
+                    return got
+            raise SourceUnavailable(f"{name}: it kept changing while being acquired on "
+                                    f"{device}; try again")
+        finally:
+            if wanted:
+                with self._lock:
+                    self._life.unwant(name, device)
+
+    def _lease(self, name: str, device: str, tier: Tier, view: View, caller: Caller,
+               client_name: str, fetched: bool, loaded: bool) -> Acquired | None:
+        """Lease ``view`` if it is still the resident one (None: plan again)."""
+        with self._lock:
+            slot = self._life.slots.get((name, device))
+            if (slot is None or slot.state is not State.RESIDENT or slot.view is not view
+                    or slot.corrupt):
+                return None
+            self._life.lease(name, device, time.time())
+            lease = self.leases.add(name, tier.name, device, caller, client_name,
+                                    view.revision)
         return Acquired(lease, name, view, fetched, loaded)
 
-    def _lease_resident(self, name: str, device: str, lease_args: tuple[int, int, str],
-                        ) -> tuple[View, Lease] | None:
-        """The fast path of a warm Acquire: lease the resident model's view, without the
-        single-flight lock (a fetch or load of it may be under way)."""
-        with self._residency:
-            res = self._resident.get((name, device))
-            if res is None or res.stale:
-                return None
-            res.last_used = time.time()
-            return res.view, self.leases.add(name, _tier(device), device, *lease_args)
+    def release(self, lease_id: str, caller: Caller) -> Lease:
+        """End a lease (see :meth:`~weightd.leases.LeaseTable.release` for who may)."""
+        return self.leases.release(lease_id, caller)
 
-    def _make_resident(
-        self, source: str, name: str, include: Sequence[str] | None, exclude: Sequence[str],
-        device: str, lease_args: tuple[int, int, str] | None,
-    ) -> tuple[bool, bool, tuple[View, Lease | None]]:
-        """Fetch if needed, load onto ``device`` if needed, and lease if asked, all under
-        the model's single-flight lock; the lease is taken under the residency lock so
-        that no eviction can slip in between the load and the lease. Returns (fetched,
-        loaded, (view, lease))."""
-        with self._flight(name):
-            record, fetched = self._ensure_cached(source, name, include, exclude)
+    def _lease_ended(self, lease: Lease, why: str) -> None:
+        with self._lock:
+            try:
+                self._life.unlease(lease.model, lease.device, time.time())
+            except IllegalTransition:  # pragma: no cover - a leased slot never goes
+                log.error("lease %s ended on %s (%s), which has no lease", lease.lease_id,
+                          lease.model, lease.device)
+
+    # load and unload ----------------------------------------------------------------------
+
+    def _start_load(self, name: str, device: str, *,
+                    reload: bool) -> concurrent.futures.Future[Any]:
+        """Caller holds the lock."""
+        if reload:
+            self._life.begin_unload(name, device)
+        else:
+            self._life.begin_load(name, device)
+        return self._submit(("slot", name, device), self._load_job, name, device,
+                            reload).future
+
+    def _load_job(self, key: tuple[str, ...], name: str, device: str, reload: bool) -> None:
+        tier = self._tiers[device]
+        holder = ("load", name, device)
+        reservation = None
+        try:
+            if reload:
+                with self._lock:
+                    detached = tier.detach(name, device)
+                self._finish_unload(name, device, detached, reload=True)
+            record = self.store.index.model(name)
+            if record is None:
+                raise _NeedsFetch(name)
+            self._hold(holder, [f.digest for f in record.files], (name, record.revision))
+            self._drop_corrupt(holder, record)
+            if not self.store.model_complete(record):
+                raise _NeedsFetch(name)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            # validates every shard before it becomes resident; held here, so that the
-            # view below never parses one again under the residency lock
-            layouts = {f.digest: self._layout(f.digest) for f in shards}
-            blobs = [(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
-            with self._residency:
-                res = self._resident.get((name, device))
-                if res is not None and res.stale and not self.leases.held(name, device):
-                    self._unload(name, device)  # switch to the revision fetched since
-                    res = None
-                loaded = False
-                if res is None:
-                    uuid = self._check_device(device)
-                    if uuid is None:
-                        self._make_room(device, self.host.missing_bytes(
-                            [(d, size) for d, _, size in blobs]), exclude=name)
-                        self.host.load(name, [(d, p) for d, p, _ in blobs])
-                    else:
-                        self._make_room(device, self.cuda.missing_bytes(uuid, blobs),
-                                        exclude=name)
-                        self.cuda.load(name, uuid, blobs)
-                    loaded = True
-                    self._update_resident_metric(device)
-                    res = self._resident[(name, device)] = _Residency(
-                        self._view(name, record.revision, shards, uuid, layouts))
-                res.last_used = time.time()
-                lease = None
-                if lease_args is not None:
-                    lease = self.leases.add(name, _tier(device), device, *lease_args)
-        return fetched, loaded, (res.view, lease)
+            for f in shards:
+                self._layout(f.digest)  # validates every shard before it becomes resident
+            blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
+            with self._lock:
+                victims = self._make_room(tier, device, blobs, exclude=name)
+                reservation = tier.reserve(name, device, blobs)
+            for victim, detached in victims:
+                self._finish_unload(victim, device, detached)
+                log.info("evicted %s from %s (%s) to make room", victim, device,
+                         format_size(detached.nbytes))
+            tier.fill(reservation)
+            reservation = None
+            view = self._view(name, record.revision, shards, tier, device)
+        except _NeedsFetch:
+            with self._lock:
+                self._life.end_load(name, device, revision=None)
+                self._life.forget_cached(name)
+                self._holds.release(holder)
+                self._prune_layouts()
+                self._end_job(key)
+            log.info("%s: some of its blobs are gone (gc or quarantine): fetching it again",
+                     name)
+            return
+        except BaseException:
+            if reservation is not None:
+                tier.cancel(reservation)
+            with self._lock:
+                detached = tier.detach(name, device)  # what a fill made, if it got so far
+                self._life.end_load(name, device, revision=None)
+                self._holds.release(holder)
+                self._prune_layouts()
+                self._end_job(key)
+            tier.free(detached)
+            raise
+        with self._lock:
+            self._holds.move(holder, ("resident", name, device))
+            self._life.end_load(name, device, revision=record.revision, view=view,
+                                now=time.time())
+            if self._corrupt.intersection(s.digest for s in view.shards):
+                self._life.mark_corrupt(name, device)
+            self._end_job(key)
+        self._update_resident_metric(tier, device)
 
-    def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
-              uuid: str | None, layouts: dict[str, ShardLayout]) -> View:
+    def _drop_corrupt(self, holder: tuple[Any, ...], record: ModelRecord) -> None:
+        """Quarantine the blobs of ``record`` that verify found damaged, now that only
+        this load holds them; then the load needs a fetch."""
+        with self._lock:
+            bad = [f.digest for f in record.files if f.digest in self._corrupt]
+            free = [d for d in bad if self._holds.holders(d) == [holder]]
+            self._deleting.update(free)
+        if bad and len(free) < len(bad):
+            raise IntegrityError(f"{record.name}: damaged blobs still in use elsewhere: "
+                                 + ", ".join(d[:16] for d in bad if d not in free))
+        try:
+            for digest in free:
+                try:
+                    dest: object = self.store.quarantine(digest)
+                except FileNotFoundError:  # gone already: forgetting it is enough
+                    self.store.index.forget_blob(digest)
+                    dest = "it was gone"
+                log.warning("%s: damaged blob %s quarantined (%s); fetching it again",
+                            record.name, digest[:16], dest)
+        finally:
+            with self._changed:
+                self._deleting.difference_update(free)
+                self._corrupt.difference_update(free)
+                self._changed.notify_all()
+        if free:
+            self._count_disk()
+            raise _NeedsFetch(record.name)
+
+    def _make_room(self, tier: Tier, device: str, blobs: Sequence[Blob], *,
+                   exclude: str) -> list[tuple[str, Detached]]:
+        """Choose the models to evict so that ``blobs`` fit the device's budget (least
+        recently used first, never leased, wanted or pinned ones), and detach them: they
+        are UNLOADING now, freed by the caller outside the lock. Caller holds the lock.
+
+        Raises:
+            BudgetExceeded: even evicting every evictable model would not make room.
+        """
+        pinned = self._pinned_on(device)
+        candidates = [(last, m, tier.freeable_bytes(m, device), False)
+                      for last, m in self._life.evictable(device, exclude=exclude,
+                                                          pinned=pinned)]
+        candidates += [(0.0, m, tier.freeable_bytes(m, device), True)
+                       for m in self._life.blocked(device, exclude=exclude, pinned=pinned)]
+        chosen = plan_eviction(tier.missing_bytes(device, blobs), tier.used(device),
+                               self._budgets[device], candidates,
+                               what=f"{tier.name} tier ({device})")
+        return [(m, self._begin_unload(m, device)) for m in chosen]
+
+    def _begin_unload(self, name: str, device: str) -> Detached:
+        """Move a resident slot to UNLOADING (no new lease) and detach its blobs; waiters
+        wait for :meth:`_finish_unload`. Caller holds the lock."""
+        self._life.begin_unload(name, device)
+        self._jobs[("slot", name, device)] = _Job(concurrent.futures.Future())
+        return self._tiers[device].detach(name, device)
+
+    def _finish_unload(self, name: str, device: str, detached: Detached, *,
+                       reload: bool = False) -> None:
+        """Free what an unload detached (I/O), then record it. With ``reload`` the slot
+        goes on to LOADING (the caller is the load job, which owns the slot's job)."""
+        tier = self._tiers[device]
+        try:
+            tier.free(detached)
+        finally:
+            with self._lock:
+                self._life.end_unload(name, device, reload=reload)
+                self._holds.release(("resident", name, device))
+                self._prune_layouts()
+                job = None if reload else self._jobs.pop(("slot", name, device), None)
+            if job is not None:
+                job.future.set_result(None)
+        if detached.blobs:
+            self.metrics.evicted(tier.name)
+        self._update_resident_metric(tier, device)
+
+    def _view(self, name: str, revision: str, shards: Sequence[ModelFile], tier: Tier,
+              device: str) -> View:
         """The answer's shards, tensors and metadata for a model just made resident."""
-        exports = {e.digest: e for e in self.cuda.export(name, uuid)} if uuid else {}
-        infos = tuple(
-            ShardInfo(f.relpath, f.digest, f.size,
-                      "" if uuid else str(self.store.blob_path(f.digest)),
-                      exports[f.digest].ipc_handle if uuid else b"", uuid or "")
-            for f in shards)
+        exports = {e.digest: e for e in tier.export(name, device)}
+        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
+                      for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
         for i, f in enumerate(shards):
-            layout = layouts[f.digest]
+            layout = self._layout(f.digest)
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
-        return View(revision, str(self.store.snapshot_path(name)), infos, tuple(tensors),
-                     metadata)
+        return View(revision, str(self.store.revision_path(name, revision)), infos,
+                    tuple(tensors), metadata)
 
     def _layout(self, digest: str) -> ShardLayout:
-        # parsed once, by the fetch, and kept within a byte budget (weightd.formats.cache)
-        return self.fetcher.layout(digest)
+        """The parsed header of a shard blob, kept while something holds the blob: the
+        one its fetch parsed when the fetcher's bounded cache still has it (a header is
+        parsed once), else parsed from the blob."""
+        layout = self._layouts.get(digest)
+        if layout is None:
+            layout = self.fetcher.layout(digest)
+            self._layouts[digest] = layout
+        return layout
 
-    def release(self, lease_id: str) -> Lease:
-        return self.leases.release(lease_id)
+    def _prune_layouts(self) -> None:
+        """Drop the layouts of blobs nothing holds any more, here and in the fetcher's
+        cache (parsed again if the model is loaded again). Caller holds the lock."""
+        for digest in [d for d in list(self._layouts) if not self._holds.held(d)]:
+            del self._layouts[digest]
+            self.fetcher.layouts.drop(digest)
 
-    def _lease_ended(self, lease: Lease, why: str) -> None:
-        with self._residency:
-            res = self._resident.get((lease.model, lease.device))
-            if res is not None:
-                res.last_used = time.time()
+    def _update_resident_metric(self, tier: Tier, device: str) -> None:
+        self.metrics.set_resident(tier.name, tier.label(device), tier.used(device))
+
+    # evict --------------------------------------------------------------------------------
+
+    def evict(self, source_or_name: str, *, tier: str | None = None) -> int:
+        """Drop a model from host memory and/or GPUs (never while leased, pinned or being
+        acquired there); ``tier`` None means every tier but disk. Returns the bytes freed."""
+        name = source_or_name
+        with self._lock:
+            known = any(m == name for m, _ in self._life.slots)
+        if not known:
+            _, name = self.resolve(source_or_name)
+        with self._lock:
+            slots = [(d, s) for (m, d), s in self._life.slots.items() if m == name and s.busy
+                     and (tier is None or self._tiers[d].name == tier)]
+            for device, slot in slots:
+                if slot.leases:
+                    raise ModelInUse(f"{name}: leased on {device} by {slot.leases} "
+                                     "process(es)")
+                if name in self._pinned_on(device):
+                    raise ModelInUse(f"{name}: pinned on {device} (unpin it first)")
+                if slot.state is not State.RESIDENT or slot.waiting:
+                    raise ModelInUse(f"{name}: being loaded or acquired on {device}")
+            unloads = [(device, self._begin_unload(name, device)) for device, _ in slots]
+        freed = 0
+        for device, detached in unloads:
+            self._finish_unload(name, device, detached)
+            freed += detached.nbytes
+        return freed
+
+    # gc and the disk budget ---------------------------------------------------------------
+
+    def _enforce_disk_budget(self, *, keep: Collection[str] = ()) -> None:
+        budget = self.config.disk_budget
+        if budget is None:
+            return
+        plan = self.gc(budget, keep=keep)
+        if plan.models or plan.blobs:
+            log.info("disk budget %s: evicted %s (%s)", format_size(budget),
+                     ", ".join(plan.models) or "orphan blobs", format_size(plan.freed))
+            self.metrics.evicted("disk", len(plan.models))
+
+    def gc(self, budget: int, *, dry_run: bool = False, keep: Collection[str] = ()) -> GcPlan:
+        """Remove least recently used models and orphan blobs until the blobs take at
+        most ``budget`` bytes, never what something holds or uses.
+
+        The plan is made outside the lock from the holds of the moment, then claimed
+        under it (planned again if something took hold of a part meanwhile); while its
+        blobs are deleted, whoever wants one waits, then finds it gone.
+        """
+        with self._gc_guard:
+            self.flush_touches()  # rank models by when they were really last used
+            for _ in range(3):
+                with self._lock:
+                    keep_now = self._kept_models(keep)
+                    held, revisions = self._holds.digests(), self._holds.revisions()
+                plan = self.store.plan_gc(budget, keep=keep_now, held=held,
+                                          held_revisions=revisions)
+                if dry_run or not (plan.models or plan.blobs or plan.revisions):
+                    return plan
+                with self._lock:
+                    if self._claim(plan, keep):
+                        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                        self._gc_done = done
+                        break
+            else:
+                log.info("gc: what it planned kept being taken; trying again later")
+                return GcPlan(budget, plan.before, (), (), ())
+            try:
+                self.store.run_gc(plan)
+            finally:
+                with self._changed:
+                    for name in set(plan.models) | {r.parent.name for r in plan.revisions}:
+                        self._life.end_remove(name, removed=name in plan.models)
+                    self._deleting.clear()
+                    self._gc_done = None
+                    self._changed.notify_all()
+                done.set_result(None)
+                self._count_disk()
+        return plan
+
+    def _kept_models(self, keep: Collection[str]) -> set[str]:
+        """Models gc must not remove: in use on any device, being fetched, pinned, or
+        named by the caller. Caller holds the lock."""
+        return (set(keep) | {m for m in self._life.disk if self._life.in_use(m)}
+                | {m for m, _ in self._life.slots} | {p.model for p in self._pins.values()})
+
+    def _claim(self, plan: GcPlan, keep: Collection[str]) -> bool:
+        """Take a plan for deletion if nothing it names is held or used now: its models,
+        and the models whose old revisions it deletes, go to REMOVING (no fetch or load
+        of them starts until gc is done). Caller holds the lock."""
+        kept = self._kept_models(keep)
+        held, revisions = self._holds.digests(), self._holds.revisions()
+        touched = set(plan.models) | {r.parent.name for r in plan.revisions}
+        if (kept.intersection(touched) or held.intersection(d for d, _ in plan.blobs)
+                or any((r.parent.name, r.name) in revisions for r in plan.revisions)):
+            return False
+        for name in touched:
+            self._life.begin_remove(name)
+        self._deleting.update(d for d, _ in plan.blobs)
+        return True
+
+    # verify -------------------------------------------------------------------------------
+
+    def verify(self) -> VerifyResult:
+        """Rehash every blob (``weightd verify`` through the daemon).
+
+        A corrupt blob that nothing holds is quarantined at once (the next fetch brings
+        it again). One that something holds stays where it is: clients map it by path
+        and a running model's pages stay valid, so it is not moved under them; no new
+        lease is granted on a residency that uses it, and it is quarantined (and fetched
+        again) by the first load that finds it held by nothing else.
+
+        Raises:
+            ModelInUse: another verify is running.
+        """
+        if not self._verify_guard.acquire(blocking=False):
+            raise ModelInUse("a verify is running already")
+        try:
+            in_use: list[str] = []
+            t0 = time.monotonic()
+            report = self.store.verify(claim=lambda d: self._verify_claim(d, in_use))
+            self._count_disk()
+            return VerifyResult(report, tuple(in_use), time.monotonic() - t0)
+        finally:
+            self._verify_guard.release()
+
+    @contextlib.contextmanager
+    def _verify_claim(self, digest: str, in_use: list[str]) -> Iterator[bool]:
+        """Whether verify may quarantine a corrupt blob now (nothing holds it); while it
+        does, whoever wants the blob waits."""
+        with self._lock:
+            free = not self._holds.held(digest) and digest not in self._deleting
+            if free:
+                self._deleting.add(digest)
+            else:
+                in_use.append(digest)
+                self._corrupt.add(digest)
+                for holder in self._holds.holders(digest):
+                    kind, *key = cast(tuple[str, ...], holder)
+                    if kind == "resident":
+                        self._life.mark_corrupt(key[0], key[1])
+        try:
+            yield free
+        finally:
+            if free:
+                with self._changed:
+                    self._deleting.discard(digest)
+                    self._changed.notify_all()
+            else:
+                log.error("corrupt blob %s is in use: left in place; no new lease uses it, "
+                          "and it is fetched again once nothing holds it", digest)
 
     # when models were last used, for the disk tier's LRU ------------------------------
 
@@ -432,98 +1052,24 @@ class Node:
         now = time.time()
         with self._touch_lock:
             self._touched[name] = now
-            due = now - self._touches_flushed >= TOUCH_FLUSH_INTERVAL
-        if due:
-            self.flush_touches()
 
     def flush_touches(self) -> None:
-        """Write the pending last-used times to the index: at most once a
-        ``TOUCH_FLUSH_INTERVAL`` from Acquire, before the disk budget ranks models, and
-        at close. A crash loses at most that interval of LRU precision, nothing else."""
+        """Write the pending last-used times to the index: every ``TOUCH_FLUSH_INTERVAL``
+        from the housekeeping thread, before the disk budget ranks models, and at close.
+        A crash loses at most that interval of LRU precision, nothing else."""
         with self._touch_lock:
             touched, self._touched = self._touched, {}
-            self._touches_flushed = time.time()
         for name, when in touched.items():
             self.store.index.touch_model(name, when)
 
-    # budgets and eviction ---------------------------------------------------------------
-
-    def gpu_budget(self, uuid: str) -> int:
-        return parse_gpu_budget(self.config.gpu_budget, self.cuda.total_bytes(uuid))
-
-    def _used(self, device: str) -> int:
-        return self.host.bytes_used if device == "cpu" else self.cuda.bytes_used(
-            device_uuid(device))
-
-    def _budget(self, device: str) -> int:
-        return self.host_budget if device == "cpu" else self.gpu_budget(device_uuid(device))
-
-    def _freeable(self, name: str, device: str) -> int:
-        if device == "cpu":
-            return self.host.freeable_bytes(name)
-        return self.cuda.freeable_bytes(name, device_uuid(device))
-
-    def _unload(self, name: str, device: str) -> int:
-        """Drop a model from a device. Caller holds the residency lock."""
-        res = self._resident.pop((name, device), None)
-        for shard in res.view.shards if res is not None else ():
-            self.fetcher.layouts.drop(shard.digest)  # parsed again if it is loaded again
-        if device == "cpu":
-            freed = self.host.unload(name)
-        else:
-            freed = self.cuda.unload(name, device_uuid(device))
-        if freed:
-            self.metrics.evicted(_tier(device))
-        self._update_resident_metric(device)
-        return freed
-
-    def _update_resident_metric(self, device: str) -> None:
-        self.metrics.set_resident(_tier(device), device if device == "cpu"
-                                  else device_uuid(device), self._used(device))
-
-    def _make_room(self, device: str, need: int, *, exclude: str) -> None:
-        """Evict models with no lease and no pin from ``device``, least recently used
-        first, until ``need`` more bytes fit in its budget (or raise BudgetExceeded with
-        what was needed and what is free). Caller holds the residency lock."""
-        candidates = [
-            (res.last_used, name, self._freeable(name, device),
-             self.leases.held(name, device) or self._pinned(name, device))
-            for (name, dev), res in self._resident.items() if dev == device and name != exclude]
-        for name in plan_eviction(need, self._used(device), self._budget(device), candidates,
-                                  what=f"{_tier(device)} tier ({device})"):
-            freed = self._unload(name, device)
-            log.info("evicted %s from %s (%s) to make room", name, device, format_size(freed))
-
-    def evict(self, source_or_name: str, *, tier: str | None = None) -> int:
-        """Drop a model from host memory and/or GPUs (never while leased or pinned there);
-        ``tier`` None means every tier but disk. Returns the bytes freed."""
-        name = source_or_name
-        with self._residency:
-            known = any(n == name for n, _ in self._resident)
-        if not known:
-            _, name = self.resolve(source_or_name)
-        freed = 0
-        with self._residency:
-            devices = [d for n, d in self._resident if n == name
-                       and (tier is None or _tier(d) == tier)]
-            for device in devices:
-                if self.leases.held(name, device):
-                    raise ModelInUse(f"{name}: leased on {device} by "
-                                     f"{self.leases.count(name, device)} process(es)")
-                if self._pinned(name, device):
-                    raise ModelInUse(f"{name}: pinned on {device} (unpin it first)")
-            for device in devices:
-                freed += self._unload(name, device)
-        return freed
-
     # introspection ----------------------------------------------------------------------
 
-    def residency(self) -> list[tuple[str, str, int, float]]:
-        """(model, device, bytes, last used) for every model resident in memory."""
-        with self._residency:
-            return [(n, d, self.host.model_bytes(n) if d == "cpu"
-                     else self.cuda.model_bytes(n, device_uuid(d)), r.last_used)
-                    for (n, d), r in sorted(self._resident.items())]
+    def residency(self) -> list[Resident]:
+        """Every model resident in memory, on each device."""
+        with self._lock:
+            resident = [(m, d, s.last_used, s.leases) for (m, d), s in self._life.resident()]
+        return [Resident(m, d, self._tiers[d].name, self._tiers[d].model_bytes(m, d), last, n)
+                for m, d, last, n in resident]
 
     def problems(self) -> list[str]:
         out = []
@@ -553,7 +1099,3 @@ def _device_name(device: str) -> str:
         FormatError: a CUDA device not named by UUID.
     """
     return device if device == "cpu" else "cuda:" + device_uuid(device)
-
-
-def _tier(device: str) -> str:
-    return "host" if device == "cpu" else "cuda"

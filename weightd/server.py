@@ -1,13 +1,15 @@
 """The daemon's process life: the unix socket, signals, readiness, draining.
 
 ``weightd serve`` builds a :class:`~weightd.node.Node` over an exclusively locked cache,
-serves ``weightd.v1.Weightd`` plus the standard health and reflection services on a unix
-socket (mode 0660), tells systemd when it is ready (``NOTIFY_SOCKET``), and on SIGTERM
-stops taking calls, lets the running ones finish, and exits 0.
+serves ``weightd.v1.Weightd`` plus the standard health and reflection services with
+grpc.aio on a unix socket (mode 0660), and the credential socket beside it
+(weightd/service/handshake.py), tells systemd when it is ready (``NOTIFY_SOCKET``), and
+on SIGTERM stops taking calls, lets the running ones finish, and exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib.util
@@ -15,10 +17,7 @@ import logging
 import os
 import signal
 import socket
-import threading
-from concurrent import futures
 from pathlib import Path
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,13 +28,14 @@ from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
 from weightd.rundir import UnsafeRuntimeDir, prepare_runtime_dir
 from weightd.service import WeightdServicer
+from weightd.service.handshake import CredentialServer
+from weightd.service.servicer import MAX_MESSAGE
 from weightd.store import Store
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+from weightd_client.credentials import credential_socket
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE = 64 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Weightd"].full_name
 
 #: Allocations from this size up get their own mapping, returned to the system on free.
@@ -106,7 +106,8 @@ def _prepare_socket(path: Path) -> None:
 
 
 class Daemon:
-    """One running daemon: build with a config, :meth:`start`, then :meth:`wait`."""
+    """One running daemon: build it with a config, ``await`` :meth:`start`, then
+    :meth:`stop` (all on one asyncio event loop: grpc.aio's)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -115,19 +116,14 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics_http: MetricsServer | None = None
         self.node = Node(config, self.store, self.metrics)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="weightd-rpc"),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.max_send_message_length", MAX_MESSAGE),
-                     ("grpc.so_reuseport", 0)])
-        pb_grpc.add_WeightdServicer_to_server(WeightdServicer(self.node), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self._stopped = threading.Event()
+        self.servicer = WeightdServicer(self.node, max_message=MAX_MESSAGE)
+        self.credential_server = CredentialServer(
+            Path(credential_socket(self.socket)), self.node.credentials)
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self._stopped = False
 
-    def start(self) -> None:
+    async def start(self) -> None:
         # The metrics port first: an address that cannot be bound fails the start before
         # anything else runs and before a socket file exists.
         if self.config.metrics_address:
@@ -137,15 +133,25 @@ class Daemon:
         # can arrive on the socket
         self.node.start()
         _prepare_socket(self.socket)
+        # the credential socket first: a client that sees the gRPC socket can shake hands
+        await self.credential_server.start()
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0)])
+        pb_grpc.add_WeightdServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         old = os.umask(0o117)  # the socket is born 0660: never world-accessible
         try:
             self.server.add_insecure_port(f"unix://{self.socket}")
-            self.server.start()
+            await self.server.start()
         finally:
             os.umask(old)
         os.chmod(self.socket, 0o660)
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("weightd serving on unix://%s (cache %s, pid %d)", self.socket,
                  self.config.cache_dir, os.getpid())
         # CUDA that nobody asked for is no warning (node.start logged it; Status says it)
@@ -155,14 +161,17 @@ class Daemon:
             if problem != unasked:
                 log.warning("%s", problem)
 
-    def stop(self, grace: float = 10.0) -> None:
-        if self._stopped.is_set():
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._stopped:
             return
-        self._stopped.set()
+        self._stopped = True
         sd_notify("STOPPING=1")
         log.info("stopping: draining calls (up to %.0fs)", grace)
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        await self.health.enter_graceful_shutdown()
+        await self.credential_server.stop()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.servicer.close()
         self.node.close()
         if self.metrics_http is not None:
             self.metrics_http.stop()
@@ -171,35 +180,37 @@ class Daemon:
             self.socket.unlink()
         log.info("stopped")
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
-
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; return the exit code."""
     if not return_freed_buffers():
         log.debug("mallopt is not available: freed fetch buffers may stay in the heap")
-    daemon = Daemon(config)
-    stop = threading.Event()
+    return asyncio.run(_serve(config))
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
+
+async def _serve(config: Config) -> int:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s", sig.name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    daemon.start()
+    # asyncio's handlers wake the loop through its wakeup fd, whichever thread the
+    # kernel delivered the signal to
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await daemon.start()
     sd_notify("READY=1")
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if config.watchdog and usec > 0:
-        # systemd's watchdog: keep-alives at half the interval, while the server runs
+        # systemd's watchdog: keep-alives at half the interval, while the loop runs
         interval = usec / 2e6
-        while not stop.wait(interval):
+        while not stop.is_set():
             sd_notify("WATCHDOG=1")
-    # Wake now and then: CPython runs a signal handler only on the main thread, and a
-    # signal that the kernel delivers to one of gRPC's threads does not interrupt an
-    # untimed wait here (seen as a daemon that ignored SIGTERM for 30 s in the tests).
-    while not stop.wait(0.5):
-        pass
-    daemon.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    await stop.wait()
+    await daemon.stop()
     return 0

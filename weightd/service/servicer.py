@@ -1,15 +1,25 @@
-"""``weightd.v1.Weightd`` over the node, with one error table and one log line a request."""
+"""``weightd.v1.Weightd`` over the node, with one error table and one log line a request.
+
+The servicer runs on grpc.aio's event loop. What it does there takes microseconds: a
+lookup under the node's lock (a warm Acquire, Release, Status), or a wait that costs
+no thread (a cold Acquire awaits the future of the node's cold work, a Fetch polls its
+progress). So Release, Status, Health and warm Acquires are answered however many cold
+Acquires and fetches are in flight: they never queue behind a thread that a download
+or a load holds. Short calls that touch SQLite or free memory (List, Pin, Unpin,
+Evict) run on a small pool of threads; Verify and Gc on one of their own.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from fsspec.callbacks import Callback
@@ -26,17 +36,27 @@ from weightd.errors import (
     NotPermitted,
     SourceNotFound,
     SourceUnavailable,
+    Unauthenticated,
     WeightdError,
 )
+from weightd.leases import Caller
 from weightd.metrics import Metrics
-from weightd.node import Node, View
+from weightd.node import Node, Plan, View
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import ERROR_KEY  # the one name both sides read and write
 from weightd_client.client import TIER_BY_NAME as _TIERS
 from weightd_client.client import TIER_NAMES as _TIER_NAMES
+from weightd_client.credentials import TOKEN_KEY
 
 log = logging.getLogger("weightd.requests")
+
+T = TypeVar("T")
+
+
+class _Expired(WeightdError):
+    """The caller's deadline passed before its answer could be given (no lease)."""
+
 
 #: The one table from weightd's outcomes to gRPC status codes. The class name also
 #: travels as trailing metadata ``weightd-error`` so the client re-raises the same class.
@@ -46,17 +66,24 @@ ERROR_CODES: dict[type[WeightdError], grpc.StatusCode] = {
     SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     IntegrityError: grpc.StatusCode.DATA_LOSS,
     BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     NotPermitted: grpc.StatusCode.PERMISSION_DENIED,
     GpuUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     LeaseNotFound: grpc.StatusCode.FAILED_PRECONDITION,
     ModelInUse: grpc.StatusCode.FAILED_PRECONDITION,
     CacheLocked: grpc.StatusCode.UNAVAILABLE,
+    _Expired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
-
-
+#: The largest message the daemon sends or accepts (the server's and the client's limit).
+MAX_MESSAGE = 64 * 1024 * 1024
+#: An Acquire whose caller has less time left than this gets no lease: its answer would
+#: arrive too late to be read.
+MIN_TIME_LEFT = 0.005
+#: What an answer adds to its view's template: lease id, tier, device, flags, timing.
+_ANSWER_OVERHEAD = 512
 
 
 def status_for(e: BaseException) -> grpc.StatusCode:
@@ -86,7 +113,7 @@ def _check_globs(*lists: Any) -> None:
 class _Calls:
     """Times a call and writes its one log line; turns errors into status codes."""
 
-    def __init__(self, context: grpc.ServicerContext, method: str, metrics: Metrics,
+    def __init__(self, context: grpc.aio.ServicerContext, method: str, metrics: Metrics,
                  **fields: Any) -> None:
         self.context = context
         self.metrics = metrics
@@ -103,10 +130,10 @@ class _Calls:
         log.log(level, "%s %s ms=%.1f outcome=%s", self.method, text,
                 (time.perf_counter() - self.start) * 1000, outcome)
 
-    def fail(self, e: BaseException) -> NoReturn:
+    async def fail(self, e: BaseException) -> NoReturn:
         code = status_for(e)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s failed unexpectedly", self.method)
+            log.error("%s failed unexpectedly", self.method, exc_info=e)
             message = f"internal error: {type(e).__name__}: {e}"
         else:
             message = str(e)
@@ -115,34 +142,111 @@ class _Calls:
         name = type(e).__name__ if isinstance(e, WeightdError) else "WeightdError"
         if isinstance(e, _BadRequest):
             name = "FormatError"
-        self.context.set_trailing_metadata(((ERROR_KEY, name),))
-        self.context.abort(code, message)
+        elif isinstance(e, _Expired):
+            name = "WeightdError"
+        await self.context.abort(code, message, ((ERROR_KEY, name),))
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
-class _QueueCallback(Callback):  # type: ignore[misc]
-    def __init__(self, q: queue.Queue[tuple[int, int] | None]) -> None:
-        super().__init__()
-        self.q = q
+async def drive(plan: Plan[T]) -> T:
+    """Drive one of the node's plans on the event loop: await each future it yields
+    (the node's cold work) without a thread; return its result.
 
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self.q.put((self.value, self.size or 0))
+    The futures are shared by every caller waiting for the same work, so a caller that
+    goes away (its deadline, a cancel) stops waiting without cancelling the work.
+    """
+    try:
+        future = next(plan)
+        while True:
+            waiting = asyncio.wrap_future(future)
+            waiting.add_done_callback(_retrieve)
+            await asyncio.shield(waiting)
+            future = plan.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        plan.close()
+
+
+def _retrieve(f: asyncio.Future[Any]) -> None:
+    """Mark a shared future's outcome as seen (each waiter reports it on its own)."""
+    if not f.cancelled():
+        f.exception()
+
+
+class _Progress(Callback):  # type: ignore[misc]
+    """Bytes done and to do of one fetch, updated from the fetch's threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def set_size(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+
+    def relative_update(self, inc: int = 1) -> None:
+        with self._lock:
+            self.value += inc
+
+    def read(self) -> tuple[int, int]:
+        with self._lock:
+            return int(self.value), int(self.size or 0)
 
 
 class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, max_message: int = MAX_MESSAGE) -> None:
         self.node = node
+        self.max_message = max_message
         # The shards / tensors / metadata part of an Acquire answer, per resident view:
         # built once and copied (in C) into each answer; gone with its view when the
         # model is unloaded or loaded again.
-        self._answers: weakref.WeakKeyDictionary[View, pb.AcquireResponse] = (
+        self._answers: weakref.WeakKeyDictionary[View, tuple[pb.AcquireResponse, int]] = (
             weakref.WeakKeyDictionary())
         self._answers_lock = threading.Lock()
+        self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="weightd-io")
+        self._ops = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-ops")
 
-    def _answer_template(self, model: str, view: View) -> pb.AcquireResponse:
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._ops.shutdown(wait=False, cancel_futures=True)
+
+    async def _in(self, pool: concurrent.futures.Executor, fn: Callable[..., T],
+                  *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller | None:
+        """The process calling, from the token its credential handshake gave it."""
+        token = next((v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY),
+                     None)
+        return self.node.credentials.get(str(token)) if token else None
+
+    def _required(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The calling process; :class:`Unauthenticated` without valid credentials."""
+        caller = self._caller(context)
+        if caller is None:
+            token = any(k == TOKEN_KEY for k, _ in context.invocation_metadata() or ())
+            raise Unauthenticated(
+                "this call needs the caller's credentials: connect to the daemon's "
+                "credential socket (<socket>.cred) first and send its token as "
+                "'weightd-token' metadata (weightd_client does both); a token from before "
+                "a daemon restart is unknown" if token else
+                "this call needs the caller's credentials (weightd-token metadata): see "
+                "weightd_client.credentials")
+        return caller
+
+    def _operator(self, context: grpc.aio.ServicerContext, what: str) -> Caller:
+        caller = self._required(context)
+        if not caller.privileged():
+            raise NotPermitted(f"{what} through the daemon is for the daemon's user or root, "
+                               f"not uid {caller.uid}")
+        return caller
+
+    def _answer_template(self, model: str, view: View) -> tuple[pb.AcquireResponse, int]:
+        """The part of an Acquire answer shared by every lease of ``view``, and its size."""
         with self._answers_lock:
-            template = self._answers.get(view)
-        if template is None:
+            cached = self._answers.get(view)
+        if cached is None:
             template = pb.AcquireResponse(
                 model=model, snapshot_path=view.snapshot_path, metadata=view.metadata,
                 shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
@@ -152,77 +256,80 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape,
                                          shard=t.shard, offset=t.offset, length=t.length)
                          for t in view.tensors])
+            cached = (template, template.ByteSize())
             with self._answers_lock:
-                self._answers[view] = template
-        return template
+                self._answers[view] = cached
+        return cached
 
-    def Fetch(self, request: pb.FetchRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> Iterator[pb.FetchProgress]:
+    # RPCs ----------------------------------------------------------------------------------
+
+    async def Fetch(self, request: pb.FetchRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FetchProgress]:
         calls = _Calls(context, "Fetch", self.node.metrics, source=request.source)
+        progress = _Progress()
+        task = None
         try:
             _check_source(request.source)
             _check_globs(request.include, request.exclude)
-        except WeightdError as e:
-            calls.fail(e)
-        q: queue.Queue[tuple[int, int] | None] = queue.Queue()
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["snap"] = self.node.fetch(
-                    request.source, include=list(request.include) or None,
-                    exclude=list(request.exclude), callback=_QueueCallback(q))
-            except BaseException as e:  # handed to the streaming thread below
-                outcome["error"] = e
-            finally:
-                q.put(None)
-
-        threading.Thread(target=run, name="weightd-fetch-call", daemon=True).start()
-        last_sent = 0.0
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            while not q.empty():  # coalesce: send only the latest state
-                nxt = q.get()
-                if nxt is None:
-                    q.put(None)
-                    break
-                item = nxt
-            now = time.monotonic()
-            if now - last_sent >= 0.1 and context.is_active():
-                last_sent = now
-                yield pb.FetchProgress(bytes_done=item[0], bytes_total=item[1])
-        if "error" in outcome:
-            calls.fail(outcome["error"])
-        snap = outcome["snap"]
+            task = asyncio.ensure_future(drive(self.node.fetching(
+                request.source, include=list(request.include) or None,
+                exclude=list(request.exclude), callback=progress)))
+            sent = (0, 0)
+            while not (await asyncio.wait({task}, timeout=0.1))[0]:
+                now = progress.read()
+                if now != sent:
+                    sent = now
+                    yield pb.FetchProgress(bytes_done=now[0], bytes_total=now[1])
+            snap = task.result()
+        except Exception as e:
+            await calls.fail(e)
+        finally:
+            if task is not None and not task.done():
+                task.cancel()  # stops this caller's waiting, not the fetch
+        if snap is None:  # pragma: no cover - only pins ask for "fetch if absent"
+            await calls.fail(SourceNotFound(f"{request.source}: nothing was fetched"))
         s = snap.stats
         calls.ok(model=snap.name, bytes=s.bytes_fetched, hits=s.hits)
         yield pb.FetchProgress(bytes_done=s.bytes_fetched, bytes_total=s.bytes_fetched, done=True,
                                model=snap.name, snapshot_path=snap.path, files=s.files,
                                hits=s.hits, bytes_fetched=s.bytes_fetched, seconds=s.seconds)
 
-    def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> pb.AcquireResponse:
+    async def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
         t0 = time.perf_counter()
         calls = _Calls(context, "Acquire", self.node.metrics, source=request.source,
-                       device=request.device or "cpu", pid=request.client.pid)
+                       device=request.device or "cpu")
         try:
+            caller = self._required(context)
+            calls.fields["pid"] = caller.pid
             _check_source(request.source)
             _check_globs(request.include, request.exclude)
-            if request.client.pid <= 0:
-                raise _BadRequest("request", "client.pid must be the caller's process id")
-            got = self.node.acquire(
-                request.source, device=request.device or "cpu", pid=request.client.pid,
-                start_time=request.client.start_time, client_name=request.client.name,
-                include=list(request.include) or None, exclude=list(request.exclude))
+            if request.client.pid < 0:
+                raise _BadRequest("request", "client.pid cannot be negative")
+
+            def deliverable(model: str, view: View) -> None:
+                """What would leave a lease nobody can use is refused before leasing."""
+                size = self._answer_template(model, view)[1] + _ANSWER_OVERHEAD
+                if size > self.max_message:
+                    raise FormatError(model, f"its Acquire answer would be {size} bytes, over "
+                                             f"the {self.max_message}-byte message limit "
+                                             "(too many tensors, or too much metadata)")
+                left = context.time_remaining()
+                if left is not None and left < MIN_TIME_LEFT:
+                    raise _Expired(f"{model}: the caller's deadline passed")
+
+            got = await drive(self.node.acquiring(
+                request.source, device=request.device or "cpu", caller=caller,
+                client_name=request.client.name, include=list(request.include) or None,
+                exclude=list(request.exclude), check=deliverable))
+            if got is None:  # pragma: no cover - a caller always gets a lease or an error
+                raise RuntimeError("no lease")
         except Exception as e:
-            calls.fail(e)
+            await calls.fail(e)
         calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
-                 lease=got.lease.lease_id,
-                 fetched=got.fetched, loaded=got.loaded)
+                 lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
         answer = pb.AcquireResponse()
-        answer.CopyFrom(self._answer_template(got.model, got.view))
+        answer.CopyFrom(self._answer_template(got.model, got.view)[0])
         answer.lease_id = got.lease.lease_id
         answer.tier = _TIERS[got.lease.tier]
         answer.device = got.lease.device
@@ -231,87 +338,89 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         answer.server_ms = (time.perf_counter() - t0) * 1000
         return answer
 
-    def Release(self, request: pb.ReleaseRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> pb.ReleaseResponse:
-        calls = _Calls(context, "Release", self.node.metrics, lease=request.lease_id)
+    async def Release(self, request: pb.ReleaseRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        calls = _Calls(context, "Release", self.node.metrics, lease=request.lease_id[:128])
         try:
+            caller = self._required(context)
             if not request.lease_id or len(request.lease_id) > 128:
                 raise LeaseNotFound(f"no lease {request.lease_id[:128]!r}")
-            lease = self.node.release(request.lease_id)
+            lease = self.node.release(request.lease_id, caller)
         except Exception as e:
-            calls.fail(e)
-        calls.ok(model=lease.model)
+            await calls.fail(e)
+        calls.ok(model=lease.model, pid=caller.pid)
         return pb.ReleaseResponse()
 
-    def List(self, request: pb.ListRequest,  # noqa: N802
-             context: grpc.ServicerContext) -> pb.ListResponse:
+    def _list(self) -> pb.ListResponse:
+        resident: dict[str, list[pb.Residency]] = {}
+        for r in self.node.residency():
+            resident.setdefault(r.model, []).append(pb.Residency(
+                tier=_TIERS[r.tier], device=r.device, bytes=r.bytes, last_used=r.last_used,
+                leases=r.leases))
+        return pb.ListResponse(models=[pb.ModelInfo(
+            model=m.name, source=m.source,
+            snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
+            files=len(m.files), resident=resident.get(m.name, []))
+            for m in self.node.store.index.models()])
+
+    async def List(self, request: pb.ListRequest,  # noqa: N802
+                   context: grpc.aio.ServicerContext) -> pb.ListResponse:
         calls = _Calls(context, "List", self.node.metrics)
         try:
-            leases = self.node.leases.all()
-            resident: dict[str, list[pb.Residency]] = {}
-            for name, device, nbytes, last_used in self.node.residency():
-                resident.setdefault(name, []).append(pb.Residency(
-                    tier=_TIERS["host" if device == "cpu" else "cuda"], device=device,
-                    bytes=nbytes, last_used=last_used,
-                    leases=sum(1 for x in leases if x.model == name and x.device == device)))
-            models = [pb.ModelInfo(
-                model=m.name, source=m.source,
-                snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
-                files=len(m.files), resident=resident.get(m.name, []))
-                for m in self.node.store.index.models()]
+            answer = await self._in(self._io, self._list)
         except Exception as e:
-            calls.fail(e)
-        calls.ok(models=len(models))
-        return pb.ListResponse(models=models)
+            await calls.fail(e)
+        calls.ok(models=len(answer.models))
+        return answer
 
-    def Status(self, request: pb.StatusRequest,  # noqa: N802
-               context: grpc.ServicerContext) -> pb.StatusResponse:
+    async def Status(self, request: pb.StatusRequest,  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         calls = _Calls(context, "Status", self.node.metrics)
         try:
             node = self.node
-            problems = node.problems()
-            tiers = [
-                pb.TierStatus(tier=pb.TIER_DISK, device="disk", available=True,
-                              bytes_used=node.store.blob_bytes(),
-                              bytes_budget=node.config.disk_budget or 0),
-                pb.TierStatus(tier=pb.TIER_HOST, device="cpu", available=True,
-                              reason=node.host.lock_problem, bytes_used=node.host.bytes_used,
-                              bytes_budget=node.host_budget, locked=node.host.locked),
-            ]
-            if node.cuda.available:
-                tiers += [pb.TierStatus(tier=pb.TIER_CUDA, device=f"cuda:{d.uuid}",
-                                        available=True, bytes_used=node.cuda.bytes_used(d.uuid),
-                                        bytes_budget=node.gpu_budget(d.uuid))
-                          for d in node.cuda.devices()]
-            else:
+            caller = self._caller(context)
+            tiers = [pb.TierStatus(tier=pb.TIER_DISK, device="disk", available=True,
+                                   bytes_used=node.disk_bytes,
+                                   bytes_budget=node.config.disk_budget or 0)]
+            for tier, device in node.devices():
+                tiers.append(pb.TierStatus(
+                    tier=_TIERS[tier.name], device=device, available=True,
+                    reason=node.host.lock_problem if tier is node.host else "",
+                    bytes_used=tier.used(device), bytes_budget=node.budget(device),
+                    locked=node.host.locked if tier is node.host else False))
+            if not node.cuda.available:
                 tiers.append(pb.TierStatus(tier=pb.TIER_CUDA, available=False,
                                            reason=node.cuda.reason))
             pins = [pb.PinInfo(model=p.model, source=p.source, tier=_TIERS[p.tier],
                                device=p.device, state=p.state, since=p.since)
                     for p in node.pins()]
-            leases = [pb.LeaseInfo(lease_id=lease.lease_id, model=lease.model,
-                                   tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
-                                   client_name=lease.client_name, since=lease.since)
-                      for lease in node.leases.all()]
+            now = time.time()
+            leases = [pb.LeaseInfo(
+                lease_id=lease.lease_id if lease.owner is caller else "", model=lease.model,
+                tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
+                client_name=lease.client_name, since=lease.since, uid=lease.uid,
+                age_seconds=now - lease.since)
+                for lease in node.leases.all()]
         except Exception as e:
-            calls.fail(e)
+            await calls.fail(e)
         calls.ok()
         return pb.StatusResponse(version=__version__, pid=os.getpid(),
                                  uptime_seconds=time.time() - node.started,
                                  cache_dir=str(node.store.root), tiers=tiers, leases=leases,
-                                 problems=problems, pins=pins)
+                                 problems=node.problems(), pins=pins)
 
-    def Evict(self, request: pb.EvictRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> pb.EvictResponse:
+    async def Evict(self, request: pb.EvictRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> pb.EvictResponse:
         calls = _Calls(context, "Evict", self.node.metrics, source=request.source)
         try:
             _check_source(request.source)
             if request.tier == pb.TIER_DISK or request.tier not in _TIER_NAMES.keys() | {0}:
                 raise _BadRequest("request", "evict takes the host or cuda tier (or none: "
                                              "both); the disk tier is `weightd gc`")
-            freed = self.node.evict(request.source, tier=_TIER_NAMES.get(request.tier))
+            freed = await self._in(self._io, lambda: self.node.evict(
+                request.source, tier=_TIER_NAMES.get(request.tier)))
         except Exception as e:
-            calls.fail(e)
+            await calls.fail(e)
         calls.ok(bytes=freed)
         return pb.EvictResponse(bytes_freed=freed)
 
@@ -322,24 +431,63 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             raise _BadRequest("request", f"unknown tier {request.tier}")
         return tier, request.device or ("cpu" if tier != "cuda" else "")
 
-    def Pin(self, request: pb.PinRequest,  # noqa: N802
-            context: grpc.ServicerContext) -> pb.PinResponse:
+    async def Pin(self, request: pb.PinRequest,  # noqa: N802
+                  context: grpc.aio.ServicerContext) -> pb.PinResponse:
         calls = _Calls(context, "Pin", self.node.metrics, source=request.source)
         try:
             tier, device = self._pin_args(request)
-            model = self.node.pin(request.source, tier=tier, device=device)
+            model = await self._in(self._io, lambda: self.node.pin(
+                request.source, tier=tier, device=device))
         except Exception as e:
-            calls.fail(e)
+            await calls.fail(e)
         calls.ok(model=model, tier=tier)
         return pb.PinResponse(model=model)
 
-    def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> pb.UnpinResponse:
+    async def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
         calls = _Calls(context, "Unpin", self.node.metrics, source=request.source)
         try:
             tier, device = self._pin_args(request)
-            removed = self.node.unpin(request.source, tier=tier, device=device)
+            removed = await self._in(self._io, lambda: self.node.unpin(
+                request.source, tier=tier, device=device))
         except Exception as e:
-            calls.fail(e)
+            await calls.fail(e)
         calls.ok(was_pinned=removed)
         return pb.UnpinResponse(was_pinned=removed)
+
+    async def Verify(self, request: pb.VerifyRequest,  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
+        calls = _Calls(context, "Verify", self.node.metrics)
+        try:
+            caller = self._operator(context, "verify")
+            calls.fields["pid"] = caller.pid
+            result = await self._in(self._ops, self.node.verify)
+        except Exception as e:
+            await calls.fail(e)
+        r = result.report
+        calls.ok(blobs=r.checked, corrupt=len(r.corrupt), in_use=len(result.in_use))
+        return pb.VerifyResponse(checked=r.checked, bytes=r.bytes, corrupt=r.corrupt,
+                                 missing=r.missing, in_use=result.in_use,
+                                 seconds=result.seconds,
+                                 modes=[pb.ModeNarrowed(path=path, old_mode=old, new_mode=new)
+                                        for path, old, new in r.modes])
+
+    async def Gc(self, request: pb.GcRequest,  # noqa: N802
+                 context: grpc.aio.ServicerContext) -> pb.GcResponse:
+        calls = _Calls(context, "Gc", self.node.metrics, budget=request.max_bytes,
+                       dry_run=request.dry_run)
+        try:
+            if request.max_bytes < 0:
+                raise _BadRequest("request", "max_bytes cannot be negative")
+            if not request.dry_run:
+                self._operator(context, "gc")
+            plan = await self._in(self._ops, lambda: self.node.gc(
+                request.max_bytes, dry_run=request.dry_run))
+        except Exception as e:
+            await calls.fail(e)
+        calls.ok(models=len(plan.models), bytes=plan.freed)
+        return pb.GcResponse(budget=plan.budget, before=plan.before, after=plan.after,
+                             models=plan.models,
+                             blobs=[pb.GcBlob(digest=d, size=n) for d, n in plan.blobs],
+                             revisions=[str(r) for r in plan.revisions],
+                             dry_run=request.dry_run)

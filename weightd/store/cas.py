@@ -36,7 +36,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _always(digest: str) -> Iterator[bool]:
+    yield True
 
 
 @dataclass(frozen=True)
@@ -345,6 +351,11 @@ class Store:
         """The stable path of a model's snapshot (a link to its current revision)."""
         return self.root / "snapshots" / name
 
+    def revision_path(self, name: str, revision: str) -> Path:
+        """The directory of one revision of a model's snapshot (what a view names: it
+        does not move when the model is fetched again)."""
+        return self.root / "snapshots" / ".revs" / name / revision
+
     # temp files -----------------------------------------------------------------------
 
     def clean_tmp(self) -> int:
@@ -496,9 +507,18 @@ class Store:
 
     # verify -----------------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
+    def verify(self, *, claim: Callable[[str], AbstractContextManager[bool]] | None = None,
+               ) -> VerifyReport:
         """Rehash every blob; move corrupt ones to quarantine/ and forget them; narrow
-        every entry whose mode is wider than the store's (see the module's docstring)."""
+        every entry whose mode is wider than the store's (see the module's docstring).
+
+        Args:
+            claim: asked about each corrupt blob before it is moved: a context that
+                yields whether the blob may be moved now (held for the move's duration);
+                False leaves it in place (the daemon: something holds it). Default:
+                always.
+        """
+        claim = claim or _always
         modes = self._narrow_modes()
         known = {b.digest: b for b in self.index.blobs()}
         corrupt, unindexed = [], []
@@ -509,22 +529,27 @@ class Store:
                 continue
             for blob in sorted(sub.iterdir()):
                 digest = blob.name
+                try:
+                    actual = hash_file(blob)
+                    size = blob.stat().st_size
+                except FileNotFoundError:
+                    continue  # a daemon's gc removed it meanwhile: nothing to verify
                 on_disk.add(digest)
-                actual = hash_file(blob)
-                size = blob.stat().st_size
                 checked += 1
                 total += size
                 rec = known.get(digest)
                 if actual != digest or (rec is not None and rec.size != size):
-                    dest = self.root / "quarantine" / f"{digest}.{int(time.time())}"
-                    os.rename(blob, dest)
-                    self.index.forget_blob(digest)
                     corrupt.append(digest)
+                    with claim(digest) as free:
+                        if not free:
+                            continue  # in use: the caller quarantines it later
+                        dest = self.quarantine(digest)
                     log.error("corrupt blob %s (content hashes to %s): moved to %s",
                               digest, actual, dest)
                 elif rec is None:
                     unindexed.append(digest)
-        missing = sorted(set(known) - on_disk)
+        # (what a daemon's gc removed meanwhile, it also forgot: not missing)
+        missing = sorted((set(known) - on_disk) & {b.digest for b in self.index.blobs()})
         for digest in missing:
             self.index.forget_blob(digest)
         return VerifyReport(checked, total, tuple(corrupt), tuple(missing), tuple(unindexed),
@@ -547,22 +572,42 @@ class Store:
                 log.warning("%s was mode %04o: narrowed to %04o", path, old, old & mode)
         return tuple(fixed)
 
+    def quarantine(self, digest: str) -> Path:
+        """Move a blob to quarantine/ and forget it (the next fetch downloads it again)."""
+        dest = self.root / "quarantine" / f"{digest}.{time.time_ns()}"
+        os.rename(self.blob_path(digest), dest)
+        self.index.forget_blob(digest)
+        return dest
+
     # gc ---------------------------------------------------------------------------------
 
     def blob_bytes(self) -> int:
         return sum(b.size for b in self.index.blobs() if self.has_blob(b.digest))
 
-    def plan_gc(self, budget: int, *, keep: Collection[str] = ()) -> GcPlan:
+    def plan_gc(self, budget: int, *, keep: Collection[str] = (), held: Collection[str] = (),
+                held_revisions: Collection[tuple[str, str]] = ()) -> GcPlan:
         """Plan evictions until blobs take at most ``budget`` bytes (nothing is deleted).
 
-        Models named in ``keep`` (resident, leased or pinned ones) are never evicted.
+        Args:
+            budget: bytes the blobs may take.
+            keep: models never evicted (resident, leased, pinned, being fetched...), nor
+                any of their revisions deleted.
+            held: blobs never deleted, whoever references them (a fetch in progress
+                holds blobs that no model record names yet; a resident revision holds
+                blobs that its model's current record may no longer name).
+            held_revisions: ``(model, revision)`` snapshot directories never deleted
+                (a leased older revision).
         """
+        held = set(held)
         blobs = {b.digest: b for b in self.index.blobs() if self.has_blob(b.digest)}
         before = sum(b.size for b in blobs.values())
         models = sorted(self.index.models(), key=lambda m: m.last_used)
-        current = {(m.name, m.revision) for m in models}
+        current = {(m.name, m.revision) for m in models} | set(held_revisions)
+        # old revisions of models nothing uses (a model being fetched may be writing a
+        # revision that the index does not name yet)
         revisions = tuple(
             rev for model_dir in sorted((self.root / "snapshots" / ".revs").iterdir())
+            if model_dir.name not in keep
             for rev in sorted(model_dir.iterdir())
             if rev.is_dir() and (model_dir.name, rev.name) not in current)
         users: dict[str, set[str]] = {}
@@ -575,7 +620,7 @@ class Store:
         for b in sorted(blobs.values(), key=lambda b: b.last_used):
             if size <= budget:
                 break
-            if b.digest not in users:
+            if b.digest not in users and b.digest not in held:
                 evict_blobs.append((b.digest, b.size))
                 size -= b.size
         for m in models:
@@ -587,7 +632,8 @@ class Store:
             for f in m.files:
                 holders = users.get(f.digest, set())
                 holders.discard(m.name)
-                if not holders and f.digest in blobs and (f.digest, f.size) not in evict_blobs:
+                if (not holders and f.digest in blobs and f.digest not in held
+                        and (f.digest, f.size) not in evict_blobs):
                     evict_blobs.append((f.digest, blobs[f.digest].size))
                     size -= blobs[f.digest].size
         return GcPlan(budget, before, tuple(evict_models), tuple(evict_blobs), revisions)

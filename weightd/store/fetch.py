@@ -222,6 +222,7 @@ class Fetcher:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         callback: Callback | None = None,
+        hold: Callable[[str], None] | None = None,
     ) -> Snapshot:
         """Fetch a model and switch its snapshot to what the source holds now.
 
@@ -232,6 +233,9 @@ class Fetcher:
             exclude: globs of files to leave out.
             callback: fsspec-style progress (``set_size`` in bytes to fetch,
                 ``relative_update`` as bytes land).
+            hold: called with each blob's digest before the fetch relies on it (a hit,
+                or a download about to become visible): the daemon's gc then keeps it
+                until the snapshot names it (see weightd/node.py).
 
         Returns:
             The model's :class:`Snapshot`.
@@ -248,7 +252,7 @@ class Fetcher:
         results: dict[str, ModelFile] = {}
         todo = []
         for f in files:
-            digest = self._hit(f)
+            digest = self._hit(f, hold)
             if digest is None:
                 todo.append(f)
             else:  # in the cache already: no data read, no thread
@@ -259,7 +263,8 @@ class Fetcher:
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.config.max_parallel_files,
                 thread_name_prefix="weightd-fetch") as pool:
-            futures = {pool.submit(self.fetch_file, source, f, progress, stats): f for f in todo}
+            futures = {pool.submit(self.fetch_file, source, f, progress, stats, hold): f
+                       for f in todo}
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     f = futures[fut]
@@ -300,24 +305,26 @@ class Fetcher:
                                    f"{MAX_ANSWER_BYTES // (1024 * 1024)} MiB a gRPC message "
                                    "may hold")
 
-    def _hit(self, f: RemoteFile) -> str | None:
+    def _hit(self, f: RemoteFile, hold: Callable[[str], None] | None = None) -> str | None:
         digest = self.store.index.lookup_file(f.url, f.identity)
+        if digest is not None and hold is not None:
+            hold(digest)  # then look: a gc that had it may just have deleted it
         return digest if digest is not None and self.store.has_blob(digest) else None
 
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
-                   stats: FetchStats) -> str:
+                   stats: FetchStats, hold: Callable[[str], None] | None = None) -> str:
         """Bring one file that was not in the store into it; return its digest."""
         with self.store.single_flight(f"{f.url}\0{f.identity}"):
-            digest = self._hit(f)  # another thread or process may have just done it
+            digest = self._hit(f, hold)  # another thread or process may have just done it
             if digest is None:
-                digest, hash_s = self._download(source, f, progress)
+                digest, hash_s = self._download(source, f, progress, hold)
                 stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
                 return digest
         stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
         return digest
 
-    def _download(self, source: Source, f: RemoteFile,
-                  progress: _LockedCallback) -> tuple[str, float]:
+    def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
+                  hold: Callable[[str], None] | None = None) -> tuple[str, float]:
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
         with source.open_file(f) as reader, self.store.temp_file(
@@ -366,6 +373,8 @@ class Fetcher:
             if again != f.identity:
                 raise IntegrityError(f"{f.url}: the source changed during the download "
                                      f"({f.identity} -> {again}); fetch again")
+            if hold is not None:
+                hold(digest)
             self.store.commit_blob(fd, tmp, digest)
         self.store.index.record_file(f.url, f.identity, f.size, digest)
         if layout is not None:

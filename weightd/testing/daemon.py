@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +43,29 @@ def wait_for_daemon(socket: str | Path, proc: subprocess.Popen[bytes] | None = N
 
 class DaemonProcess:
     """``weightd serve`` in a subprocess on its own socket and cache under ``home``, its
-    output in a log file there; the constructor returns once it answers.
+    output in a log file there; the constructor returns once it answers. ``launcher``
+    replaces the command that starts it (default: this Python's ``-m weightd.cli serve``
+    with ``args``), e.g. to run it as another user or in a namespace of its own.
 
     Used by the tests and the benchmarks (a real process on a real unix socket).
     """
 
     def __init__(self, home: str | Path, *, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = (), timeout: float = 60.0,
-                 socket: str | Path | None = None) -> None:
+                 socket: str | Path | None = None,
+                 launcher: Sequence[str] | None = None) -> None:
         home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
         self.socket = Path(socket) if socket is not None else home / "run" / "weightd.sock"
         self.cache_dir = home / "cache"
         self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
         self.env = {**os.environ, "WEIGHTD_SOCKET": str(self.socket),
                     "WEIGHTD_CACHE_DIR": str(self.cache_dir), **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (open while the process runs)
-        self.proc = subprocess.Popen([sys.executable, "-m", "weightd.cli", "serve", *args],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        command = (list(launcher) if launcher is not None
+                   else [sys.executable, "-m", "weightd.cli", "serve", *args])
+        self.proc = subprocess.Popen(command, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
 
     @property

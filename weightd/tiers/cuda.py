@@ -2,10 +2,13 @@
 
 Each shard blob becomes one device allocation (``cudaMalloc``, never a caching pool:
 an IPC handle covers a whole allocation), filled from the cache through the pinned
-staging pool of :mod:`weightd.tiers.staging`, or, with ``register_host``, straight from
-the registered mmapped file. Blobs shared by several models on one device are
-allocated once and counted by digest, as :class:`~weightd.tiers.host.HostTier` does in
-host memory. Clients open the exported handles (``weightd_client.cuda``).
+staging pool of :mod:`weightd.tiers.staging` (one pool per device, so loads on
+different GPUs run at once), or, with ``register_host``, straight from the registered
+mmapped file. Blobs shared by several models on one device are allocated once and
+counted by digest, by the same bookkeeping as the host tier's
+(:class:`~weightd.tiers.base.BlobTier`); a blob costs whole 2 MiB granules
+(:data:`IPC_GRANULE`), and the budget counts that. Clients open the exported handles
+(``weightd_client.cuda``).
 
 The CUDA calls live in one small class, :class:`CupyDriver` (cupy, the optional extra
 ``weightd[cuda]``, imported on first use); everything around them (bookkeeping,
@@ -47,8 +50,8 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -57,6 +60,7 @@ import numpy as np
 
 from weightd.config import format_size
 from weightd.errors import BudgetExceeded, FormatError, GpuUnavailable, IntegrityError
+from weightd.tiers.base import Blob, BlobTier, ShardExport
 from weightd.tiers.staging import (
     DEFAULT_STAGING_BUFFER_SIZE,
     DEFAULT_STAGING_BUFFERS,
@@ -76,7 +80,6 @@ __all__ = [
     "CupyDriver",
     "DeviceInfo",
     "DeviceOutOfMemory",
-    "ShardExport",
     "device_uuid",
     "format_uuid",
 ]
@@ -164,16 +167,6 @@ class DeviceInfo:
     total_bytes: int
 
 
-@dataclass(frozen=True)
-class ShardExport:
-    """What a client needs to open one shard's device buffer (byte 0 = file byte 0)."""
-
-    digest: str
-    ipc_handle: bytes
-    size: int
-    device_uuid: str
-
-
 class DeviceOutOfMemory(MemoryError):
     """A driver's ``malloc`` found no room on the device (cudaErrorMemoryAllocation)."""
 
@@ -182,8 +175,11 @@ class CudaDriver(Protocol):
     """The CUDA calls :class:`CudaTier` makes; :class:`CupyDriver` makes them with cupy.
 
     Every method raises :class:`~weightd.errors.GpuUnavailable` on a CUDA error, and
-    ``malloc`` raises :class:`DeviceOutOfMemory` when the device is full.
+    ``malloc`` raises :class:`DeviceOutOfMemory` when the device is full. ``granule``:
+    allocations are whole multiples of it (what a blob really costs on the device).
     """
+
+    granule: int
 
     def devices(self) -> list[DeviceInfo]: ...
 
@@ -209,27 +205,27 @@ class CudaDriver(Protocol):
 # the tier -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class _DeviceBlob:
-    digest: str
-    uuid: str
     index: int
+    uuid: str
     ptr: int
-    size: int
     handle: bytes
-    users: set[str] = field(default_factory=set)
 
 
-class CudaTier:
-    """Shard blobs resident on CUDA devices, exported by IPC handle.
+class CudaTier(BlobTier):
+    """Shard blobs resident on CUDA devices (``"cuda:<GPU UUID>"``), exported by IPC handle.
 
     Nothing CUDA happens in the constructor: :meth:`start` (or the first call that needs
     CUDA) imports cupy, lists the devices and allocates the pinned staging pool. Without
     cupy, a driver or devices, the tier is unavailable and every call that needs a
-    device raises :class:`~weightd.errors.GpuUnavailable` with the reason.
+    device raises :class:`~weightd.errors.GpuUnavailable` with the reason. The shared-blob
+    bookkeeping is :class:`~weightd.tiers.base.BlobTier`'s; each device has its own
+    staging pipeline, so loads on different GPUs run at once (loads on one GPU take
+    turns on its pipeline).
 
     Args:
-        staging_buffers: pinned staging buffers in the pool.
+        staging_buffers: pinned staging buffers in each device's pool.
         staging_buffer_size: bytes per staging buffer (the chunk size of a load).
         register_host: copy from the mmapped blob registered with ``cudaHostRegister``
             (read-only) instead of staging; devices that cannot register read-only
@@ -240,9 +236,9 @@ class CudaTier:
         >>> tier = CudaTier()
         >>> available, reason = tier.probe()                          # doctest: +SKIP
         >>> tier.start()                                              # doctest: +SKIP
-        >>> uuid = tier.devices()[0].uuid                             # doctest: +SKIP
-        >>> tier.load("model", uuid, [(digest, path, size)])          # doctest: +SKIP
-        >>> [s.ipc_handle for s in tier.export("model", uuid)]        # doctest: +SKIP
+        >>> device = "cuda:" + tier.devices()[0].uuid                 # doctest: +SKIP
+        >>> tier.load("model", device, [Blob(digest, path, size)])    # doctest: +SKIP
+        >>> [s.ipc_handle for s in tier.export("model", device)]      # doctest: +SKIP
     """
 
     name = "cuda"
@@ -254,17 +250,16 @@ class CudaTier:
             raise ValueError(f"staging_buffers must be at least 1, got {staging_buffers}")
         if staging_buffer_size <= 0:
             raise ValueError(f"staging_buffer_size must be positive, got {staging_buffer_size}")
+        super().__init__()
         self.staging_buffers = staging_buffers
         self.staging_buffer_size = staging_buffer_size
         self.register_host = register_host
         self._driver = driver
         self._probed: tuple[bool, str] | None = None
         self._devices: list[DeviceInfo] = []
-        self._pipeline: StagingPipeline | None = None
-        self._lock = threading.RLock()       # bookkeeping: short critical sections
-        self._load_lock = threading.Lock()   # one load at a time: they share the pool
-        self._blobs: dict[tuple[str, str], _DeviceBlob] = {}  # (uuid, digest)
-        self._models: dict[tuple[str, str], list[str]] = {}   # (key, uuid) -> digests
+        self._granule = 1
+        self._probe_lock = threading.RLock()
+        self._pipelines: dict[int, StagingPipeline] = {}  # one per device index
 
     # availability -----------------------------------------------------------------------
 
@@ -277,7 +272,7 @@ class CudaTier:
             ``(True, "2 device(s): …")`` or ``(False, reason)``; the reason names what
             is missing (cupy and how to install it, the driver, devices) or broken.
         """
-        with self._lock:
+        with self._probe_lock:
             if self._probed is None:
                 self._probed = self._probe()
             return self._probed
@@ -294,14 +289,15 @@ class CudaTier:
             return False, ("no CUDA device is visible to the daemon (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!s})")
         self._devices = devices
+        self._granule = max(1, int(getattr(driver, "granule", 1)))
         return True, f"{len(devices)} device(s): " + ", ".join(
             f"{d.index}={d.uuid} ({d.name}, {format_size(d.total_bytes)})" for d in devices)
 
     @property
     def staging_pool_bytes(self) -> int:
-        """Pinned host memory held by the staging pool (0 until it is allocated)."""
-        with self._lock:
-            return self._pipeline.pool_bytes if self._pipeline is not None else 0
+        """Pinned host memory held by the staging pools (0 until one is allocated)."""
+        with self._probe_lock:
+            return sum(p.pool_bytes for p in self._pipelines.values())
 
     @property
     def available(self) -> bool:
@@ -314,7 +310,8 @@ class CudaTier:
         return "" if ok else why
 
     def start(self) -> tuple[bool, str]:
-        """Probe and allocate the pinned staging pool, once, at daemon start.
+        """Probe and allocate the first device's pinned staging pool, once, at daemon
+        start (the other devices' pools are allocated by their first load).
 
         Returns:
             :meth:`probe`'s answer, which turns unavailable if the pool cannot be
@@ -323,9 +320,9 @@ class CudaTier:
         ok, _ = self.probe()
         if ok and not self.register_host:
             try:
-                self._staging()
+                self._staging(self._devices[0].index)
             except GpuUnavailable as e:
-                with self._lock:
+                with self._probe_lock:
                     self._probed = (False, f"pinned staging pool: {e}")
         return self.probe()
 
@@ -340,16 +337,18 @@ class CudaTier:
             raise GpuUnavailable(f"the CUDA tier is not available: {why}")
         return self._require_driver()
 
-    def _staging(self) -> StagingPipeline:
-        with self._lock:
-            if self._pipeline is None:
+    def _staging(self, index: int) -> StagingPipeline:
+        with self._probe_lock:
+            pipeline = self._pipelines.get(index)
+            if pipeline is None:
                 t0 = time.perf_counter()
-                self._pipeline = StagingPipeline(
+                pipeline = self._pipelines[index] = StagingPipeline(
                     self._require_driver().staging_backend(), buffers=self.staging_buffers,
                     buffer_size=self.staging_buffer_size)
-                log.info("pinned staging pool: %d x %s in %.2f s", self.staging_buffers,
-                         format_size(self.staging_buffer_size), time.perf_counter() - t0)
-            return self._pipeline
+                log.info("pinned staging pool for device %d: %d x %s in %.2f s", index,
+                         self.staging_buffers, format_size(self.staging_buffer_size),
+                         time.perf_counter() - t0)
+            return pipeline
 
     # devices ------------------------------------------------------------------------------
 
@@ -357,6 +356,12 @@ class CudaTier:
         """The devices the daemon sees (empty when the tier is unavailable)."""
         self.probe()
         return list(self._devices)
+
+    def device_names(self) -> list[str]:
+        return ["cuda:" + d.uuid for d in self.devices()]
+
+    def label(self, device: str) -> str:
+        return device_uuid(device)
 
     def resolve(self, uuid: str) -> int:
         """The daemon's index of the device with this UUID.
@@ -382,71 +387,36 @@ class CudaTier:
         """``(free, total)`` bytes on the device now, all processes included."""
         return self._check().memory_info(self.resolve(uuid))
 
-    # residency ------------------------------------------------------------------------------
+    # residency (BlobTier's hooks) -------------------------------------------------------------
 
-    def load(self, key: str, uuid: str, blobs: Sequence[tuple[str, Path, int]]) -> int:
-        """Make model ``key``'s blobs resident on device ``uuid``.
+    def _check_device(self, device: str) -> None:
+        self.resolve(device_uuid(device))
 
-        Idempotent; blobs already resident on that device (for any model) are shared.
-        On any error the allocations this call made are freed again.
+    def _charge(self, device: str, size: int) -> int:
+        # never 0 bytes (cudaMalloc(0) gives no pointer to export), whole granules
+        return -(-max(size, 1) // self._granule) * self._granule
 
-        Args:
-            key: the model.
-            uuid: the device.
-            blobs: ``(digest, path, size)`` of every shard blob.
-
-        Returns:
-            The bytes newly allocated on the device.
+    def _make(self, device: str, blob: Blob) -> _DeviceBlob:
+        """Allocate one device buffer for a blob, fill it, export it.
 
         Raises:
-            GpuUnavailable: the tier is unavailable, no such device, or a CUDA error.
+            GpuUnavailable: no such device, or a CUDA error.
             BudgetExceeded: the device itself has no room (other processes use it); the
                 message says how many bytes were needed and how many are free.
-            IntegrityError: a blob's size on disk is not the recorded one.
-            OSError: a blob cannot be read.
+            IntegrityError: the blob's size on disk is not the recorded one.
+            OSError: the blob cannot be read.
         """
+        uuid = device_uuid(device)
         index = self.resolve(uuid)
         driver = self._require_driver()
-        added = 0
-        with self._load_lock:
-            with self._lock:
-                if (key, uuid) in self._models:
-                    return 0
-            taken: list[str] = []
-            try:
-                for digest, path, size in blobs:
-                    if digest in taken:
-                        continue
-                    with self._lock:
-                        blob = self._blobs.get((uuid, digest))
-                        if blob is not None:
-                            blob.users.add(key)
-                            taken.append(digest)
-                            continue
-                    blob = self._make_resident(driver, index, uuid, digest, Path(path), size)
-                    blob.users.add(key)
-                    with self._lock:
-                        self._blobs[(uuid, digest)] = blob
-                    taken.append(digest)
-                    added += size
-            except BaseException:
-                with self._lock:
-                    self._drop(key, uuid, taken)
-                raise
-            with self._lock:
-                self._models[(key, uuid)] = taken
-        return added
-
-    def _make_resident(self, driver: CudaDriver, index: int, uuid: str, digest: str,
-                       path: Path, size: int) -> _DeviceBlob:
+        size, path = blob.size, Path(blob.path)
         try:
-            # never 0 bytes: cudaMalloc(0) gives no pointer to export
-            ptr = driver.malloc(index, max(size, 1))
+            ptr = driver.malloc(index, self._charge(device, size))
         except DeviceOutOfMemory as e:
             free, total = driver.memory_info(index)
             raise BudgetExceeded(
                 f"cuda tier {uuid}: need {size} bytes ({format_size(size)}) for blob "
-                f"{digest[:16]}, {free} bytes free on the device ({format_size(free)} of "
+                f"{blob.digest[:16]}, {free} bytes free on the device ({format_size(free)} of "
                 f"{format_size(total)}; other processes hold the rest)") from e
         try:
             t0 = time.perf_counter()
@@ -455,103 +425,37 @@ class CudaTier:
                 driver.copy_registered(index, path, ptr, size)
             else:
                 how = "staged"
-                self._staging().stream(path, driver.target(index, ptr, size), size=size)
+                self._staging(index).stream(path, driver.target(index, ptr, size), size=size)
             handle = driver.ipc_handle(index, ptr)
         except BaseException:
             # the pipeline (or the registered copy) has waited for every copy: safe to free
             driver.free(index, ptr)
             raise
         seconds = time.perf_counter() - t0
-        log.debug("%s: %s on %s (%s) in %.3f s, %.2f GB/s", digest[:16], format_size(size), uuid,
-                  how, seconds, size / max(seconds, 1e-9) / 1e9)
-        return _DeviceBlob(digest, uuid, index, ptr, size, handle)
+        log.debug("%s: %s on %s (%s) in %.3f s, %.2f GB/s", blob.digest[:16], format_size(size),
+                  uuid, how, seconds, size / max(seconds, 1e-9) / 1e9)
+        return _DeviceBlob(index, uuid, ptr, handle)
 
-    def _drop(self, key: str, uuid: str, digests: Sequence[str]) -> int:
-        """Forget ``key``'s use of ``digests``; free the blobs nobody else uses."""
-        freed = 0
-        for digest in digests:
-            blob = self._blobs.get((uuid, digest))
-            if blob is None:
-                continue
-            blob.users.discard(key)
-            if blob.users:
-                continue
-            del self._blobs[(uuid, digest)]
-            try:
-                self._require_driver().free(blob.index, blob.ptr)
-            except GpuUnavailable as e:
-                # The bookkeeping goes on: a leak is better than a buffer freed twice.
-                log.error("%s on %s: cudaFree failed (%s bytes leaked): %s", digest[:16], uuid,
-                          blob.size, e)
-                continue
-            freed += blob.size
-        return freed
+    def _free(self, device: str, payload: _DeviceBlob) -> None:
+        # Only when no lease holds a model using it (Note [CUDA IPC lifetime]).
+        self._require_driver().free(payload.index, payload.ptr)
 
-    def unload(self, key: str, uuid: str) -> int:
-        """Let model ``key`` go from device ``uuid``; return the bytes freed there.
-
-        Refuses nothing: the node calls it only when no lease holds the model (see
-        Note [CUDA IPC lifetime]). Blobs another resident model uses stay.
-        """
-        with self._lock:
-            digests = self._models.pop((key, uuid), None)
-            return self._drop(key, uuid, digests) if digests else 0
-
-    def export(self, key: str, uuid: str) -> list[ShardExport]:
-        """The IPC handles of model ``key``'s blobs on device ``uuid``, in blob order.
-
-        Raises:
-            KeyError: the model is not resident there.
-        """
-        with self._lock:
-            digests = self._models.get((key, uuid))
-            if digests is None:
-                raise KeyError(f"{key} is not resident on {uuid}")
-            return [ShardExport(b.digest, b.handle, b.size, b.uuid)
-                    for b in (self._blobs[(uuid, d)] for d in digests)]
-
-    def resident(self, key: str, uuid: str) -> bool:
-        with self._lock:
-            return (key, uuid) in self._models
-
-    def models(self, uuid: str | None = None) -> list[tuple[str, str]]:
-        """``(key, uuid)`` of every resident model (on one device, or all)."""
-        with self._lock:
-            return [m for m in self._models if uuid is None or m[1] == uuid]
-
-    def model_bytes(self, key: str, uuid: str) -> int:
-        """Bytes of model ``key``'s blobs on the device (shared blobs included)."""
-        with self._lock:
-            return sum(self._blobs[(uuid, d)].size for d in self._models.get((key, uuid), ()))
-
-    def freeable_bytes(self, key: str, uuid: str) -> int:
-        """Bytes that unloading model ``key`` would free (blobs only it uses)."""
-        with self._lock:
-            return sum(b.size for b in (self._blobs[(uuid, d)]
-                                        for d in self._models.get((key, uuid), ()))
-                       if b.users == {key})
-
-    def missing_bytes(self, uuid: str, blobs: Sequence[tuple[str, Path, int]]) -> int:
-        """Bytes :meth:`load` would allocate for these blobs (the budget's ``need``)."""
-        with self._lock:
-            sizes = {d: size for d, _, size in blobs if (uuid, d) not in self._blobs}
-        return sum(sizes.values())
+    def _export(self, device: str, digest: str, size: int, payload: _DeviceBlob) -> ShardExport:
+        return ShardExport(digest, size, ipc_handle=payload.handle, device_uuid=payload.uuid)
 
     def bytes_used(self, uuid: str) -> int:
-        """Bytes of blobs resident on the device (the budget counts these)."""
-        with self._lock:
-            return sum(b.size for (u, _), b in self._blobs.items() if u == uuid)
+        """Bytes allocated (and reserved) on the device by resident blobs: whole granules."""
+        return self.used("cuda:" + uuid)
 
     def close(self) -> None:
-        """Free every buffer, the staging pool and the driver's streams.
+        """Free every buffer, the staging pools and the driver's streams.
 
         Call it when no client uses the buffers any more (daemon shutdown).
         """
-        with self._lock:
-            for key, uuid in list(self._models):
-                self.unload(key, uuid)
-            pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
+        super().close()
+        with self._probe_lock:
+            pipelines, self._pipelines = list(self._pipelines.values()), {}
+        for pipeline in pipelines:
             pipeline.close()
         if self._driver is not None and self._probed is not None and self._probed[0]:
             self._driver.close()
@@ -626,6 +530,8 @@ class CupyDriver:
     Raises:
         GpuUnavailable: cupy is not installed.
     """
+
+    granule = IPC_GRANULE
 
     def __init__(self) -> None:
         self.cupy = _import_cupy()

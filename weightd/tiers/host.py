@@ -15,12 +15,13 @@ import logging
 import mmap
 import os
 import resource
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from weightd.errors import IntegrityError
+from weightd.tiers.base import Blob, BlobTier, ShardExport
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +45,55 @@ def _raise_memlock_limit() -> None:
 
 @dataclass
 class _Mapped:
-    digest: str
-    path: Path
-    size: int
     mm: mmap.mmap | None
     address: int
+    size: int
     locked: bool
-    users: set[str]
+    path: Path
 
 
-class HostTier:
-    """Blobs resident in host memory, shared by every model that names them.
+class HostTier(BlobTier):
+    """Blobs resident in host memory, shared by every model that names them (device
+    ``"cpu"``); the bookkeeping is :class:`~weightd.tiers.base.BlobTier`'s.
 
     Args:
         lock: try to mlock (default); False only touches pages (tests, tiny hosts).
     """
 
     name = "host"
+    DEVICE = "cpu"
 
     def __init__(self, *, lock: bool = True) -> None:
-        self._lock = threading.RLock()
-        self._blobs: dict[str, _Mapped] = {}
-        self._models: dict[str, list[str]] = {}
+        super().__init__()
         self._want_lock = lock
         self.lock_problem = "" if lock else "mlock disabled by configuration"
+        self._unlocked = 0  # resident blobs that could not be mlocked
         _raise_memlock_limit()
 
-    def _map(self, digest: str, path: Path) -> _Mapped:
-        size = path.stat().st_size
-        if size == 0:
-            return _Mapped(digest, path, 0, None, 0, True, set())
-        fd = os.open(path, os.O_RDONLY)
+    def device_names(self) -> list[str]:
+        return [self.DEVICE]
+
+    def _check_device(self, device: str) -> None:
+        if device != self.DEVICE:
+            raise ValueError(f"the host tier serves device 'cpu', not {device!r}")
+
+    def _make(self, device: str, blob: Blob) -> _Mapped:
+        path = Path(blob.path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            size = os.fstat(fd).st_size
+            if size != blob.size:
+                raise IntegrityError(f"{path}: {size} bytes on disk, {blob.size} expected")
+            if size == 0:
+                return _Mapped(None, 0, 0, True, path)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         address = int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
         locked = False
         if self._want_lock:
+            # faults every page in from the disk: the long part of a cold load (the GIL
+            # is released while the kernel reads)
             if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) == 0:
                 locked = True
             else:
@@ -94,89 +106,31 @@ class HostTier:
         if not locked:
             mm.madvise(mmap.MADV_WILLNEED)
             _touch(mm, size)
-        return _Mapped(digest, path, size, mm, address, locked, set())
+            with self._lock:
+                self._unlocked += 1
+        return _Mapped(mm, address, size, locked, path)
 
-    def load(self, key: str, blobs: Sequence[tuple[str, Path]]) -> int:
-        """Make the blobs of model ``key`` resident; return the bytes newly made resident.
+    def _free(self, device: str, payload: _Mapped) -> None:
+        if payload.mm is None:
+            return
+        if payload.locked:
+            _libc.munlock(ctypes.c_void_p(payload.address), ctypes.c_size_t(payload.size))
+        else:
+            with self._lock:
+                self._unlocked -= 1
+        payload.mm.close()
 
-        Idempotent: blobs already resident (for this or another model) are shared.
-        """
-        added = 0
-        with self._lock:
-            if key in self._models:
-                return 0
-            digests: list[str] = []
-            try:
-                for digest, path in blobs:
-                    m = self._blobs.get(digest)
-                    if m is None:
-                        m = self._map(digest, path)
-                        self._blobs[digest] = m
-                        added += m.size
-                    m.users.add(key)
-                    digests.append(digest)
-            except BaseException:
-                self._drop(key, digests)
-                raise
-            self._models[key] = digests
-        return added
-
-    def _drop(self, key: str, digests: Sequence[str]) -> int:
-        freed = 0
-        for digest in digests:
-            m = self._blobs.get(digest)
-            if m is None:
-                continue
-            m.users.discard(key)
-            if not m.users:
-                del self._blobs[digest]
-                if m.mm is not None:
-                    if m.locked:
-                        _libc.munlock(ctypes.c_void_p(m.address), ctypes.c_size_t(m.size))
-                    m.mm.close()
-                freed += m.size
-        return freed
-
-    def unload(self, key: str) -> int:
-        """Let model ``key``'s pages go; return the bytes no other model still holds."""
-        with self._lock:
-            digests = self._models.pop(key, None)
-            return self._drop(key, digests) if digests else 0
-
-    def resident(self, key: str) -> bool:
-        with self._lock:
-            return key in self._models
-
-    def model_bytes(self, key: str) -> int:
-        with self._lock:
-            return sum(self._blobs[d].size for d in self._models.get(key, ()))
-
-    def freeable_bytes(self, key: str) -> int:
-        """Bytes that unloading model ``key`` would free (blobs only it uses)."""
-        with self._lock:
-            return sum(m.size for m in (self._blobs[d] for d in self._models.get(key, ()))
-                       if m.users == {key})
-
-    def missing_bytes(self, blobs: Sequence[tuple[str, int]]) -> int:
-        """Bytes :meth:`load` would newly make resident for ``(digest, size)`` blobs (the
-        budget's ``need``): a blob already resident, or named twice, adds nothing more."""
-        with self._lock:
-            return sum({d: size for d, size in blobs if d not in self._blobs}.values())
+    def _export(self, device: str, digest: str, size: int, payload: _Mapped) -> ShardExport:
+        return ShardExport(digest, size, path=str(payload.path))
 
     @property
     def bytes_used(self) -> int:
-        with self._lock:
-            return sum(m.size for m in self._blobs.values())
+        return self.used(self.DEVICE)
 
     @property
     def locked(self) -> bool:
         with self._lock:
-            return all(m.locked for m in self._blobs.values()) and not self.lock_problem
-
-    def close(self) -> None:
-        with self._lock:
-            for key in list(self._models):
-                self.unload(key)
+            return self._unlocked == 0 and not self.lock_problem
 
 
 def _touch(mm: mmap.mmap, size: int) -> None:

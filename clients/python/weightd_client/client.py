@@ -24,6 +24,7 @@ import grpc._channel  # noqa: F401  (here, at import: not ~5 ms into the first l
 from weightd_client import errors
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+from weightd_client.credentials import Credential
 from weightd_client.errors import (
     DaemonUnavailable,
     FormatError,
@@ -76,8 +77,13 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[WeightdError]] = {
     grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.BudgetExceeded,
     grpc.StatusCode.PERMISSION_DENIED: errors.NotPermitted,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.FAILED_PRECONDITION: GpuUnavailable,
 }
+
+#: The calls that need this process's credentials (see :mod:`weightd_client.credentials`);
+#: the others carry them when the handshake works, and go without when it does not.
+_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc"})
 
 #: The tiers as the API names them, and back: one table for the client, the daemon's
 #: service and its CLI.
@@ -432,6 +438,7 @@ class Client:
         self.name = name
         self._lock = threading.Lock()
         self._connect()
+        self._credential = Credential(self.socket)
         self._leases: set[str] = set()
         self._handles: dict[str, list[bytes]] = {}
         self._closed = False
@@ -452,26 +459,39 @@ class Client:
         with self._lock:
             old = self._channel
             self._connect()
+        self._credential.forget()  # a new daemon knows no token of the old one
         old.close()
+
+    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
+        """This process's credentials for a call (see :data:`_NEED_TOKEN`)."""
+        try:
+            return self._credential.metadata()
+        except WeightdError:
+            if method in _NEED_TOKEN:
+                raise
+            return ()
 
     def _invoke(self, method: str, request: Any, *, timeout: float | None = None,
                 precondition: type[WeightdError] = GpuUnavailable) -> Any:
-        """Call a unary RPC with a deadline, translating every failure."""
-        rpc = self._rpc(method)
-        try:
-            return rpc(request, timeout=timeout or self.timeout, wait_for_ready=False)
-        except grpc.RpcError as e:
-            if not _daemon_down(e) or not os.path.exists(self.socket):
-                raise error_from_rpc(e, socket=self.socket, method=method,
-                                     precondition=precondition) from e
-        # the daemon may have restarted on the same socket: one more try on a new channel
-        self._reconnect()
-        try:
-            return self._rpc(method)(request, timeout=timeout or self.timeout,
-                                     wait_for_ready=False)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, socket=self.socket, method=method,
-                                 precondition=precondition) from e
+        """Call a unary RPC with a deadline and this process's credentials, translating
+        every failure. A daemon that restarted is called once more, on a new channel
+        and with new credentials."""
+        for attempt in range(2):
+            rpc = self._rpc(method)
+            try:
+                return rpc(request, timeout=timeout or self.timeout, wait_for_ready=False,
+                           metadata=self._metadata(method))
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                if attempt == 0 and code == grpc.StatusCode.UNAUTHENTICATED:
+                    self._credential.forget()  # from before a restart: shake hands again
+                    continue
+                if attempt > 0 or not _daemon_down(e) or not os.path.exists(self.socket):
+                    raise error_from_rpc(e, socket=self.socket, method=method,
+                                         precondition=precondition) from e
+            # the daemon may have restarted on the same socket: a new channel
+            self._reconnect()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _rpc(self, method: str) -> Callable[..., Any]:
         if self._closed:
@@ -645,7 +665,8 @@ class Client:
         size = 0
         done = 0
         try:
-            for progress in rpc(request, timeout=timeout or self.timeout, wait_for_ready=False):
+            for progress in rpc(request, timeout=timeout or self.timeout, wait_for_ready=False,
+                                metadata=self._metadata("Fetch")):
                 if callback is not None:
                     if progress.bytes_total and progress.bytes_total != size:
                         size = progress.bytes_total
@@ -753,6 +774,38 @@ class Client:
                                   device=device_to_wire(device) if device else "")
         response: pb.UnpinResponse = self._invoke("Unpin", request)
         return bool(response.was_pinned)
+
+    def verify(self, *, timeout: float | None = None) -> pb.VerifyResponse:
+        """Rehash every blob of the node's cache (``weightd verify`` through the daemon).
+
+        Returns:
+            The ``VerifyResponse``: blobs checked, corrupt (quarantined, or ``in_use``:
+            left in place while something holds them), missing.
+
+        Raises:
+            NotPermitted: the caller is neither root nor the daemon's user.
+            ModelInUse: another verify is running.
+            DaemonUnavailable: the daemon is unreachable.
+        """
+        return cast(pb.VerifyResponse, self._invoke("Verify", pb.VerifyRequest(),
+                                                    timeout=timeout, precondition=ModelInUse))
+
+    def gc(self, max_bytes: int, *, dry_run: bool = False,
+           timeout: float | None = None) -> pb.GcResponse:
+        """Remove least recently used models and orphan blobs until the cache's blobs
+        take at most ``max_bytes``; never what the node still holds or uses.
+
+        Returns:
+            The ``GcResponse``: the plan (models, blobs, old revisions), carried out
+            unless ``dry_run``.
+
+        Raises:
+            NotPermitted: not a dry run, and the caller is neither root nor the daemon's
+                user.
+            DaemonUnavailable: the daemon is unreachable.
+        """
+        return cast(pb.GcResponse, self._invoke(
+            "Gc", pb.GcRequest(max_bytes=max_bytes, dry_run=dry_run), timeout=timeout))
 
     def close(self) -> None:
         """Release the leases this client still holds and close the channel (idempotent)."""

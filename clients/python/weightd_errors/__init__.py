@@ -24,6 +24,7 @@ __all__ = [
     "NotPermitted",
     "SourceNotFound",
     "SourceUnavailable",
+    "Unauthenticated",
     "WeightdError",
 ]
 
@@ -59,6 +60,11 @@ class BudgetExceeded(WeightdError, MemoryError):
 
 class NotPermitted(WeightdError, PermissionError):
     """The request is outside what the configuration allows (allowed_sources, paths)."""
+
+
+class Unauthenticated(NotPermitted):
+    """The call carried no credentials the daemon knows: no token (a raw call that
+    skipped the credential handshake), or one from before the daemon restarted."""
 
 
 class GpuUnavailable(WeightdError, RuntimeError):

@@ -214,7 +214,7 @@ class TierStatus(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., available: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., locked: _Optional[bool] = ...) -> None: ...
 
 class LeaseInfo(_message.Message):
-    __slots__ = ("lease_id", "model", "tier", "device", "pid", "client_name", "since")
+    __slots__ = ("lease_id", "model", "tier", "device", "pid", "client_name", "since", "uid", "age_seconds")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,8 @@ class LeaseInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     model: str
     tier: Tier
@@ -229,7 +231,9 @@ class LeaseInfo(_message.Message):
     pid: int
     client_name: str
     since: float
-    def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., client_name: _Optional[str] = ..., since: _Optional[float] = ...) -> None: ...
+    uid: int
+    age_seconds: float
+    def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., client_name: _Optional[str] = ..., since: _Optional[float] = ..., uid: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "pid", "uptime_seconds", "cache_dir", "tiers", "leases", "problems", "pins")
@@ -312,3 +316,69 @@ class UnpinResponse(_message.Message):
     WAS_PINNED_FIELD_NUMBER: _ClassVar[int]
     was_pinned: bool
     def __init__(self, was_pinned: _Optional[bool] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("checked", "bytes", "corrupt", "missing", "in_use", "seconds", "modes")
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
+    checked: int
+    bytes: int
+    corrupt: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    in_use: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    modes: _containers.RepeatedCompositeFieldContainer[ModeNarrowed]
+    def __init__(self, checked: _Optional[int] = ..., bytes: _Optional[int] = ..., corrupt: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., in_use: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., modes: _Optional[_Iterable[_Union[ModeNarrowed, _Mapping]]] = ...) -> None: ...
+
+class ModeNarrowed(_message.Message):
+    __slots__ = ("path", "old_mode", "new_mode")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OLD_MODE_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    old_mode: int
+    new_mode: int
+    def __init__(self, path: _Optional[str] = ..., old_mode: _Optional[int] = ..., new_mode: _Optional[int] = ...) -> None: ...
+
+class GcRequest(_message.Message):
+    __slots__ = ("max_bytes", "dry_run")
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    max_bytes: int
+    dry_run: bool
+    def __init__(self, max_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class GcBlob(_message.Message):
+    __slots__ = ("digest", "size")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GcResponse(_message.Message):
+    __slots__ = ("budget", "before", "after", "models", "blobs", "revisions", "dry_run")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    before: int
+    after: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    blobs: _containers.RepeatedCompositeFieldContainer[GcBlob]
+    revisions: _containers.RepeatedScalarFieldContainer[str]
+    dry_run: bool
+    def __init__(self, budget: _Optional[int] = ..., before: _Optional[int] = ..., after: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., blobs: _Optional[_Iterable[_Union[GcBlob, _Mapping]]] = ..., revisions: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...

@@ -74,6 +74,16 @@ class WeightdStub:
                 request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/weightd.v1.Weightd/Verify',
+                request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.Gc = channel.unary_unary(
+                '/weightd.v1.Weightd/Gc',
+                request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcRequest.SerializeToString,
+                response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcResponse.FromString,
+                _registered_method=True)
 
 
 class WeightdServicer:
@@ -135,6 +145,23 @@ class WeightdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Rehash every blob of the cache; quarantine the corrupt ones nothing holds (the
+        daemon's user or root only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Gc(self, request, context):
+        """Remove least recently used models and orphan blobs down to a budget, never what a
+        fetch, a load, a residency or a lease holds (the daemon's user or root only, unless
+        dry_run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +204,16 @@ def add_WeightdServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.FromString,
                     response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyRequest.FromString,
+                    response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyResponse.SerializeToString,
+            ),
+            'Gc': grpc.unary_unary_rpc_method_handler(
+                    servicer.Gc,
+                    request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcRequest.FromString,
+                    response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +432,60 @@ class Weightd:
             '/weightd.v1.Weightd/Unpin',
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinRequest.SerializeToString,
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.UnpinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightd.v1.Weightd/Verify',
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyRequest.SerializeToString,
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Gc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightd.v1.Weightd/Gc',
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcRequest.SerializeToString,
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.GcResponse.FromString,
             options,
             channel_credentials,
             insecure,
