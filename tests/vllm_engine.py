@@ -1,0 +1,124 @@
+"""The engine side of tests/test_engines_vllm.py: run vLLM (the CPU build, in the
+engine venv .venv-vllm) through a plan of steps, one ``LLM`` (one engine process) a
+step, and print each step's result as a JSON line after ``RESULT ``.
+
+Run as ``.venv-vllm/bin/python tests/vllm_engine.py PLAN.json``. It imports vLLM and
+weightd_client only (the engine venv has no daemon), and never imports weightd's
+integration itself: vLLM loads it through the ``vllm.general_plugins`` entry point.
+
+Steps (``kind``):
+
+* ``generate``: ``LLM(**llm)``, greedy tokens for ``prompts``; then for each entry of
+  ``reload`` (``null``: the same weights again, or a model directory)
+  ``reload_weights`` on every worker and the tokens again; ``leases``: the daemon's
+  leases once the engine is up (weightd releases its lease after loading).
+* ``embed``: ``LLM(**llm)`` with the pooling runner, embeddings of ``sentences`` as the
+  hex of their float32 bytes.
+* ``plugin``: what the plugin does before any engine starts: the load format is
+  registered, a second ``register()`` changes nothing, unknown options are refused.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+def emit(step: dict[str, Any], **result: Any) -> None:
+    print("RESULT " + json.dumps({"label": step.get("label", step["kind"]), **result}),
+          flush=True)
+
+
+def leases(socket: str) -> list[dict[str, Any]]:
+    import weightd_client
+
+    with weightd_client.Client(socket) as client:
+        return [{"model": le.model, "pid": le.pid} for le in client.status().leases]
+
+
+def generate(step: dict[str, Any]) -> None:
+    from vllm import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 12),
+                            detokenize=False)
+    prompts = [{"prompt_token_ids": ids} for ids in step["prompts"]]
+
+    def tokens(llm: Any) -> list[list[int]]:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+
+    t0 = time.perf_counter()
+    llm = LLM(**step["llm"])
+    first = tokens(llm)
+    ready = time.perf_counter() - t0
+    out: dict[str, Any] = {"tokens": first, "seconds": ready}
+    if step.get("leases"):
+        out["leases"] = leases(step["leases"])
+    out["reloads"] = []
+    for path in step.get("reload", []):
+        kwargs = {"weights_path": path} if path else {}
+        llm.collective_rpc("reload_weights", kwargs=kwargs)
+        out["reloads"].append({"path": path, "tokens": tokens(llm)})
+    emit(step, **out)
+    del llm
+    gc.collect()
+
+
+def embed(step: dict[str, Any]) -> None:
+    import numpy as np
+    from vllm import LLM
+
+    llm = LLM(**step["llm"])
+    outputs = llm.embed(step["sentences"], use_tqdm=False)
+    rows = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
+    emit(step, shape=list(rows.shape), hex=rows.tobytes().hex())
+    del llm
+    gc.collect()
+
+
+def plugin(step: dict[str, Any]) -> None:
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every vLLM process does first
+    loader = get_model_loader(LoadConfig(load_format="weightd"))
+    records: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Capture(level=logging.WARNING)
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(handler)
+    try:
+        from weightd_client.integrations.vllm import register
+
+        register()  # a second registration in the same process: nothing happens
+    finally:
+        vllm_logger.removeHandler(handler)
+    again = get_model_loader(LoadConfig(load_format="weightd"))
+    try:
+        get_model_loader(LoadConfig(load_format="weightd",
+                                    model_loader_extra_config={"sokcet": "/tmp/x"}))
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    emit(step, loader=type(loader).__module__ + "." + type(loader).__name__,
+         again=type(again).__name__, warnings=records, refusal=refusal)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+    for step in plan["steps"]:
+        {"generate": generate, "embed": embed, "plugin": plugin}[step["kind"]](step)
+
+
+if __name__ == "__main__":  # vLLM starts its engine processes with spawn
+    main()
