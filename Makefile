@@ -57,6 +57,10 @@ test: venv venv-vllm
 bench-fetch: venv
 	$(BIN)/python bench/fetch.py
 
+# vLLM's start-up with --load-format weightd against its default loader (docs/benchmarks.md)
+bench-engines: venv venv-vllm
+	$(BIN)/python bench/engines.py
+
 # The peers the cold-start benchmark compares against (run:ai streamer, fastsafetensors)
 # and matplotlib for its plots: only for `make bench`.
 $(BIN)/.bench-installed: $(BIN)/.installed

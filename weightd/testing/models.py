@@ -98,8 +98,8 @@ def _bf16_bits(values: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def _tiny_llama_shapes() -> dict[str, tuple[int, ...]]:
-    c = {k: v for k, v in TINY_LLAMA_CONFIG.items() if isinstance(v, int)}
+def _llama_shapes(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
+    c = {k: v for k, v in config.items() if isinstance(v, int)}
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -121,18 +121,26 @@ def _tiny_llama_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_tiny_llama(directory: str | os.PathLike[str], *, seed: int = 0,
-                     shards: int = 1) -> Path:
+def write_tiny_llama(directory: str | os.PathLike[str], *, seed: int = 0, shards: int = 1,
+                     **config: object) -> Path:
     """Write a randomly initialised :data:`TINY_LLAMA_CONFIG` Llama (BF16 safetensors,
     ``config.json``, ``generation_config.json``; an HF index when ``shards > 1``),
     without torch. The same seed writes the same bytes (about 3 MiB).
+
+    Args:
+        directory: where to write it.
+        seed: of the random weights.
+        shards: how many safetensors files.
+        config: entries that replace the tiny config's (``hidden_size=1024``,
+            ``num_hidden_layers=8``...: a larger Llama of the same shape).
 
     Returns:
         The model directory.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shapes = _tiny_llama_shapes()
+    full = {**TINY_LLAMA_CONFIG, **config}
+    shapes = _llama_shapes(full)
     rng = np.random.default_rng(seed)
     names = list(shapes)
     per_shard = -(-len(names) // shards)
@@ -167,8 +175,7 @@ def write_tiny_llama(directory: str | os.PathLike[str], *, seed: int = 0,
     if shards > 1:
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (directory / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG, indent=1))
+    (directory / "config.json").write_text(json.dumps(full, indent=1))
     (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": TINY_LLAMA_CONFIG["bos_token_id"],
-         "eos_token_id": TINY_LLAMA_CONFIG["eos_token_id"]}))
+        {"bos_token_id": full["bos_token_id"], "eos_token_id": full["eos_token_id"]}))
     return directory

@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,18 +27,14 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.weight_utils import filter_safetensors_files_by_weight_name
 from vllm.platforms import current_platform
 
-from weightd_client.client import TIER_NAMES, Client, default_socket, device_to_wire
-from weightd_client.errors import DaemonUnavailable, GpuUnavailable
+from weightd_client.client import Client, default_socket
+from weightd_client.errors import DaemonUnavailable
+from weightd_client.integrations._weights import choose_device, leased_weights, resolve_source
 from weightd_client.integrations.vllm import LOAD_FORMAT, LoaderOptions
 
 __all__ = ["WeightdModelLoader"]
 
 log = logging.getLogger(__name__)
-
-#: Per process: the model directory each ``source`` option was first given with, so
-#: that ``reload_weights(weights_path=OTHER)`` loads OTHER, not the old source again.
-_source_dirs: dict[str, str] = {}
-_source_dirs_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -48,14 +42,11 @@ class _Plan:
     """What one load asks of the daemon."""
 
     source: str
-    #: where the tensors should be: "cpu", or this rank's GPU when the model is resident
-    #: there in the daemon
+    #: "cpu", or this rank's GPU when the daemon holds the model there
     device: str
     #: the tensors vLLM's default loader would read from the model directory (None: all
     #: of the model's tensors)
     names: frozenset[str] | None
-    #: the model directory holds the weights itself (a snapshot, a local model)
-    local_weights: bool
 
 
 class WeightdModelLoader(DefaultModelLoader):
@@ -85,21 +76,21 @@ class WeightdModelLoader(DefaultModelLoader):
         ``pin`` is set); without a daemon, what vLLM's default loader does."""
         try:
             with self._client() as client:
-                source, _ = self._source(client, model_config.model)
+                source, _ = resolve_source(client, model_config.model, self.options.source)
                 path = client.fetch(source)
                 self._pin(client, source)
         except DaemonUnavailable as e:
             if not self.options.fallback:
                 raise
-            log.warning("weightd daemon unreachable (%s): %s is not cached by weightd; vLLM's "
-                        "default loader prepares it", e, model_config.model)
+            log.warning("weightd daemon unreachable (%s): vLLM's default loader prepares %s",
+                        e, model_config.model)
             super().download_model(model_config)
             return
         log.info("weightd: %s is in the node's cache at %s", source, path)
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
-        """The model's ``(name, tensor)`` pairs, views of the daemon's pages.
+        """The model's ``(name, tensor)`` pairs, views of the daemon's memory.
 
         The lease is held while vLLM consumes the pairs and released when the generator
         ends (or is closed): vLLM copies each tensor into its own parameters.
@@ -109,6 +100,7 @@ class WeightdModelLoader(DefaultModelLoader):
             client = self._client()
             try:
                 plan = self._plan(client, model_config, model)
+                self._pin(client, plan.source)
             except BaseException:
                 client.close()
                 raise
@@ -117,16 +109,10 @@ class WeightdModelLoader(DefaultModelLoader):
                 raise
             yield from self._fallback_weights(model_config, model, e)
             return
-        with client, self._leased(client, plan) as weights:
+        with client, leased_weights(client, plan.source, plan.device,
+                                    names=plan.names) as weights:
             yield from weights
         yield from self._secondary_weights(model)
-
-    def _secondary_weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """Other checkpoints a model loads besides its own (vLLM's ``secondary_weights``),
-        read by vLLM's default steps as without weightd."""
-        for source in cast(Iterable[DefaultModelLoader.Source],
-                           getattr(model, "secondary_weights", ())):
-            yield from self._get_weights_iterator(source)
 
     # the daemon ----------------------------------------------------------------------
 
@@ -141,33 +127,24 @@ class WeightdModelLoader(DefaultModelLoader):
             model = client.pin(source, tier=self.options.pin)
             log.info("weightd: %s pinned on the %s tier (%s)", source, self.options.pin, model)
 
-    def _source(self, client: Client, model_dir: str) -> tuple[str, Any]:
-        """The source to ask for, and the daemon's ``ModelInfo`` of it (or None).
-
-        Raises:
-            DaemonUnavailable: the daemon is unreachable.
-        """
-        models = client.list()
-        here = os.path.realpath(model_dir)
-        source = self.options.source
-        if source is not None:
-            with _source_dirs_lock:
-                given_with = _source_dirs.setdefault(source, here)
-            if given_with == here:
-                return source, next((m for m in models if m.source == source), None)
-        for m in models:
-            if m.snapshot_path and os.path.realpath(m.snapshot_path) == here:
-                return str(m.source), m
-        return model_dir, None  # a local model directory: the daemon caches it
-
     def _plan(self, client: Client, model_config: ModelConfig, model: nn.Module) -> _Plan:
-        source, info = self._source(client, model_config.model)
+        source, info = resolve_source(client, model_config.model, self.options.source)
         files, every = self._weight_files(model_config, model)
-        names = None
-        if files and set(files) != every:
-            names = frozenset(_tensor_names(files))
-        return _Plan(source=source, device=self._device(info), names=names,
-                     local_weights=bool(files))
+        names = frozenset(_tensor_names(files)) if files and set(files) != every else None
+        return _Plan(source=source, device=choose_device(info, self._cuda_index()),
+                     names=names)
+
+    def _cuda_index(self) -> int | None:
+        """This rank's CUDA device when vLLM loads onto CUDA, else None."""
+        if not current_platform.is_cuda_alike() or not torch.cuda.is_available():
+            return None
+        target = self.weightd_load_config.device  # None: the platform's device
+        device = torch.device(target) if target is not None else None
+        if device is not None and device.type != "cuda":
+            return None
+        if device is not None and device.index is not None:
+            return device.index
+        return torch.cuda.current_device()  # vLLM set it to this rank's GPU
 
     def _weight_files(self, model_config: ModelConfig,
                       model: nn.Module) -> tuple[list[str], set[str]]:
@@ -194,45 +171,12 @@ class WeightdModelLoader(DefaultModelLoader):
         every = {str(p) for p in Path(model_dir).rglob("*.safetensors")}
         return [str(f) for f in files], every
 
-    def _device(self, info: Any) -> str:
-        """This rank's GPU when vLLM loads onto CUDA and the daemon holds the model
-        there; else the host tier (whose pages vLLM copies from)."""
-        if info is None or not current_platform.is_cuda_alike() or not torch.cuda.is_available():
-            return "cpu"
-        target = self.weightd_load_config.device  # None: the platform's device
-        if target is not None and torch.device(target).type != "cuda":
-            return "cpu"
-        index = torch.device(target).index if target is not None else None
-        if index is None:
-            index = torch.cuda.current_device()  # vLLM set it to this rank's GPU
-        wire = device_to_wire(f"cuda:{index}")
-        resident = any(TIER_NAMES.get(r.tier) == "cuda" and r.device == wire
-                       for r in info.resident)
-        return f"cuda:{index}" if resident else "cpu"
-
-    @contextmanager
-    def _leased(self, client: Client,
-                plan: _Plan) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
-        """The plan's ``(name, tensor)`` pairs while a lease holds them.
-
-        The one place the weights come from: a streaming iterator from weightd_client
-        replaces the dict built here without changing the loader.
-        """
-        self._pin(client, plan.source)
-        try:
-            weights = client.load(plan.source, plan.device, fallback=False)
-        except GpuUnavailable as e:
-            log.info("weightd cannot serve %s on %s (%s): the host tier instead",
-                     plan.source, plan.device, e)
-            weights = client.load(plan.source, "cpu", fallback=False)
-        log.info("weightd: %s from the daemon (lease %s, %s, %d tensors)", plan.source,
-                 weights.lease_id, weights.device, len(weights))
-        with weights:
-            yield ((n, t) for n, t in weights.items() if plan.names is None or n in plan.names)
-            if weights.device.type == "cuda":
-                # vLLM's copies out of the daemon's buffers are queued on the device:
-                # they finish before the release closes the IPC handles
-                torch.cuda.synchronize(weights.device)
+    def _secondary_weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Other checkpoints a model loads besides its own (vLLM's ``secondary_weights``),
+        read by vLLM's default steps as without weightd."""
+        for source in cast(Iterable[DefaultModelLoader.Source],
+                           getattr(model, "secondary_weights", ())):
+            yield from self._get_weights_iterator(source)
 
     def _fallback_weights(self, model_config: ModelConfig, model: nn.Module,
                           error: DaemonUnavailable) -> Iterator[tuple[str, torch.Tensor]]:
