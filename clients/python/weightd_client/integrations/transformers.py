@@ -187,7 +187,6 @@ def build_model(
 def from_weightd(
     source: str | os.PathLike[str],
     *,
-    device: str = "cpu",
     fallback: Fallback = True,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -196,12 +195,12 @@ def from_weightd(
     dtype: torch.dtype | None = None,
     **from_pretrained: Any,
 ) -> PreTrainedModel:
-    """Load a model through the node's daemon and build it with transformers.
+    """Load a model through the node's daemon and build it with transformers, on the CPU
+    (for a GPU: ``build_model(client.load(source, "cuda"))``, not tested here).
 
     Args:
         source: the model reference (URL or local path), as for
             :func:`weightd_client.load`.
-        device: ``"cpu"`` (views of the daemon's pages) or a CUDA device.
         fallback: as for :func:`weightd_client.load` (True: straight from the source,
             with a warning, when the daemon is unreachable).
         include: globs of files to take from a directory source.
@@ -216,7 +215,7 @@ def from_weightd(
         WeightdError: as :func:`weightd_client.load` raises.
         ValueError: as :func:`build_model` raises.
     """
-    weights = load(source, device, fallback=fallback, include=include, exclude=exclude)
+    weights = load(source, "cpu", fallback=fallback, include=include, exclude=exclude)
     try:
         return build_model(weights, config=config, model_class=model_class, dtype=dtype,
                            **from_pretrained)
