@@ -126,7 +126,12 @@ def test_the_model_is_fetched_once_for_every_engine_process(llama):
     for name in ("llama-a", "llama-b"):
         size = sum(p.stat().st_size for p in (llama["www"] / name).iterdir())
         assert http.log.bytes_served(f"/{name}/") == size, name
-    # the snapshot vllm serve was given is what `weightd fetch` prints, and a fetch now
+    # the first engine's Acquire fetched A, every later one found it cached
+    acquires = [line for line in llama["daemon_log"].splitlines()
+                if "Acquire " in line and "/llama-a " in line]
+    # the first load, its reload, the two ranks
+    assert ["fetched=True" in line for line in acquires] == [True, False, False, False]
+    # the snapshot the server was given is what `weightd fetch` prints, and a fetch now
     # reads nothing from the source
     assert llama["refetch"].stdout.strip() == llama["results"]["serve-tp2"]["model"]
 
