@@ -2,7 +2,7 @@
 """vLLM start-up through ``--load-format weightd`` against vLLM's default loader.
 
     make bench-engines            # = .venv/bin/python bench/engines.py
-    .venv/bin/python bench/engines.py [--runs 3] [--models tiny,small] [--out FILE]
+    .venv/bin/python bench/engines.py [--runs 3] [--models tiny,small] [--out FILE] [--keep]
 
 For each model, a warm node: a ``weightd serve`` that has fetched the model and holds it
 resident (host tier), and the model's own directory in the page cache. Then, run after
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--models", default="tiny,small", help="of: " + ", ".join(MODELS))
     p.add_argument("--out", default=str(HERE / "out" / "engines.json"))
+    p.add_argument("--keep", action="store_true", help="keep the work directory (models, "
+                                                       "the daemon's cache and logs)")
     args = p.parse_args(argv)
     if args.engine:
         engine(args.engine)
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"{ttft:.2f}", f"{ttft / base:.2f}", f"{load:.2f}"))
     finally:
         daemon.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     table = markdown_table(("model", "weights", "loader", "runs",
                             "LLM(...) to first token, s (median)", "ratio to default",
                             "vLLM's 'Loading weights took', s (median)"), rows)
