@@ -17,19 +17,25 @@ from weightd.testing import MotoS3Server, RangeHTTPServer
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolate(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """A clean environment under ``home``: no WEIGHTD_* or AWS_* from outside, caches and
+    the runtime directory of its own, fake S3 credentials, no Hub."""
     for key in list(os.environ):
         if key.startswith(("WEIGHTD_", "AWS_")):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    run = tmp_path / "run"
-    run.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
+    run = home / "run"
+    run.mkdir(exist_ok=True)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    isolate(monkeypatch, tmp_path)
     yield
 
 

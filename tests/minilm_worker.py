@@ -1,5 +1,7 @@
-"""Build all-MiniLM-L6-v2 from a snapshot's config on the meta device, take its weights
-from weightd (or from the files), and print sentence embeddings as hex."""
+"""all-MiniLM-L6-v2 in a process of its own: built from weightd by the transformers
+integration (``weightd SOURCE``) or by transformers from the directory
+(``direct DIR``), and sentence-transformers on the snapshot / the directory; prints
+sentence embeddings as hex and where the parameters' bytes live."""
 
 from __future__ import annotations
 
@@ -7,47 +9,11 @@ import json
 import sys
 
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-import weightd_client
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
 
 SENTENCES = ["weightd makes cold starts fast.", "A replica should not wait for weights.",
              "Zero copies: the same pages in every process."]
-
-
-def build(snapshot: str, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    config = AutoConfig.from_pretrained(snapshot)
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    buffers = dict(model.named_buffers())
-    state = model.state_dict()
-    # older checkpoints carry buffers that newer code registers as non-persistent
-    extra = {k: v for k, v in weights.items() if k not in state and k in buffers}
-    weights = {k: v for k, v in weights.items() if k not in extra}
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    if unexpected:
-        raise SystemExit(f"unexpected keys: {unexpected}")
-    for name, value in extra.items():
-        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        owner.register_buffer(name.rsplit(".", 1)[-1], value, persistent=False)
-    # non-persistent buffers are not in the checkpoint: materialize them on the CPU
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "position_ids":
-                value = torch.arange(buf.shape[-1]).expand(buf.shape)
-            elif leaf == "token_type_ids":
-                value = torch.zeros(buf.shape, dtype=buf.dtype)
-            else:
-                raise SystemExit(f"buffer {name} has no value")
-            owner.register_buffer(leaf, value.to(buf.dtype), persistent=False)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta or missing and any(not m.endswith(("position_ids", "token_type_ids"))
-                                     for m in missing):
-        raise SystemExit(f"parameters left on meta: {still_meta} missing: {missing}")
-    return model.eval()
 
 
 def embed(snapshot: str, model: torch.nn.Module) -> torch.Tensor:
@@ -60,24 +26,48 @@ def embed(snapshot: str, model: torch.nn.Module) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
+def mapped_files(model: torch.nn.Module) -> list[str]:
+    """The file mapped at each parameter's first byte ("" where anonymous memory is),
+    from /proc/self/maps."""
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, parts[5].strip() if len(parts) > 5 else ""))
+    return [next((path for lo, hi, path in maps if lo <= p.data_ptr() < hi), "")
+            for p in model.parameters()]
+
+
+def hex_of(t: torch.Tensor) -> str:
+    return t.float().numpy().tobytes().hex()
+
+
+def sentence_transformers(path: str) -> tuple[torch.Tensor, list[str]]:
+    st = SentenceTransformer(path, device="cpu")
+    return st.encode(SENTENCES, convert_to_tensor=True), mapped_files(st)
+
+
 def main() -> None:
     mode, source = sys.argv[1], sys.argv[2]
     if mode == "weightd":
-        with weightd_client.Client() as client, client.load(source, fallback=False) as w:
-            model = build(w.snapshot_path, dict(w))
-            shared = sum(1 for p in model.parameters()
-                         if any(p.data_ptr() == t.data_ptr() for t in w.values()))
-            emb = embed(w.snapshot_path, model)
-            print(json.dumps({"hex": emb.numpy().tobytes().hex(), "lease": w.lease_id,
-                              "shared_params": shared,
-                              "params": sum(1 for _ in model.parameters())}))
-    else:
-        model = build(source, load_file(f"{source}/model.safetensors"))
-        emb = embed(source, model)
-        from sentence_transformers import SentenceTransformer
+        from weightd_client.integrations.transformers import from_weightd
 
-        st = SentenceTransformer(source, device="cpu").encode(SENTENCES, convert_to_tensor=True)
-        print(json.dumps({"hex": emb.numpy().tobytes().hex(),
+        model = from_weightd(source, fallback=False)
+        weights = model.weightd_weights
+        ptrs = {t.data_ptr() for t in weights.values()}
+        emb = embed(weights.snapshot_path, model)
+        st, st_files = sentence_transformers(weights.snapshot_path)
+        print(json.dumps({
+            "hex": hex_of(emb), "lease": weights.lease_id, "dtype": str(model.dtype),
+            "params": sum(1 for _ in model.parameters()),
+            "shared_params": sum(p.data_ptr() in ptrs for p in model.parameters()),
+            "files": mapped_files(model), "st_hex": hex_of(st), "st_files": st_files}))
+    else:
+        model = AutoModel.from_pretrained(source).eval()
+        emb = embed(source, model)
+        st, _ = sentence_transformers(source)
+        print(json.dumps({"hex": hex_of(emb), "st_hex": hex_of(st),
                           "max_diff_vs_sentence_transformers": float((st - emb).abs().max())}))
 
 
