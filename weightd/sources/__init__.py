@@ -13,6 +13,7 @@ by :func:`source_class`. It must not know about the cache, tiers or leases.
 from weightd.sources import hf, http, local, s3  # noqa: F401  (they register their classes)
 from weightd.sources.base import (
     DEFAULT_INCLUDE,
+    Buffer,
     ChunkPlan,
     FileReader,
     RemoteFile,
@@ -29,6 +30,7 @@ from weightd.sources.base import (
 from weightd.sources.digests import OriginDigest
 
 __all__ = [
+    "Buffer",
     "DEFAULT_INCLUDE",
     "ChunkPlan",
     "FileReader",

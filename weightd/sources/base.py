@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
+#: What a read hands the writer: the bytes as they arrived, or a view of the fetch's
+#: buffer that the read filled.
+Buffer = bytes | bytearray | memoryview
+
 #: Side files a framework needs next to the shards (config, tokenizer, pooling...).
 DEFAULT_INCLUDE: tuple[str, ...] = (
     "*.safetensors",
@@ -335,15 +339,24 @@ class FileReader:
 
     Use it as a context manager (:meth:`Source.open_file`); subclasses hold what must
     stay open (a local file's descriptor).
+
+    Attributes:
+        fills_buffer: whether :meth:`read` fills the buffer it is given (then the fetch
+            hands it one per chunk, reused once the chunk is written); otherwise it
+            returns the blocks as they arrived.
     """
+
+    fills_buffer = False
 
     def __init__(self, source: Source, rf: RemoteFile, digest: OriginDigest | None) -> None:
         self.source = source
         self.rf = rf
         self.digest = digest
 
-    async def read(self, start: int, end: int) -> list[bytes]:
-        """Bytes ``[start, end)`` as the blocks they arrived in (see
+    async def read(self, start: int, end: int,
+                   into: memoryview | None = None) -> Sequence[Buffer]:
+        """Bytes ``[start, end)``: ``[into]`` filled when :attr:`fills_buffer` (``into``
+        is then ``end - start`` bytes long), else the blocks they arrived in (see
         :meth:`Source.read_blocks`)."""
         return await self.source.read_blocks(self.rf.path, start, end, size=self.rf.size)
 
@@ -381,7 +394,8 @@ class Source:
     :meth:`open_file`.
     """
 
-    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, path: str, config: Config):
+    def __init__(self, url: str, fs: Any, path: str, config: Config):
+        #: the fsspec filesystem (None for a source that speaks its protocol itself: hf)
         self.url = url
         self.fs = fs
         self.path = path
@@ -393,6 +407,34 @@ class Source:
     def storage_options(cls, protocol: str, config: Config) -> dict[str, Any]:
         """Keyword arguments for the fsspec filesystem of this protocol."""
         return {}
+
+    @classmethod
+    def filesystem(cls, url: str, config: Config) -> tuple[Any, str]:
+        """The filesystem object and the path it takes for a canonical URL.
+
+        Raises:
+            SourceNotFound: the protocol is unknown or its package is not installed.
+        """
+        protocol = url.split("://", 1)[0]
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
+        except ImportError as e:
+            extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
+            hint = f": pip install '{extra}'" if extra else f": {e}"
+            raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
+        except ValueError as e:
+            raise SourceNotFound(f"{url}: unknown protocol {protocol!r} "
+                                 f"({protocols_text()})") from e
+        return fs, path
+
+    def close(self) -> None:
+        """Release what the source holds (connections, threads); it reads no more."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def is_async(self) -> bool:
@@ -544,15 +586,16 @@ class Source:
         return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url))
 
     async def read_blocks(self, path: str, start: int, end: int, *,
-                          size: int | None = None) -> list[bytes]:
+                          size: int | None = None) -> Sequence[Buffer]:
         """Bytes ``[start, end)`` of a file (of ``size`` bytes, when known) as the buffers
         they arrived in.
 
-        For HTTP and S3 the response body is taken block by block from aiohttp (as the
-        socket delivered it) instead of joined into one ``bytes``: the join is a copy of
-        every byte into freshly faulted memory, as costly as the ``recv`` itself (see
-        docs/fetch-tuning.md). Other filesystems give one block. A short read, or an
-        answer for another range than the one asked for, raises a transient error.
+        For S3 the response body is taken block by block from aiohttp (as the socket
+        delivered it) instead of joined into one ``bytes``: the join is a copy of every
+        byte into freshly faulted memory, as costly as the ``recv`` itself (see
+        docs/fetch-tuning.md); HTTP reads into one buffer (weightd/sources/wire.py).
+        Other filesystems give one block. A short read, or an answer for another range
+        than the one asked for, raises a transient error.
         """
         try:
             blocks = await self._read_range(path, start, end, size)
@@ -562,10 +605,10 @@ class Source:
         if got != end - start:
             raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, "
                              f"got {got} bytes")
-        return [b if isinstance(b, bytes) else bytes(b) for b in blocks]
+        return blocks
 
     async def _read_range(self, path: str, start: int, end: int,
-                          size: int | None) -> list[bytes]:
+                          size: int | None) -> Sequence[Buffer]:
         if self.is_async:
             return [await self.fs._cat_file(path, start=start, end=end)]
         return [await asyncio.to_thread(self.fs.cat_file, path, start, end)]
@@ -597,16 +640,8 @@ def open_source(ref: str, config: Config) -> Source:
     """
     url = canonical_url(ref)
     check_allowed(url, config.allowed_sources)
-    protocol = url.split("://", 1)[0]
-    cls = source_class(protocol)
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
-    except ImportError as e:
-        extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
-        hint = f": pip install '{extra}'" if extra else f": {e}"
-        raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
-    except ValueError as e:
-        raise SourceNotFound(f"{url}: unknown protocol {protocol!r} ({protocols_text()})") from e
+    cls = source_class(url.split("://", 1)[0])
+    fs, path = cls.filesystem(url, config)
     return cls(url, fs, path, config)
 
 

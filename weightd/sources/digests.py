@@ -43,7 +43,7 @@ _HEX = {"md5": 32, "sha1": 40, "sha256": 64, "crc32": 8}
 
 
 class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
 
     def hexdigest(self) -> str: ...
 
@@ -54,7 +54,7 @@ class _Crc32:
     def __init__(self) -> None:
         self.value = 0
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
         self.value = zlib.crc32(data, self.value)
 
     def hexdigest(self) -> str:
