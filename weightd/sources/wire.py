@@ -147,12 +147,13 @@ class Wire:
                                                context=self._ssl)
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
-    def _acquire(self, origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
+    def _acquire(self, origin: Origin, *, fresh: bool = False
+                 ) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
             if self._closed:
                 raise Cancelled("the source is closed")
             idle = self._idle.get(origin)
-            conn = idle.pop() if idle else None
+            conn = idle.pop() if idle and not fresh else None
         reused = conn is not None
         if conn is None:
             conn = self._new(origin)
@@ -190,9 +191,10 @@ class Wire:
     def _send(self, origin: Origin, method: str, url: str, headers: Mapping[str, str]
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send one request on a pooled connection; a kept-alive connection that the
-        server closed meanwhile is replaced once (nothing was answered on it)."""
+        server closed meanwhile is replaced once, by a new one (nothing was answered on
+        it; the other idle ones may be as stale)."""
         for attempt in (1, 2):
-            conn, reused = self._acquire(origin)
+            conn, reused = self._acquire(origin, fresh=attempt == 2)
             try:
                 conn.request(method, _target(url), headers=dict(headers))
                 return conn, conn.getresponse()

@@ -306,6 +306,7 @@ class Fetcher:
             except BaseException:
                 for other in futures:
                     other.cancel()
+                source.close()  # the other files' reads end now, not when their bytes do
                 raise
         self._check_answer(source.url, results)
         name = model_name(source.url)

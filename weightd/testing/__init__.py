@@ -5,6 +5,14 @@ development dependency and is imported only when an S3 server is started.
 """
 
 from weightd.testing.models import write_synthetic_model
-from weightd.testing.servers import MotoS3Server, RangeHTTPServer, RequestLog
+from weightd.testing.servers import (
+    Fault,
+    Lie,
+    MotoS3Server,
+    RangeHTTPServer,
+    RequestLog,
+    TokenBucket,
+)
 
-__all__ = ["MotoS3Server", "RangeHTTPServer", "RequestLog", "write_synthetic_model"]
+__all__ = ["Fault", "Lie", "MotoS3Server", "RangeHTTPServer", "RequestLog", "TokenBucket",
+           "write_synthetic_model"]
