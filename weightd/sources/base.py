@@ -134,7 +134,7 @@ def canonical_url(ref: str) -> str:
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise NotPermitted(f"{ref}: '.' and '..' are not allowed in a model reference")
-    return f"{scheme}://" + "/".join(parts)
+    return source_class(scheme).canonical(f"{scheme}://" + "/".join(parts))
 
 
 def check_allowed(url: str, allowed: Sequence[str]) -> None:
@@ -145,9 +145,10 @@ def check_allowed(url: str, allowed: Sequence[str]) -> None:
     """
     if not allowed:
         return
+    forms = source_class(url.split("://", 1)[0]).allowed_forms(url) if "://" in url else (url,)
     for prefix in allowed:
         p = canonical_url(prefix)
-        if url == p or url.startswith(p.rstrip("/") + "/"):
+        if any(u == p or u.startswith(p.rstrip("/") + "/") for u in forms):
             return
     raise NotPermitted(f"{url}: not under any of allowed_sources ({', '.join(allowed)})")
 
@@ -409,6 +410,18 @@ class Source:
         return {}
 
     @classmethod
+    def canonical(cls, url: str) -> str:
+        """The one spelling of a reference of this protocol (``hf://org/m@main`` is
+        ``hf://org/m``); ``url`` has its protocol and no traversal segments."""
+        return url
+
+    @classmethod
+    def allowed_forms(cls, url: str) -> tuple[str, ...]:
+        """The forms of a canonical URL that ``allowed_sources`` prefixes are matched
+        against (an ``hf://`` reference also without its revision)."""
+        return (url,)
+
+    @classmethod
     def filesystem(cls, url: str, config: Config) -> tuple[Any, str]:
         """The filesystem object and the path it takes for a canonical URL.
 
@@ -583,7 +596,7 @@ class Source:
 
     def open_file(self, rf: RemoteFile) -> FileReader:
         """Open one listed file for a download (use it as a context manager)."""
-        return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url))
+        return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url, rf.size))
 
     async def read_blocks(self, path: str, start: int, end: int, *,
                           size: int | None = None) -> Sequence[Buffer]:
@@ -647,8 +660,8 @@ def open_source(ref: str, config: Config) -> Source:
 
 #: The protocols weightd is made for: the package behind each, and the extra with it.
 _BACKENDS = {"s3": "s3fs", "http": "aiohttp", "https": "aiohttp", "file": None,
-             "hf": "huggingface_hub", "gs": "gcsfs"}
-_EXTRAS = {"hf": "weightd[hf]", "gs": "weightd[gcs]"}
+             "hf": None, "gs": "gcsfs"}
+_EXTRAS = {"gs": "weightd[gcs]"}
 
 
 def protocols_text() -> str:

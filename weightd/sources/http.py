@@ -141,7 +141,7 @@ class WireSource(Source):
         return rf.path
 
     def open_file(self, rf: RemoteFile) -> FileReader:
-        return WireReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url))
+        return WireReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url, rf.size))
 
     async def _read_range(self, path: str, start: int, end: int,
                           size: int | None) -> Sequence[Buffer]:

@@ -79,14 +79,17 @@ class HttpStatusError(OSError):
         status: the status code (404, 429, 503...).
         retry_after: seconds the server asked to wait (``Retry-After``), or None.
         url: the URL that answered.
+        headers: the answer's headers, names lower-cased (the hub's ``X-Error-Code``).
     """
 
-    def __init__(self, url: str, status: int, reason: str, retry_after: float | None) -> None:
+    def __init__(self, url: str, status: int, reason: str, retry_after: float | None,
+                 headers: Mapping[str, str] | None = None) -> None:
         wait = f", Retry-After {retry_after:g}s" if retry_after is not None else ""
         super().__init__(f"{url}: HTTP {status} {reason}{wait}".rstrip())
         self.url = url
         self.status = status
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
 
 
 class Cancelled(Exception):
@@ -254,7 +257,8 @@ class Wire:
     def raise_for_status(self, url: str, resp: http.client.HTTPResponse) -> None:
         if resp.status >= 400:
             raise HttpStatusError(url, resp.status, resp.reason or "",
-                                  parse_retry_after(resp.getheader("Retry-After")))
+                                  parse_retry_after(resp.getheader("Retry-After")),
+                                  _headers(resp))
 
     def read_into(self, url: str, into: memoryview, *, start: int, check: AnswerCheck,
                   cancel: threading.Event | None = None,

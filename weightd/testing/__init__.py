@@ -4,6 +4,7 @@ Everything here listens on 127.0.0.1 only, on a port the kernel picks. moto is a
 development dependency and is imported only when an S3 server is started.
 """
 
+from weightd.testing.hub import FakeHub
 from weightd.testing.models import write_synthetic_model
 from weightd.testing.servers import (
     Fault,
@@ -14,5 +15,5 @@ from weightd.testing.servers import (
     TokenBucket,
 )
 
-__all__ = ["Fault", "Lie", "MotoS3Server", "RangeHTTPServer", "RequestLog", "TokenBucket",
-           "write_synthetic_model"]
+__all__ = ["FakeHub", "Fault", "Lie", "MotoS3Server", "RangeHTTPServer", "RequestLog",
+           "TokenBucket", "write_synthetic_model"]

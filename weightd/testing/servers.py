@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,10 +130,16 @@ class RequestLog:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.bytes: Counter[str] = Counter()
         self.connections = 0
+        #: how many requests carried each header (names lower-cased)
+        self.header_names: Counter[str] = Counter()
 
     def connected(self) -> None:
         with self.lock:
             self.connections += 1
+
+    def saw_headers(self, names: Iterable[str]) -> None:
+        with self.lock:
+            self.header_names.update(n.lower() for n in names)
 
     def add(self, method: str, path: str, nbytes: int) -> None:
         with self.lock:
@@ -158,6 +164,7 @@ class RequestLog:
             self.requests.clear()
             self.bytes.clear()
             self.connections = 0
+            self.header_names.clear()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -214,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _serve(self, *, body: bool) -> None:
+        self.server.log.saw_headers(self.headers.keys())
         if self._fault() or self._redirect():
             return
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
