@@ -76,20 +76,35 @@ def _server_delay(e: BaseException) -> float | None:
     return float(value) if isinstance(value, int | float) and value >= 0 else None
 
 
-def _pause(e: BaseException, attempt: int, start: float, policy: RetryPolicy,
-           is_transient: Callable[[BaseException], bool]) -> float | None:
-    """Seconds to wait before the next try, or None to raise ``e`` now."""
-    elapsed = time.monotonic() - start
-    if not is_transient(e) or attempt == policy.attempts or elapsed > policy.max_seconds:
-        return None
-    asked = _server_delay(e)
-    if asked is None:
-        return policy.delay(attempt)
-    if elapsed + asked > policy.max_seconds:
-        log.info("the server asks to wait %.1fs, past retry_max_seconds (%.0fs): giving up",
-                 asked, policy.max_seconds)
-        return None
-    return asked
+class _Tries:
+    """The bookkeeping of one retried call: :meth:`failed` says how long to wait before
+    the next try, or raises the error when there is to be none."""
+
+    def __init__(self, policy: RetryPolicy, is_transient: Callable[[BaseException], bool],
+                 what: str) -> None:
+        self.policy = policy
+        self.is_transient = is_transient
+        self.what = what
+        self.start = time.monotonic()
+        self.attempt = 0
+
+    def failed(self, e: Exception) -> float:
+        self.attempt += 1
+        policy = self.policy
+        elapsed = time.monotonic() - self.start
+        if (not self.is_transient(e) or self.attempt >= policy.attempts
+                or elapsed > policy.max_seconds):
+            raise e
+        pause = _server_delay(e)
+        if pause is None:
+            pause = policy.delay(self.attempt)
+        elif elapsed + pause > policy.max_seconds:
+            log.info("%s: the server asks to wait %.1fs, past retry_max_seconds (%.0fs): "
+                     "giving up", self.what, pause, policy.max_seconds)
+            raise e
+        log.info("retrying %s after %s (attempt %d/%d, in %.2fs)",
+                 self.what, type(e).__name__, self.attempt, policy.attempts, pause)
+        return pause
 
 
 async def retry_async(
@@ -104,18 +119,12 @@ async def retry_async(
     The last error is re-raised as is when tries or time run out, or at once when it is
     not transient.
     """
-    start = time.monotonic()
-    for attempt in range(1, policy.attempts + 1):
+    tries = _Tries(policy, is_transient, what)
+    while True:
         try:
             return await fn()
         except Exception as e:
-            pause = _pause(e, attempt, start, policy, is_transient)
-            if pause is None:
-                raise
-            log.info("retrying %s after %s (attempt %d/%d, in %.2fs)",
-                     what, type(e).__name__, attempt, policy.attempts, pause)
-            await asyncio.sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
+            await asyncio.sleep(tries.failed(e))
 
 
 def retry_call(
@@ -126,15 +135,9 @@ def retry_call(
     what: str,
 ) -> T:
     """:func:`retry_async` for a blocking call (a listing, an API request)."""
-    start = time.monotonic()
-    for attempt in range(1, policy.attempts + 1):
+    tries = _Tries(policy, is_transient, what)
+    while True:
         try:
             return fn()
         except Exception as e:
-            pause = _pause(e, attempt, start, policy, is_transient)
-            if pause is None:
-                raise
-            log.info("retrying %s after %s (attempt %d/%d, in %.2fs)",
-                     what, type(e).__name__, attempt, policy.attempts, pause)
-            time.sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(tries.failed(e))

@@ -259,21 +259,25 @@ class HfSource(WireSource):
                                 f"{e.status}{', gated' if code == 'GatedRepo' else ''}; {token})")
         return translate_error(e, what)
 
-    def _api(self, url: str, what: str) -> tuple[Any, Mapping[str, str]]:
-        """GET a JSON answer of the API (retried: 429 with Retry-After, 5xx, resets)."""
-
-        def once() -> tuple[bytes, Mapping[str, str], str]:
-            return self.wire.get(url, limit=MAX_API_BYTES, headers={"Accept": "application/json"})
-
+    def _get(self, url: str, what: str, *, limit: int,
+             headers: Mapping[str, str] | None = None) -> tuple[bytes, Mapping[str, str]]:
+        """GET a small answer of the hub, retried (429 with Retry-After, 5xx, resets),
+        its errors translated (naming ``what``)."""
         try:
-            body, headers, _ = retry_call(once, policy=self.policy, is_transient=is_transient,
-                                          what=what)
+            body, got, _ = retry_call(lambda: self.wire.get(url, limit=limit, headers=headers),
+                                      policy=self.policy, is_transient=is_transient, what=what)
         except HttpStatusError as e:
             raise self._refusal(e, what) from e
         except WeightdError:
             raise
         except Exception as e:
             raise self.error(e, what) from e
+        return body, got
+
+    def _api(self, url: str, what: str) -> tuple[Any, Mapping[str, str]]:
+        """GET a JSON answer of the API."""
+        body, headers = self._get(url, what, limit=MAX_API_BYTES,
+                                  headers={"Accept": "application/json"})
         if len(body) > MAX_API_BYTES:
             raise SourceUnavailable(f"{what}: the hub's answer is larger than "
                                     f"{MAX_API_BYTES} bytes")
@@ -370,17 +374,7 @@ class HfSource(WireSource):
 
     def _read_small(self, path: str, limit: int) -> bytes:
         url = f"{self.endpoint}/{self.ref.repo}/resolve/{self.commit}/{quote(path)}"
-        what = self._url_of(path)
-        try:
-            body, _, _ = retry_call(lambda: self.wire.get(url, limit=limit), policy=self.policy,
-                                    is_transient=is_transient, what=what)
-        except HttpStatusError as e:
-            raise self._refusal(e, what) from e
-        except WeightdError:
-            raise
-        except Exception as e:
-            raise self.error(e, what) from e
-        return body
+        return self._get(url, self._url_of(path), limit=limit)[0]
 
 
 SOURCE_CLASSES["hf"] = HfSource
