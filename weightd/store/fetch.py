@@ -232,7 +232,9 @@ class _Buffers:
         with self.lock:
             if self.free:
                 return self.free.pop()
-        return mmap.mmap(-1, self.size)
+        # private: Python's default for an anonymous map is shared, i.e. shmem pages,
+        # which the kernel accounts as shared memory of the daemon
+        return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buf: mmap.mmap) -> None:
         with self.lock:
@@ -434,9 +436,9 @@ class Fetcher:
 
         ``sink`` runs on one writer thread per file, so hashing and writing chunk i
         overlap the reads of the chunks after it. At most ``concurrency + 3`` chunks are
-        in memory at once (``concurrency + 2`` reads scheduled, one being written). A
-        reader that fills buffers gets one per chunk, taken back once the chunk is
-        written.
+        in memory at once (``concurrency`` being read, two read ahead of the one awaited,
+        one being written). A reader that fills buffers gets one per chunk when its read
+        starts, taken back once the chunk is written.
         """
         plan = reader.source.plan
         loop = asyncio.get_running_loop()
@@ -445,20 +447,22 @@ class Fetcher:
         sem = asyncio.Semaphore(plan.concurrency)
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
-        async def read(start: int, end: int, buf: mmap.mmap | None) -> Sequence[Buffer]:
-            into = memoryview(buf)[:end - start] if buf is not None else None
-            async with sem:
-                return await retry_async(
+        async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer]]:
+            async with sem:  # the buffer is taken when the read starts, not while it waits
+                buf = buffers.take() if buffers is not None else None
+                into = memoryview(buf)[:end - start] if buf is not None else None
+                data = await retry_async(
                     lambda: reader.read(start, end, into), policy=self.policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
+                return buf, data  # (a failed or cancelled read's buffer is dropped)
 
-        pending: deque[tuple[int, mmap.mmap | None, asyncio.Task[Sequence[Buffer]]]] = deque()
+        Read = tuple[mmap.mmap | None, Sequence[Buffer]]
+        pending: deque[tuple[int, asyncio.Task[Read]]] = deque()
 
         def schedule() -> None:
             while chunks and len(pending) < plan.concurrency + 2:
                 start, end = chunks.popleft()
-                buf = buffers.take() if buffers is not None else None
-                pending.append((start, buf, asyncio.ensure_future(read(start, end, buf))))
+                pending.append((start, asyncio.ensure_future(read(start, end))))
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
         last_write: asyncio.Future[None] | None = None
@@ -466,8 +470,8 @@ class Fetcher:
         try:
             schedule()
             while pending:
-                start, buf, task = pending.popleft()
-                data = await task
+                start, task = pending.popleft()
+                buf, data = await task
                 if last_write is not None:
                     await last_write
                     if written is not None and buffers is not None:
@@ -480,10 +484,10 @@ class Fetcher:
                 if written is not None and buffers is not None:
                     buffers.give(written)  # for the fetch's next file
         finally:
-            for _, _, task in pending:
+            for _, task in pending:
                 task.cancel()
             if pending:
-                await asyncio.gather(*(t for _, _, t in pending), return_exceptions=True)
+                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
             if last_write is not None and not last_write.done():
                 await asyncio.gather(last_write, return_exceptions=True)
             writer.shutdown(wait=False)
