@@ -190,3 +190,33 @@ def test_a_retry_after_past_retry_max_seconds_fails_at_once(config, http_server,
         fetch(config.replace(retry_max_seconds=10.0), f"{http_server.url}/m")
     assert time.monotonic() - t0 < 10
     assert http_server.log.count("FAULT") == 1  # asked once: no try could follow the wait
+
+
+# --- what the writer reports (part B streams from it) ------------------------------------
+
+
+def test_on_written_reports_each_file_in_order_until_it_is_whole(config, http_server,
+                                                                  http_root):
+    d = http_root / "three"
+    write_synthetic_model(d, total_bytes=3 * MiB, tensors=12, shards=3, seed=9)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    lock = threading.Lock()
+
+    def on_written(rf, offset: int, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+        with lock:
+            seen.setdefault(rf.relpath, []).append((offset, nbytes))
+
+    snap = fetch(config.replace(chunk_size=128 * 1024, concurrency=4),
+                 f"{http_server.url}/three", on_written=on_written)
+    sizes = {f.relpath: f.size for f in snap.files}
+    assert set(seen) == set(sizes)
+    for rel, parts in seen.items():
+        ends = 0
+        for offset, nbytes in parts:  # contiguous: each starts where the one before ended
+            assert offset == ends, (rel, parts)
+            ends += nbytes
+        assert ends == sizes[rel]
+    reported = sum(len(v) for v in seen.values())
+    again = fetch(config, f"{http_server.url}/three", on_written=on_written)
+    assert again.stats.bytes_fetched == 0  # a hit downloads nothing, so reports nothing
+    assert sum(len(v) for v in seen.values()) == reported
