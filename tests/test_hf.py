@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
 from weightd.config import Config
 from weightd.errors import IntegrityError, NotPermitted, SourceNotFound
 from weightd.sources import canonical_url, check_allowed, model_name
@@ -249,3 +250,20 @@ def test_the_fake_hub_speaks_what_huggingface_hub_expects(hub, model, tmp_path, 
     got = hf.hf_hub_download("org/model", "config.json", endpoint=hub.url,
                              cache_dir=str(tmp_path / "hf-cache"), token=False)
     assert Path(got).read_bytes() == (model / "config.json").read_bytes()
+
+
+def test_the_cli_fetches_from_the_hub_and_says_what_is_missing(hub, model, cache_dir):
+    """What a person types: HF_ENDPOINT as with huggingface_hub, hosts by setting."""
+    hub.commit("org/model", files_of(model))
+    env = {"WEIGHTD_CACHE_DIR": str(cache_dir), "HF_ENDPOINT": hub.url,
+           "WEIGHTD_HF_DOWNLOAD_HOSTS": hub.cdn_host}
+    got = run_cli("fetch", "hf://org/model", env=env, check=True)
+    assert_snapshot_is(got.stdout.strip(), model)
+    missing = run_cli("fetch", "hf://org/absent", env=env)
+    assert missing.returncode == 1, missing
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no repository org/absent" in lines[0] \
+        and "HF_TOKEN" in lines[0], missing.stderr
+    refused = run_cli("fetch", "hf://org/model@v9", env={**env, "WEIGHTD_CACHE_DIR":
+                                                        str(cache_dir / "2")})
+    assert refused.returncode == 1 and "no revision 'v9'" in refused.stderr, refused.stderr
