@@ -50,6 +50,10 @@ from weightd.sources.wire import AnswerCheck, AuthHeaders, HopCheck, Wire, conte
 
 T = TypeVar("T")
 
+#: The most threads one source's blocking reads run on (concurrency 256 x 64 files, which
+#: the config allows, would be 16,384): reads beyond wait for one.
+MAX_THREADS = 256
+
 #: Bounds of a directory walk: directories listed, depth, files.
 MAX_LISTED_DIRS = 10_000
 MAX_DEPTH = 32
@@ -127,7 +131,7 @@ class WireSource(Source):
         with self._threads_lock:
             if self._threads is None:
                 self._threads = concurrent.futures.ThreadPoolExecutor(
-                    self.plan.concurrency * self.config.max_parallel_files + 2,
+                    min(MAX_THREADS, self.plan.concurrency * self.config.max_parallel_files + 2),
                     thread_name_prefix="weightd-wire")
             return self._threads
 
