@@ -60,7 +60,7 @@ def test_the_rate_limited_server_keeps_its_total_rate_across_connections(http_ro
             list(pool.map(lambda _: _download(f"{srv.url}/blob", each), range(conns)))
         elapsed = time.monotonic() - t0
     want = conns * each / rate  # 0.5 s: four connections share the one rate
-    assert 0.85 * want <= elapsed <= 1.6 * want, (elapsed, want)
+    assert 0.85 * want <= elapsed <= 2.0 * want, (elapsed, want)
 
 
 def test_the_rate_limited_server_keeps_each_connections_rate(http_root):
@@ -71,7 +71,7 @@ def test_the_rate_limited_server_keeps_each_connections_rate(http_root):
         times = list(pool.map(lambda _: _download(f"{srv.url}/blob", each), range(2)))
     want = each / conn_rate  # 0.25 s each, side by side: the rates are not shared
     for t in times:
-        assert 0.85 * want <= t <= 1.6 * want, (times, want)
+        assert 0.85 * want <= t <= 2.0 * want, (times, want)
 
 
 def test_a_fetch_from_a_rate_limited_origin_takes_the_link_time(config, http_root, shard):
@@ -133,9 +133,9 @@ def test_a_redirect_to_another_scheme_is_refused(config, http_server, shard):
 
 def test_a_failed_file_stops_the_other_downloads_of_its_model(config, http_root):
     d = http_root / "two"
-    write_synthetic_model(d, total_bytes=8 * MiB, tensors=8, shards=2, seed=3)
+    write_synthetic_model(d, total_bytes=32 * MiB, tensors=8, shards=2, seed=3)
     big = next(p for p in sorted(d.glob("*.safetensors")))
-    rate = 4e6  # the other shard would take 1 s at this rate
+    rate = 4e6  # the other shard (16 MiB) would take 4.2 s at this rate
 
     def gone(method: str, path: str) -> int | None:
         return 404 if method == "GET" and path.endswith(big.name) else None
@@ -146,8 +146,8 @@ def test_a_failed_file_stops_the_other_downloads_of_its_model(config, http_root)
             fetch(config.replace(chunk_size=512 * 1024, concurrency=2), f"{srv.url}/two")
         elapsed = time.monotonic() - t0
         served = srv.log.bytes_served(".safetensors")
-    assert served < 3 * MiB, served  # not the other shard's 4 MiB
-    assert elapsed < 4 * MiB / rate, elapsed
+    assert served < 8 * MiB, served  # not the other shard's 16 MiB
+    assert elapsed < 0.7 * 16 * MiB / rate, elapsed
 
 
 # --- Retry-After -------------------------------------------------------------------------
