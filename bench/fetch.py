@@ -1,32 +1,49 @@
 #!/usr/bin/env python3
 """Fetch throughput: weightd against curl, fsspec and s3fs on 127.0.0.1.
 
-    python bench/fetch.py [--size 1GiB] [--shards 4] [--runs 3] [--out bench/out/fetch.json]
-                          [--sweep]
+    python bench/fetch.py [--size 1GiB] [--shards 4] [--runs 5] [--out bench/out/fetch.json]
+                          [--rate 200MB [--conn-rate 50MB]] [--server nginx|python]
+                          [--sweep] [--wire-compare]
 
 What it does, in one process:
 
 1. writes a synthetic multi-shard safetensors model into a temp dir on local disk
    (``--workdir``, default /var/tmp: never a tmpfs);
-2. serves that dir with nginx on 127.0.0.1 (its own nginx.conf, sendfile, autoindex);
-3. uploads it to moto's S3 server (``weightd.testing.MotoS3Server``);
+2. serves that dir on 127.0.0.1: with nginx (sendfile, autoindex) when it is installed
+   and no rate is asked, else with ``weightd.testing.RangeHTTPServer`` in a child process
+   (sendfile too); ``--rate`` / ``--conn-rate`` shape every body with that server's token
+   buckets (a total rate shared by every connection, a rate per connection), so that the
+   link, not the loopback, is the bottleneck, as on a real node;
+3. uploads it to moto's S3 server (``weightd.testing.MotoS3Server``, in a child process);
 4. measures GB/s (10^9 bytes / wall seconds), alternating the methods run after run,
    each download into a fresh directory on the same disk (deleted, and the disk synced,
    outside the timed part), with the source files warm in the page cache:
 
    - HTTP: weightd fetch of the directory URL; ``curl -s -o FILE URL`` per shard in
-     sequence; fsspec ``HTTPFileSystem().get_file`` per shard;
+     sequence, and all shards at once (``curl -Z``); fsspec ``HTTPFileSystem().get_file``
+     per shard;
    - S3: weightd fetch of the ``s3://`` prefix; ``s3fs.S3FileSystem(...).get(recursive=True)``;
+   - for weightd, three times: the **wire only** (weightd's read loop as a fetch runs it,
+     files in parallel, chunks handed in order to a writer thread per file that hashes
+     them and writes nothing: the bytes into the writer), **until written** (in the whole
+     fetch, until the last byte was hashed and written to its temporary file: page cache,
+     not yet fsynced; the fetch's ``on_written`` hook), and the **whole fetch** (validate,
+     fsync, rename);
    - the share of weightd's wall time spent hashing, and raw xxh3-128 speed in memory.
 
    weightd fsyncs every blob before it becomes visible; curl, fsspec and s3fs do not.
    The ``+fsync`` rows add the time to fsync what a baseline wrote, for a like-for-like
-   comparison.
+   comparison; the wire rows compare with the baselines as they are.
 5. ``--sweep``: weightd over chunk_size x concurrency for HTTP and S3 (S3 on a smaller
    model, moto being slow with many ranged reads), and file:// against shutil.copyfile.
+6. ``--wire-compare``: the HTTP read loop alone, one large file into memory (nothing
+   written): aiohttp (what fsspec's HTTP filesystem uses) keeping the body's blocks or
+   copying them into a buffer, ``http.client`` on threads reading into a buffer
+   (weightd's wire), and ``curl -o /dev/null``: the measurement behind
+   weightd/sources/wire.py.
 
-Everything is loopback: these numbers measure the client side (CPU, copies, hashing,
-disk), not a network.
+Without ``--rate`` everything is loopback: these numbers measure the client side (CPU,
+copies, hashing, disk), not a network.
 """
 
 from __future__ import annotations
@@ -63,8 +80,9 @@ GB = 1e9
 MiB = 1024 * 1024
 BUCKET = "bench"
 
-HTTP_GOALS = {"curl": 0.8, "fsspec get_file": 2.0}
-S3_GOALS = {"s3fs.get": 2.0}
+#: What issue 16 asks of the wire (bytes hashed and written, before the fsync): keep
+#: pace with curl -o, on loopback and at a rate limit.
+WIRE_GOALS = {"curl -o": 0.95}
 
 
 # --- measurements ------------------------------------------------------------------------
@@ -80,11 +98,16 @@ class Sample:
     seconds: float
     fsync_seconds: float = 0.0  # baselines: time to fsync what they wrote (not in seconds)
     hash_seconds: float = 0.0  # weightd: summed over its writer threads
+    wire_seconds: float = 0.0  # weightd: until the last byte was hashed and written
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / GB
+
+    @property
+    def wire_gbps(self) -> float:
+        return self.bytes / self.wire_seconds / GB if self.wire_seconds else float("nan")
 
     @property
     def gbps_fsync(self) -> float:
@@ -124,16 +147,62 @@ def weightd_fetch(url: str, dest: Path, *, run: int, method: str = "weightd",
                   s3_endpoint: str | None = None) -> Sample:
     config = Config(cache_dir=dest, chunk_size=chunk_size, concurrency=concurrency,
                     s3_endpoint_url=s3_endpoint)
+    last = [0.0]
+
+    def on_written(rf: Any, offset: int, nbytes: int) -> None:
+        last[0] = max(last[0], time.perf_counter())  # the writer threads', in order
+
     with Store.open(dest) as store:
         fetcher = Fetcher(store, config)
         t0 = time.perf_counter()
-        snap = fetcher.fetch(url)
+        snap = fetcher.fetch(url, on_written=on_written)
         seconds = time.perf_counter() - t0
     plan = chunk_plan(url.split("://", 1)[0], config)
     return Sample(method, run, snap.stats.bytes_fetched, seconds,
-                  hash_seconds=snap.stats.hash_seconds,
+                  hash_seconds=snap.stats.hash_seconds, wire_seconds=last[0] - t0,
                   extra={"chunk_size": plan.chunk_size, "concurrency": plan.concurrency,
                          "files": snap.stats.files})
+
+
+def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = None) -> Sample:
+    """weightd's read loop alone, as a fetch runs it (its source, plan, retries, buffers,
+    files in parallel, chunks handed in order to a writer thread per file), the writer
+    hashing each chunk (xxh3) and writing nothing: the bytes into the writer."""
+    import concurrent.futures
+
+    import fsspec.asyn
+
+    from weightd.sources import open_source
+    from weightd.store.fetch import _Buffers
+
+    config = Config(cache_dir=dest, s3_endpoint_url=s3_endpoint)
+    with Store.open(dest) as store:
+        fetcher = Fetcher(store, config)
+        t0 = time.perf_counter()
+        with open_source(url, config) as source:
+            files = source.list_files()
+            buffers = _Buffers(source.plan.chunk_size)
+            hashed = [0.0]
+
+            def one(f: Any) -> int:
+                h = xxhash.xxh3_128()
+
+                def sink(offset: int, blocks: Any) -> None:
+                    t = time.perf_counter()
+                    for b in blocks:
+                        h.update(b)
+                    hashed[0] += time.perf_counter() - t
+
+                with source.open_file(f) as reader:
+                    fsspec.asyn.sync(fsspec.asyn.get_loop(), fetcher._read_all, reader, f, sink,
+                                     buffers)
+                return int(f.size)
+
+            with concurrent.futures.ThreadPoolExecutor(config.max_parallel_files) as pool:
+                total = sum(pool.map(one, files))
+        seconds = time.perf_counter() - t0
+    return Sample("weightd wire only", run, total, seconds, hash_seconds=hashed[0],
+                  wire_seconds=seconds)
 
 
 def curl_fetch(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
@@ -145,7 +214,22 @@ def curl_fetch(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
         subprocess.run(["curl", "-s", "-o", str(out), f"{base}/{name}"], check=True)
         seconds += time.perf_counter() - t0
         total += out.stat().st_size
-    return Sample("curl", run, total, seconds, fsync_seconds=_fsync_files(_files_under(dest)))
+    return Sample("curl -o", run, total, seconds,
+                  fsync_seconds=_fsync_files(_files_under(dest)))
+
+
+def curl_parallel(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
+    """All shards at once, one connection each (``curl -Z``), as weightd fetches files."""
+    dest.mkdir(parents=True)
+    args = ["curl", "-s", "--no-progress-meter", "-Z", "--parallel-immediate",
+            "--parallel-max", str(max(1, len(names)))]
+    for name in names:
+        args += ["-o", str(dest / name), f"{base}/{name}"]
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True)
+    seconds = time.perf_counter() - t0
+    total = sum((dest / n).stat().st_size for n in names)
+    return Sample("curl -Z", run, total, seconds, fsync_seconds=_fsync_files(_files_under(dest)))
 
 
 def fsspec_get_file(base: str, names: list[str], dest: Path, *, run: int) -> Sample:
@@ -291,6 +375,42 @@ def nginx(root: Path, tmp: Path) -> Iterator[str]:
             proc.wait()
 
 
+_HTTP_CHILD = """
+import sys
+from weightd.testing import RangeHTTPServer
+rate, conn_rate = (float(x) if x != "-" else None for x in sys.argv[2:4])
+srv = RangeHTTPServer(sys.argv[1], rate=rate, conn_rate=conn_rate)
+print(srv.url, flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+@contextlib.contextmanager
+def python_http(root: Path, rate: float | None, conn_rate: float | None) -> Iterator[str]:
+    """``weightd.testing.RangeHTTPServer`` (with its token buckets) in a child process,
+    so that serving does not take the benchmark's GIL; yield its base URL."""
+    proc = subprocess.Popen([sys.executable, "-c", _HTTP_CHILD, str(root),
+                             "-" if rate is None else str(rate),
+                             "-" if conn_rate is None else str(conn_rate)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError("the Python HTTP server did not start")
+        yield url
+    finally:
+        if proc.stdin:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 _MOTO_CHILD = """
 import logging, sys
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -418,52 +538,67 @@ def _by_method(samples: list[Sample]) -> dict[str, list[Sample]]:
     return out
 
 
-def _paired_ratio(a: list[Sample], b: list[Sample], *, fsync_b: bool = False) -> float:
+def _paired_ratio(a: list[Sample], b: list[Sample], *, fsync_b: bool = False,
+                  wire_a: bool = False) -> float:
     """Median over runs of weightd/baseline within the same run (robust to drift)."""
     bb = {s.run: s for s in b}
-    ratios = [s.gbps / (bb[s.run].gbps_fsync if fsync_b else bb[s.run].gbps)
+    ratios = [(s.wire_gbps if wire_a else s.gbps)
+              / (bb[s.run].gbps_fsync if fsync_b else bb[s.run].gbps)
               for s in a if s.run in bb]
     return statistics.median(ratios) if ratios else float("nan")
 
 
-def summarize(section: str, samples: list[Sample], goals: dict[str, float]) -> list[dict[str, Any]]:
+def summarize(section: str, samples: list[Sample],
+              goals: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per method (and per baseline +fsync); weightd's whole fetch and its wire
+    (bytes hashed and written, before the fsync) as ratios against each baseline."""
+    goals = goals or {}
     by = _by_method(samples)
     rows: list[dict[str, Any]] = []
     w = by.get("weightd", [])
-    w_med = statistics.median(s.gbps for s in w) if w else float("nan")
     for method, ss in by.items():
         st = _stats([s.gbps for s in ss])
-        row: dict[str, Any] = {"section": section, "method": method, **st, "runs": len(ss)}
+        row: dict[str, Any] = {"section": section, "method": method, **st, "runs": len(ss),
+                               "values": [s.gbps for s in ss]}
+        rows.append(row)
         if method == "weightd":
             row["hash_share"] = statistics.median(s.hash_seconds / s.seconds for s in ss)
-        rows.append(row)
-        if method != "weightd" and w:
-            row["weightd_ratio"] = w_med / st["median"]
-            row["weightd_ratio_paired"] = _paired_ratio(w, ss)
+            wire = [s.wire_gbps for s in ss]
+            rows.append({"section": section, "method": "weightd, until written", **_stats(wire),
+                         "runs": len(ss), "values": wire})
+            continue
+        if method.startswith("weightd"):
+            continue
+        if w:
+            row["weightd_ratio"] = _paired_ratio(w, ss)
+            row["written_ratio"] = _paired_ratio(w, ss, wire_a=True)
+            if "weightd wire only" in by:
+                row["wire_ratio"] = _paired_ratio(by["weightd wire only"], ss)
             row["goal"] = goals.get(method)
             stf = _stats([s.gbps_fsync for s in ss])
             rows.append({"section": section, "method": method + " +fsync", **stf,
-                         "runs": len(ss), "weightd_ratio": w_med / stf["median"],
-                         "weightd_ratio_paired": _paired_ratio(w, ss, fsync_b=True)})
+                         "runs": len(ss), "values": [s.gbps_fsync for s in ss],
+                         "weightd_ratio": _paired_ratio(w, ss, fsync_b=True)})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| source | method | median GB/s | min | max | weightd / this (paired) | goal |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| source | method | median GB/s | min | max | weightd fetch / this | "
+          "weightd until written / this | weightd wire only / this | goal (wire) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        ratio = ""
-        if "weightd_ratio" in r:
-            ratio = f"{r['weightd_ratio']:.2f} ({r['weightd_ratio_paired']:.2f})"
+        ratio = f"{r['weightd_ratio']:.2f}" if "weightd_ratio" in r else ""
+        written = f"{r['written_ratio']:.2f}" if "written_ratio" in r else ""
+        wire = f"{r['wire_ratio']:.2f}" if "wire_ratio" in r else ""
         goal = ""
-        if r.get("goal"):
-            ok = r["weightd_ratio"] >= r["goal"]
+        if r.get("goal") and "wire_ratio" in r:
+            ok = r["wire_ratio"] >= r["goal"]
             goal = f">= {r['goal']:g}: {'met' if ok else 'NOT met'}"
         method = r["method"]
         if "hash_share" in r:
             method += f" (hashing {100 * r['hash_share']:.1f}% of wall)"
         print(f"| {r['section']} | {method} | {r['median']:.3f} | {r['min']:.3f} | "
-              f"{r['max']:.3f} | {ratio} | {goal} |")
+              f"{r['max']:.3f} | {ratio} | {written} | {wire} | {goal} |")
 
 
 def print_sweep(title: str, samples: list[Sample], chunks: list[int],
@@ -510,7 +645,8 @@ def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]
             samples.append(s)
             print(f"  {label:5} run {r}: {s.method:16} {s.gbps:6.3f} GB/s "
                   f"({s.bytes / GB:.3f} GB in {s.seconds:.2f} s"
-                  + (f", hashing {s.hash_seconds:.2f} s" if s.method.startswith("weightd") else
+                  + (f", wire {s.wire_seconds:.2f} s ({s.wire_gbps:.3f} GB/s), hashing "
+                     f"{s.hash_seconds:.2f} s" if s.method.startswith("weightd") else
                      f", +fsync {s.fsync_seconds:.2f} s") + ")", flush=True)
     return samples
 
@@ -519,7 +655,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--size", default="1GiB", help="model size (default 1GiB)")
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=3, help="repeats of each method (default 3)")
+    ap.add_argument("--runs", type=int, default=5, help="repeats of each method (default 5)")
+    ap.add_argument("--rate", default=None,
+                    help="HTTP origin's total rate, bytes/s with units (200MB): a token bucket "
+                         "shared by every connection")
+    ap.add_argument("--conn-rate", default=None,
+                    help="HTTP origin's rate per connection, bytes/s with units (50MB)")
+    ap.add_argument("--server", choices=("nginx", "python"), default=None,
+                    help="the HTTP origin (default: nginx when installed and no rate is set, "
+                         "else weightd.testing.RangeHTTPServer in a child process)")
+    ap.add_argument("--wire-compare", action="store_true",
+                    help="also compare HTTP read loops into memory (aiohttp, http.client "
+                         "threads, curl -o /dev/null) on one file")
     ap.add_argument("--out", default="bench/out/fetch.json")
     ap.add_argument("--workdir", default="/var/tmp",
                     help="where the model, the server roots and the caches go (local disk)")
@@ -536,6 +683,15 @@ def main(argv: list[str] | None = None) -> int:
 
     size = parse_size(args.size)
     s3_size = parse_size(args.s3_size) if args.s3_size else size
+    rate = float(parse_size(args.rate)) if args.rate else None
+    conn_rate = float(parse_size(args.conn_rate)) if args.conn_rate else None
+    server = args.server or ("nginx" if shutil.which("nginx") and rate is None
+                             and conn_rate is None else "python")
+    args.server_used = server
+    if server == "nginx" and (rate is not None or conn_rate is not None):
+        print("--rate and --conn-rate need --server python (nginx is not shaped here)",
+              file=sys.stderr)
+        return 2
     chunks = [int(x) for x in args.sweep_chunks.split(",")]
     concs = [int(x) for x in args.sweep_concurrency.split(",")]
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
@@ -555,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(work),
-        "params": {"size": size, "shards": args.shards, "runs": args.runs, "s3_size": s3_size},
+        "params": {"size": size, "shards": args.shards, "runs": args.runs, "s3_size": s3_size,
+                   "rate": rate, "conn_rate": conn_rate, "server": server},
         "notes": [
             "GB/s = 10^9 bytes / wall seconds; all traffic on 127.0.0.1 (loopback), source "
             "files warm in the page cache",
@@ -587,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {format_size(sum(p.stat().st_size for p in shards))} in {len(shards)} "
               f"shards in {time.monotonic() - t0:.1f} s")
         _warm(_files_under(model))
+        os.sync()  # the model's own writeback must not land in the first timed run
         scratch = work / "dst"
         scratch.mkdir()
 
@@ -594,12 +752,16 @@ def main(argv: list[str] | None = None) -> int:
         stack = contextlib.ExitStack()
         with stack:
             if not args.no_http:
-                if shutil.which("nginx"):
+                if server == "nginx":
                     http_base = stack.enter_context(nginx(srv_root, work / "nginx"))
                     print(f"nginx serving {srv_root} at {http_base}")
                 else:
-                    print("SKIPPING HTTP: nginx is not installed "
-                          "(apt-get update && apt-get install -y nginx)")
+                    http_base = stack.enter_context(python_http(srv_root, rate, conn_rate))
+                    print(f"RangeHTTPServer (child process) serving {srv_root} at {http_base}"
+                          + (f", {rate / 1e6:g} MB/s in all" if rate else "")
+                          + (f", {conn_rate / 1e6:g} MB/s per connection" if conn_rate else ""))
+                    if rate:
+                        print(f"link time (model size / rate): {size / rate:.2f} s")
             moto: MotoProcess | None = None
             s3_url = ""
             if not args.no_s3:
@@ -619,26 +781,43 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nHTTP ({url}), {args.runs} rounds:")
                 http_methods: list[tuple[str, Callable[[Path, int], Sample]]] = [
                     ("weightd", lambda d, r: weightd_fetch(url, d, run=r)),
-                    ("curl", lambda d, r: curl_fetch(url, names, d, run=r)),
+                    ("weightd wire only", lambda d, r: weightd_wire(url, d, run=r)),
+                    ("curl -o", lambda d, r: curl_fetch(url, names, d, run=r)),
+                    ("curl -Z", lambda d, r: curl_parallel(url, names, d, run=r)),
                     ("fsspec get_file", lambda d, r: fsspec_get_file(url, names, d, run=r)),
                 ]
                 if not shutil.which("curl"):
-                    print("no curl on PATH: the curl baseline is left out "
+                    print("no curl on PATH: the curl baselines are left out "
                           "(apt-get install -y curl)")
-                    http_methods = [m for m in http_methods if m[0] != "curl"]
+                    http_methods = [m for m in http_methods if not m[0].startswith("curl")]
                 ss = _alternate(args.runs, http_methods, scratch, "http")
                 report["samples"]["http"] = [asdict(s) for s in ss]
-                report["summary"] += summarize("HTTP", ss, HTTP_GOALS)
+                label = "HTTP" + (f" at {rate / 1e6:g} MB/s" if rate else "") + \
+                    (f" ({conn_rate / 1e6:g} MB/s per conn)" if conn_rate else "")
+                report["summary"] += summarize(label, ss, WIRE_GOALS)
+                if rate:
+                    link = size / rate
+                    report["link_seconds"] = link
+                    for method, group in _by_method(ss).items():
+                        med = statistics.median(x.seconds for x in group)
+                        line = f"{method}: {med:.2f} s = {med / link:.3f} x the link time"
+                        if method == "weightd":
+                            wmed = statistics.median(x.wire_seconds for x in group)
+                            line += f" (until written {wmed:.2f} s = {wmed / link:.3f} x)"
+                        print(f"  {line}")
+                        report.setdefault("link_ratios", {})[method] = med / link
                 all_samples += ss
             if moto:
                 ep = moto.endpoint_url
                 print(f"\nS3 ({s3_url} on moto), {args.runs} rounds:")
                 ss = _alternate(args.runs, [
                     ("weightd", lambda d, r: weightd_fetch(s3_url, d, run=r, s3_endpoint=ep)),
+                    ("weightd wire only", lambda d, r: weightd_wire(s3_url, d, run=r,
+                                                                    s3_endpoint=ep)),
                     ("s3fs.get", lambda d, r: s3fs_get(ep, s3_url, d, run=r)),
                 ], scratch, "s3")
                 report["samples"]["s3"] = [asdict(s) for s in ss]
-                report["summary"] += summarize("S3 (moto)", ss, S3_GOALS)
+                report["summary"] += summarize("S3 (moto)", ss)
                 all_samples += ss
 
             xx = xxh3_speed(min(size, 1 << 30), max(3, args.runs))
@@ -657,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
                   "in brackets the median of per-round ratios)\n")
             print_table(report["summary"])
 
+            if args.wire_compare and http_base:
+                report["wire_compare"] = wire_compare(f"{http_base}/org/model/{names[0]}",
+                                                      args.runs)
             if args.sweep:
                 report["sweep"] = sweep(args, work, scratch, model, http_base, moto, chunks,
                                         concs)
@@ -669,6 +851,97 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nraw numbers: {out}; total {report['total_seconds']:.0f} s")
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# --- read loops alone (--wire-compare) ------------------------------------------------------
+
+
+def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(o, min(o + chunk, size)) for o in range(0, size, chunk)]
+
+
+async def _aiohttp_read(url: str, size: int, chunk: int, conc: int, *, copy: bool) -> None:
+    import asyncio
+
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
+        sem = asyncio.Semaphore(conc)
+
+        async def one(a: int, b: int) -> None:
+            async with sem, session.get(url, headers={"Range": f"bytes={a}-{b - 1}"},
+                                        read_bufsize=4 * MiB) as r:
+                if copy:  # into one buffer per chunk, as a reader into a preallocated one
+                    buf, pos = memoryview(bytearray(b - a)), 0
+                    async for data, _ in r.content.iter_chunks():
+                        buf[pos:pos + len(data)] = data
+                        pos += len(data)
+                    got = pos
+                else:  # the blocks as aiohttp hands them over (weightd before the wire)
+                    got = sum([len(d) async for d, _ in r.content.iter_chunks()])
+                if got != b - a:
+                    raise RuntimeError(f"short read: {got} of {b - a}")
+
+        await asyncio.gather(*(one(a, b) for a, b in _ranges(size, chunk)))
+
+
+def _wire_read(url: str, size: int, chunk: int, conc: int) -> None:
+    import concurrent.futures
+    import mmap
+
+    from weightd.sources.http import allowed_hops, range_check
+    from weightd.sources.wire import Wire
+
+    wire = Wire(check_hop=allowed_hops(()))
+    local = __import__("threading").local()
+
+    def one(a: int, b: int) -> None:
+        if not hasattr(local, "buf"):
+            local.buf = mmap.mmap(-1, chunk)  # reused, as the fetch reuses its buffers
+        wire.read_into(url, memoryview(local.buf)[:b - a], start=a,
+                       check=range_check(url, a, b, size))
+
+    with concurrent.futures.ThreadPoolExecutor(conc) as pool:
+        list(pool.map(lambda ab: one(*ab), _ranges(size, chunk)))
+    wire.close()
+
+
+def wire_compare(url: str, runs: int, chunk: int = 16 * MiB, conc: int = 8) -> dict[str, Any]:
+    """GB/s of reading one file over HTTP into memory in ranged GETs of ``chunk`` bytes,
+    ``conc`` at once: nothing is written or hashed."""
+    import asyncio
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as r:
+        size = int(r.headers["Content-Length"])
+    methods: dict[str, Callable[[], object]] = {
+        "aiohttp, blocks kept": lambda: asyncio.run(_aiohttp_read(url, size, chunk, conc,
+                                                                  copy=False)),
+        "aiohttp, into a buffer": lambda: asyncio.run(_aiohttp_read(url, size, chunk, conc,
+                                                                    copy=True)),
+        "http.client threads, readinto (wire)": lambda: _wire_read(url, size, chunk, conc),
+    }
+    if shutil.which("curl"):
+        methods["curl -o /dev/null"] = lambda: subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", url], check=True)
+    out: dict[str, list[float]] = {m: [] for m in methods}
+    names = list(methods)
+    for r in range(runs):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            methods[name]()
+            out[name].append(size / (time.perf_counter() - t0) / GB)
+    base = statistics.median(out["curl -o /dev/null"]) if "curl -o /dev/null" in out else None
+    print(f"\n## read loops alone: {format_size(size)} in {chunk // MiB} MiB ranges, {conc} at "
+          f"once, into memory, {runs} rounds\n")
+    print("| read loop | median GB/s | min | max | vs curl -o /dev/null |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, v in out.items():
+        st = _stats(v)
+        vs = f"{st['median'] / base:.2f}" if base else ""
+        print(f"| {name} | {st['median']:.2f} | {st['min']:.2f} | {st['max']:.2f} | {vs} |")
+    return {"size": size, "chunk": chunk, "concurrency": conc, "gbps": out}
 
 
 def sweep(args: argparse.Namespace, work: Path, scratch: Path, model: Path,
@@ -696,7 +969,7 @@ def sweep(args: argparse.Namespace, work: Path, scratch: Path, model: Path,
               f"{args.sweep_runs} rounds")
         ss = grid("http", lambda d, r, ch, c: weightd_fetch(url, d, run=r, chunk_size=ch,
                                                              concurrency=c))
-        out["http"] = print_sweep("HTTP (nginx)", ss, chunks, concs)
+        out["http"] = print_sweep(f"HTTP ({args.server_used})", ss, chunks, concs)
     if moto:
         s3_size = parse_size(args.sweep_s3_size)
         src = work / "sweep-s3src" / "model"

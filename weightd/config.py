@@ -229,6 +229,13 @@ class Config:
     s3_endpoint_url: str | None = _setting(
         None, _opt_str, "S3 endpoint (default: AWS_ENDPOINT_URL, then AWS)"
     )
+    hf_endpoint: str | None = _setting(
+        None, _opt_str, "Hugging Face hub endpoint (default: HF_ENDPOINT, then huggingface.co)"
+    )
+    hf_download_hosts: tuple[str, ...] = _setting(
+        ("hf.co", "*.hf.co", "huggingface.co", "*.huggingface.co"), _str_list,
+        "hosts (host, *.domain, host:port) the hub may redirect a download to, besides its own"
+    )
     chunk_size: int | None = _setting(
         None, _opt_size, "bytes per ranged read (default: chosen per protocol)"
     )

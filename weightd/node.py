@@ -428,7 +428,8 @@ class Node:
         if record is None or not self.store.model_complete(record):
             # a reference that resolves to nothing fails now, with the reason (not found,
             # cannot connect, no credentials), and no pin is recorded
-            open_source(url, self.config).list_files()
+            with open_source(url, self.config) as src:
+                src.list_files()
         state = PinState(url, tier, device, name)
         self.store.index.add_pin(url, tier, device)
         with self._lock:

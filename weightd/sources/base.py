@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
+#: What a read hands the writer: the bytes as they arrived, or a view of the fetch's
+#: buffer that the read filled.
+Buffer = bytes | bytearray | memoryview
+
 #: Side files a framework needs next to the shards (config, tokenizer, pooling...).
 DEFAULT_INCLUDE: tuple[str, ...] = (
     "*.safetensors",
@@ -61,10 +65,15 @@ class ChunkPlan:
 #: ``(concurrency + 2) * chunk_size * max_parallel_files``.
 _DEFAULT_PLANS: dict[str, ChunkPlan] = {
     "file": ChunkPlan(chunk_size=16 * MiB, concurrency=4),
-    "http": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
+    # loopback cannot rank these (flat within noise); 8 connections per file for origins
+    # that give each connection a share (CDNs), 8 MiB chunks so that fewer buffers are
+    # faulted per fetch and a chunk lands sooner (docs/fetch-tuning.md)
+    "http": ChunkPlan(chunk_size=8 * MiB, concurrency=8),
+    "hf": ChunkPlan(chunk_size=8 * MiB, concurrency=8),
+    # AWS: 8-16 MB byte-range GETs, one connection per ~85-90 MB/s wanted; moto cannot
+    # rank them (it reads the whole object for every range)
     "s3": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
     "gs": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
-    "hf": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
 }
 
 
@@ -130,7 +139,7 @@ def canonical_url(ref: str) -> str:
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise NotPermitted(f"{ref}: '.' and '..' are not allowed in a model reference")
-    return f"{scheme}://" + "/".join(parts)
+    return source_class(scheme).canonical(f"{scheme}://" + "/".join(parts))
 
 
 def check_allowed(url: str, allowed: Sequence[str]) -> None:
@@ -141,9 +150,10 @@ def check_allowed(url: str, allowed: Sequence[str]) -> None:
     """
     if not allowed:
         return
+    forms = source_class(url.split("://", 1)[0]).allowed_forms(url) if "://" in url else (url,)
     for prefix in allowed:
         p = canonical_url(prefix)
-        if url == p or url.startswith(p.rstrip("/") + "/"):
+        if any(u == p or u.startswith(p.rstrip("/") + "/") for u in forms):
             return
     raise NotPermitted(f"{url}: not under any of allowed_sources ({', '.join(allowed)})")
 
@@ -335,15 +345,24 @@ class FileReader:
 
     Use it as a context manager (:meth:`Source.open_file`); subclasses hold what must
     stay open (a local file's descriptor).
+
+    Attributes:
+        fills_buffer: whether :meth:`read` fills the buffer it is given (then the fetch
+            hands it one per chunk, reused once the chunk is written); otherwise it
+            returns the blocks as they arrived.
     """
+
+    fills_buffer = False
 
     def __init__(self, source: Source, rf: RemoteFile, digest: OriginDigest | None) -> None:
         self.source = source
         self.rf = rf
         self.digest = digest
 
-    async def read(self, start: int, end: int) -> list[bytes]:
-        """Bytes ``[start, end)`` as the blocks they arrived in (see
+    async def read(self, start: int, end: int,
+                   into: memoryview | None = None) -> Sequence[Buffer]:
+        """Bytes ``[start, end)``: ``[into]`` filled when :attr:`fills_buffer` (``into``
+        is then ``end - start`` bytes long), else the blocks they arrived in (see
         :meth:`Source.read_blocks`)."""
         return await self.source.read_blocks(self.rf.path, start, end, size=self.rf.size)
 
@@ -381,7 +400,8 @@ class Source:
     :meth:`open_file`.
     """
 
-    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, path: str, config: Config):
+    def __init__(self, url: str, fs: Any, path: str, config: Config):
+        #: the fsspec filesystem (None for a source that speaks its protocol itself: hf)
         self.url = url
         self.fs = fs
         self.path = path
@@ -393,6 +413,46 @@ class Source:
     def storage_options(cls, protocol: str, config: Config) -> dict[str, Any]:
         """Keyword arguments for the fsspec filesystem of this protocol."""
         return {}
+
+    @classmethod
+    def canonical(cls, url: str) -> str:
+        """The one spelling of a reference of this protocol (``hf://org/m@main`` is
+        ``hf://org/m``); ``url`` has its protocol and no traversal segments."""
+        return url
+
+    @classmethod
+    def allowed_forms(cls, url: str) -> tuple[str, ...]:
+        """The forms of a canonical URL that ``allowed_sources`` prefixes are matched
+        against (an ``hf://`` reference also without its revision)."""
+        return (url,)
+
+    @classmethod
+    def filesystem(cls, url: str, config: Config) -> tuple[Any, str]:
+        """The filesystem object and the path it takes for a canonical URL.
+
+        Raises:
+            SourceNotFound: the protocol is unknown or its package is not installed.
+        """
+        protocol = url.split("://", 1)[0]
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
+        except ImportError as e:
+            extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
+            hint = f": pip install '{extra}'" if extra else f": {e}"
+            raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
+        except ValueError as e:
+            raise SourceNotFound(f"{url}: unknown protocol {protocol!r} "
+                                 f"({protocols_text()})") from e
+        return fs, path
+
+    def close(self) -> None:
+        """Release what the source holds (connections, threads); it reads no more."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def is_async(self) -> bool:
@@ -541,18 +601,19 @@ class Source:
 
     def open_file(self, rf: RemoteFile) -> FileReader:
         """Open one listed file for a download (use it as a context manager)."""
-        return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url))
+        return FileReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url, rf.size))
 
     async def read_blocks(self, path: str, start: int, end: int, *,
-                          size: int | None = None) -> list[bytes]:
+                          size: int | None = None) -> Sequence[Buffer]:
         """Bytes ``[start, end)`` of a file (of ``size`` bytes, when known) as the buffers
         they arrived in.
 
-        For HTTP and S3 the response body is taken block by block from aiohttp (as the
-        socket delivered it) instead of joined into one ``bytes``: the join is a copy of
-        every byte into freshly faulted memory, as costly as the ``recv`` itself (see
-        docs/fetch-tuning.md). Other filesystems give one block. A short read, or an
-        answer for another range than the one asked for, raises a transient error.
+        For S3 the response body is taken block by block from aiohttp (as the socket
+        delivered it) instead of joined into one ``bytes``: the join is a copy of every
+        byte into freshly faulted memory, as costly as the ``recv`` itself (see
+        docs/fetch-tuning.md); HTTP reads into one buffer (weightd/sources/wire.py).
+        Other filesystems give one block. A short read, or an answer for another range
+        than the one asked for, raises a transient error.
         """
         try:
             blocks = await self._read_range(path, start, end, size)
@@ -562,10 +623,10 @@ class Source:
         if got != end - start:
             raise _ShortRead(f"{self._url_of(path)}: asked for bytes {start}-{end}, "
                              f"got {got} bytes")
-        return [b if isinstance(b, bytes) else bytes(b) for b in blocks]
+        return blocks
 
     async def _read_range(self, path: str, start: int, end: int,
-                          size: int | None) -> list[bytes]:
+                          size: int | None) -> Sequence[Buffer]:
         if self.is_async:
             return [await self.fs._cat_file(path, start=start, end=end)]
         return [await asyncio.to_thread(self.fs.cat_file, path, start, end)]
@@ -597,23 +658,15 @@ def open_source(ref: str, config: Config) -> Source:
     """
     url = canonical_url(ref)
     check_allowed(url, config.allowed_sources)
-    protocol = url.split("://", 1)[0]
-    cls = source_class(protocol)
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
-    except ImportError as e:
-        extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
-        hint = f": pip install '{extra}'" if extra else f": {e}"
-        raise SourceNotFound(f"{url}: the {protocol} protocol is not installed{hint}") from e
-    except ValueError as e:
-        raise SourceNotFound(f"{url}: unknown protocol {protocol!r} ({protocols_text()})") from e
+    cls = source_class(url.split("://", 1)[0])
+    fs, path = cls.filesystem(url, config)
     return cls(url, fs, path, config)
 
 
 #: The protocols weightd is made for: the package behind each, and the extra with it.
 _BACKENDS = {"s3": "s3fs", "http": "aiohttp", "https": "aiohttp", "file": None,
-             "hf": "huggingface_hub", "gs": "gcsfs"}
-_EXTRAS = {"hf": "weightd[hf]", "gs": "weightd[gcs]"}
+             "hf": None, "gs": "gcsfs"}
+_EXTRAS = {"gs": "weightd[gcs]"}
 
 
 def protocols_text() -> str:

@@ -15,7 +15,9 @@ S3 (``HeadObject`` with       ``x-amz-checksum-crc32``, ``-sha256`` or ``-sha1``
                               the MD5 of a single-part object: 32 hex digits, no ``-``,
                               and not encrypted with SSE-KMS or SSE-C (their ETags are
                               not MD5s)
-Hugging Face (``hf://``)      the LFS ``sha256`` the hub lists for each LFS file
+Hugging Face (``hf://``)      the LFS ``sha256`` the hub lists for each LFS file, the
+                              git blob id (SHA-1 of ``blob <size>\\0`` and the bytes) of
+                              each file kept in git
 HTTP(S), GCS, local files     none (an HTTP ``ETag`` is opaque; local files are read
                               from their own descriptor)
 ============================  ==========================================================
@@ -39,11 +41,11 @@ from weightd.errors import IntegrityError
 
 __all__ = ["OriginDigest", "from_hf_info", "from_s3_head", "parse_origin_digest"]
 
-_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "crc32": 8}
+_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "crc32": 8, "git-sha1": 40}
 
 
 class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
 
     def hexdigest(self) -> str: ...
 
@@ -54,11 +56,24 @@ class _Crc32:
     def __init__(self) -> None:
         self.value = 0
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
         self.value = zlib.crc32(data, self.value)
 
     def hexdigest(self) -> str:
         return f"{self.value:08x}"
+
+
+class _GitBlobSha1:
+    """git's id of a file (a blob): SHA-1 of ``b"blob <size>\\0"`` and the bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.sha = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        self.sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class OriginDigest:
     algorithm: str
     expected: str
     source: str
+    #: the file's size, for ``git-sha1`` (git hashes it in front of the bytes)
+    size: int = 0
 
     def __post_init__(self) -> None:
         if len(self.expected) != _HEX.get(self.algorithm, -1) or not re.fullmatch(
@@ -83,6 +100,8 @@ class OriginDigest:
     def hasher(self) -> Hasher:
         if self.algorithm == "crc32":
             return _Crc32()
+        if self.algorithm == "git-sha1":
+            return _GitBlobSha1(self.size)
         return hashlib.new(self.algorithm, usedforsecurity=False)
 
     def check(self, actual: str, url: str) -> None:
@@ -98,12 +117,13 @@ class OriginDigest:
         return f"{self.algorithm}:{self.expected}"
 
 
-def parse_origin_digest(text: str, url: str) -> OriginDigest | None:
-    """The digest in ``algorithm:hex`` form, or None for an empty string."""
+def parse_origin_digest(text: str, url: str, size: int = 0) -> OriginDigest | None:
+    """The digest in ``algorithm:hex`` form (of a file of ``size`` bytes), or None for an
+    empty string."""
     if not text:
         return None
     algorithm, _, expected = text.partition(":")
-    return OriginDigest(algorithm, expected, f"listing of {url}")
+    return OriginDigest(algorithm, expected, f"listing of {url}", size)
 
 
 def _b64_hex(value: str) -> str | None:
@@ -147,10 +167,23 @@ def from_s3_head(head: Mapping[str, Any]) -> OriginDigest | None:
 
 
 def from_hf_info(info: Mapping[str, Any]) -> OriginDigest | None:
-    """The LFS sha256 of a Hugging Face file, from ``HfFileSystem``'s listing info."""
+    """The digest of a Hugging Face file from an entry of the hub's tree listing: the
+    LFS sha256 of an LFS file (``lfs.oid``; ``lfs.sha256`` in ``HfFileSystem``'s info),
+    else the git blob id (``oid``) of a file kept in git itself.
+
+    Example
+    -------
+    >>> from_hf_info({"size": 2, "oid": "9e26dfeeb6e641a33dae4961196235bdb965b21b"}).algorithm
+    'git-sha1'
+    """
     lfs = info.get("lfs")
     if isinstance(lfs, Mapping):
-        sha = str(lfs.get("sha256", "")).lower()
+        sha = str(lfs.get("oid") or lfs.get("sha256") or "").lower()
         if re.fullmatch(r"[0-9a-f]{64}", sha):
             return OriginDigest("sha256", sha, "Hugging Face LFS sha256")
+        return None
+    oid = str(info.get("oid", "")).lower()
+    size = info.get("size")
+    if re.fullmatch(r"[0-9a-f]{40}", oid) and isinstance(size, int):
+        return OriginDigest("git-sha1", oid, "Hugging Face git blob id", size)
     return None

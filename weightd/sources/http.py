@@ -1,45 +1,58 @@
 """HTTP(S) sources: every hop checked before it is requested, every range answer checked.
 
-fsspec's HTTP filesystem follows redirects (aiohttp does) and walks every directory link
-a listing gives. Here:
+fsspec's HTTP filesystem lists directories and stats files (``HEAD``); the bytes of a
+download come through weightd's own range reader (weightd/sources/wire.py: keep-alive
+connections, each body read straight into the fetch's buffer on a thread of the source's
+pool). Here:
 
-- a client middleware on the source's aiohttp session checks each request's URL, the
-  first and every redirect's hop, against ``allowed_sources`` before it is sent (aiohttp
-  calls session middlewares once per hop); a hop outside is refused
-  (:class:`~weightd.sources.base.RedirectRefused`, then ``NotPermitted``), so a 302 to
-  another host is never followed, for listings, ``HEAD`` and ranged ``GET`` alike;
-  aiohttp's own limit bounds the hops (10);
+- every request's URL, the first and every redirect's hop, is checked against
+  ``allowed_sources`` before it is sent: by a client middleware on fsspec's aiohttp
+  session for listings and ``HEAD`` (aiohttp calls session middlewares once per hop), and
+  by the same check in the range reader's redirect loop for the bytes; a hop outside is
+  refused (:class:`~weightd.sources.base.RedirectRefused`, then ``NotPermitted``), so a
+  302 to another host is never followed; at most 10 hops;
 - directories are walked here, breadth first and bounded, and a link's name (as written
   and percent-decoded) is checked before it is listed or stat'ed: a link that climbs out
   of the model root refuses the model, and is never requested;
 - a ranged ``GET`` must be answered with a 206 whose ``Content-Range`` is the range asked
-  for (and the file's size), or with a 200 only when the whole file was asked for;
-  anything else is a transient error of that chunk (retried, then ``SourceUnavailable``
-  naming the file), and is never written.
+  for (and the file's size), or with a 200 only when the whole file was asked for, with
+  no ``Content-Encoding`` and a complete body; anything else is a transient error of that
+  chunk (retried, then ``SourceUnavailable`` naming the file), and is never written.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import re
+import threading
 from collections import deque
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from weightd.config import Config
 from weightd.errors import NotPermitted, SourceUnavailable
 from weightd.sources.base import (
     SOURCE_CLASSES,
-    MiB,
+    Buffer,
+    FileReader,
     RedirectRefused,
+    RemoteFile,
     Source,
     _BadRange,
     _safe_relpath,
     canonical_url,
     check_allowed,
 )
+from weightd.sources.digests import OriginDigest, parse_origin_digest
+from weightd.sources.wire import AnswerCheck, AuthHeaders, HopCheck, Wire, content_encoding
 
-#: aiohttp's read buffer per ranged HTTP response (its default, 256 KiB, pauses and
-#: resumes the socket every 512 KiB).
-_READ_BUFSIZE = 4 * MiB
+T = TypeVar("T")
+
+#: The most threads one source's blocking reads run on (concurrency 256 x 64 files, which
+#: the config allows, would be 16,384): reads beyond wait for one.
+MAX_THREADS = 256
 
 #: Bounds of a directory walk: directories listed, depth, files.
 MAX_LISTED_DIRS = 10_000
@@ -49,23 +62,132 @@ MAX_FILES = 100_000
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
+def _refuse_outside(allowed: tuple[str, ...], target: str) -> None:
+    try:
+        check_allowed(canonical_url(target), allowed)
+    except NotPermitted as e:
+        raise RedirectRefused(NotPermitted(
+            f"the source redirected to {target}, which is not under any of "
+            f"allowed_sources ({', '.join(allowed)})")) from e
+
+
 def redirect_guard(allowed: tuple[str, ...]) -> Any:
     """An aiohttp client middleware that refuses any request outside ``allowed``."""
 
     async def guard(request: Any, handler: Any) -> Any:
-        target = str(request.url)
-        try:
-            check_allowed(canonical_url(target), allowed)
-        except NotPermitted as e:
-            raise RedirectRefused(NotPermitted(
-                f"the source redirected to {target}, which is not under any of "
-                f"allowed_sources ({', '.join(allowed)})")) from e
+        _refuse_outside(allowed, str(request.url))
         return await handler(request)
 
     return guard
 
 
-class HttpSource(Source):
+def allowed_hops(allowed: tuple[str, ...]) -> HopCheck:
+    """The range reader's check of each hop: the same as :func:`redirect_guard`'s."""
+
+    def check(target: str, previous: str | None) -> None:
+        if allowed:
+            _refuse_outside(allowed, target)
+
+    return check
+
+
+def range_check(what: str, start: int, end: int, size: int | None) -> AnswerCheck:
+    """The check of an answer to ``Range: bytes=start-(end-1)`` of a file of ``size``
+    bytes (``what`` names it in the refusal)."""
+
+    def check(url: str, status: int, headers: Mapping[str, str]) -> None:
+        encoded = content_encoding(headers)
+        if encoded is not None:
+            raise _BadRange(f"{what}: the server answered with Content-Encoding {encoded!r} "
+                            "(asked for identity): not the bytes asked for")
+        length = headers.get("content-length")
+        _check_range(what, status, headers.get("content-range"),
+                     int(length) if length and length.isdigit() else None, start, end, size)
+
+    return check
+
+
+class WireSource(Source):
+    """A source whose bytes come through a :class:`~weightd.sources.wire.Wire`: its
+    connections and the threads its blocking reads run on (both closed by
+    :meth:`close`)."""
+
+    def __init__(self, url: str, fs: Any, path: str, config: Config) -> None:
+        super().__init__(url, fs, path, config)
+        self.wire = Wire(check_hop=self.hop_check(), auth=self.auth_headers(),
+                         max_idle=self.plan.concurrency * config.max_parallel_files)
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads_lock = threading.Lock()
+
+    def hop_check(self) -> HopCheck:
+        """The check of every hop of every request (default: ``allowed_sources``)."""
+        return allowed_hops(self.config.allowed_sources)
+
+    def auth_headers(self) -> AuthHeaders:
+        """Headers that may be sent to a URL (default: none)."""
+        return lambda url: {}
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._threads_lock:
+            if self._threads is None:
+                self._threads = concurrent.futures.ThreadPoolExecutor(
+                    min(MAX_THREADS, self.plan.concurrency * self.config.max_parallel_files + 2),
+                    thread_name_prefix="weightd-wire")
+            return self._threads
+
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking wire call on the source's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), functools.partial(fn, *args, **kwargs))
+
+    def download_url(self, rf: RemoteFile) -> str:
+        """The URL a file's bytes are read from."""
+        return rf.path
+
+    def open_file(self, rf: RemoteFile) -> FileReader:
+        return WireReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url, rf.size))
+
+    async def _read_range(self, path: str, start: int, end: int,
+                          size: int | None) -> Sequence[Buffer]:
+        buf = memoryview(bytearray(end - start))
+        await self.blocking(self.wire.read_into, path, buf, start=start,
+                            check=range_check(path, start, end, size))
+        return [buf]
+
+    def close(self) -> None:
+        self.wire.close()
+        with self._threads_lock:
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+
+
+class WireReader(FileReader):
+    """A file read through its source's wire: each chunk straight into the fetch's
+    buffer; a cancelled download stops its reads between two slices of a body."""
+
+    fills_buffer = True
+
+    def __init__(self, source: WireSource, rf: RemoteFile, digest: OriginDigest | None) -> None:
+        super().__init__(source, rf, digest)
+        self.wire_source = source
+        self.url = source.download_url(rf)
+        self.cancelled = threading.Event()
+
+    async def read(self, start: int, end: int,
+                   into: memoryview | None = None) -> Sequence[Buffer]:
+        buf = into if into is not None else memoryview(bytearray(end - start))
+        await self.wire_source.blocking(
+            self.wire_source.wire.read_into, self.url, buf, start=start,
+            check=range_check(self.rf.url, start, end, self.rf.size),
+            cancel=self.cancelled)
+        return [buf]
+
+    def close(self) -> None:
+        self.cancelled.set()
+
+
+class HttpSource(WireSource):
     """A model served over HTTP(S), with directory listings."""
 
     @classmethod
@@ -113,24 +235,6 @@ class HttpSource(Source):
             if len(out) > MAX_FILES:
                 raise SourceUnavailable(f"{self.url}: more than {MAX_FILES} files")
         return [(p, p[len(prefix):], info) for p, info in sorted(out.items())]
-
-    async def _read_range(self, path: str, start: int, end: int,
-                          size: int | None) -> list[bytes]:
-        """A ranged GET on fsspec's own aiohttp session (its headers, auth, encoding)."""
-        fs: Any = self.fs
-        if not (self.is_async and hasattr(fs, "set_session")):
-            return await super()._read_range(path, start, end, size)
-        kw = dict(getattr(fs, "kwargs", None) or {})
-        headers = dict(kw.pop("headers", None) or {})
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        kw.setdefault("read_bufsize", _READ_BUFSIZE)
-        session = await fs.set_session()
-        url = fs.encode_url(path) if hasattr(fs, "encode_url") else path
-        async with session.get(url, headers=headers, **kw) as r:
-            fs._raise_not_found_for_status(r, path)
-            _check_range(path, r.status, r.headers.get("Content-Range"), r.content_length,
-                         start, end, size)
-            return [data async for data, _ in r.content.iter_chunks() if data]
 
 
 def _check_range(url: str, status: int, content_range: str | None, length: int | None,

@@ -16,11 +16,13 @@ import asyncio
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from weightd.errors import IntegrityError, NotPermitted
 from weightd.sources.base import (
     SOURCE_CLASSES,
+    Buffer,
     FileReader,
     RemoteFile,
     Source,
@@ -123,7 +125,7 @@ class LocalSource(Source):
             os.close(fd)
 
     async def _read_range(self, path: str, start: int, end: int,
-                          size: int | None) -> list[bytes]:
+                          size: int | None) -> Sequence[Buffer]:
         """A range read outside a download: opened and checked like any other."""
         fd = await asyncio.to_thread(self.open_fd, path)
         try:
@@ -148,6 +150,18 @@ def _pread_all(fd: int, start: int, end: int) -> bytes:
     return b"".join(parts)
 
 
+def _preadv_all(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset`` (the kernel copies into it: no Python
+    copy); the bytes read, fewer only at the end of the file."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 class _LocalReader(FileReader):
     """A local file's descriptor, opened once; every chunk comes from it."""
 
@@ -160,12 +174,16 @@ class _LocalReader(FileReader):
             raise IntegrityError(f"{rf.url}: changed between the listing and its opening "
                                  f"({rf.identity} -> {opened}); fetch again")
 
-    async def read(self, start: int, end: int) -> list[bytes]:
-        data = await asyncio.to_thread(_pread_all, self.fd, start, end)
-        if len(data) != end - start:
+    fills_buffer = True
+
+    async def read(self, start: int, end: int,
+                   into: memoryview | None = None) -> Sequence[Buffer]:
+        buf = into if into is not None else memoryview(bytearray(end - start))
+        got = await asyncio.to_thread(_preadv_all, self.fd, buf, start)
+        if got != end - start:
             raise IntegrityError(f"{self.rf.url}: asked for bytes {start}-{end}, the file "
-                                 f"has only {start + len(data)}: it shrank during the fetch")
-        return [data]
+                                 f"has only {start + got}: it shrank during the fetch")
+        return [buf]
 
     def identity(self) -> str:
         return _identity_of(os.fstat(self.fd))

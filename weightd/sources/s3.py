@@ -12,11 +12,12 @@ object, which is its MD5.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from weightd.config import Config
 from weightd.errors import IntegrityError
-from weightd.sources.base import SOURCE_CLASSES, FileReader, RemoteFile, Source
+from weightd.sources.base import SOURCE_CLASSES, Buffer, FileReader, RemoteFile, Source
 from weightd.sources.digests import from_s3_head
 from weightd.sources.http import _check_range
 
@@ -46,7 +47,7 @@ class S3Source(Source):
         return FileReader(self, rf, from_s3_head(head))
 
     async def _read_range(self, path: str, start: int, end: int,
-                          size: int | None) -> list[bytes]:
+                          size: int | None) -> Sequence[Buffer]:
         """A ranged GetObject through s3fs's client (its retries, request options)."""
         fs: Any = self.fs
         if not (self.is_async and hasattr(fs, "_call_s3")):

@@ -20,12 +20,14 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import fsspec.asyn
 import xxhash
@@ -36,6 +38,7 @@ from weightd.errors import BudgetExceeded, FormatError, IntegrityError, WeightdE
 from weightd.formats import LayoutCache, ShardLayout, read_layout
 from weightd.retry import RetryPolicy, retry_async
 from weightd.sources import (
+    Buffer,
     FileReader,
     OriginDigest,
     RemoteFile,
@@ -48,6 +51,11 @@ from weightd.store.cas import Store
 from weightd.store.index import ModelFile
 
 log = logging.getLogger(__name__)
+
+#: ``on_written(rf, offset, nbytes)``: bytes ``[offset, offset + nbytes)`` of the source
+#: file ``rf`` were hashed and written to its temporary file. Called from the file's writer
+#: thread, in order: ``offset + nbytes`` is how many leading bytes of the file are written.
+OnWritten: TypeAlias = Callable[[RemoteFile, int, int], None]
 
 #: The largest Acquire answer a model may need: the daemon's and the client's gRPC
 #: message limit (64 MiB, weightd/server.py), less 1 MiB for what is not counted.
@@ -124,7 +132,7 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover
     _IOV_MAX = 16
 
 
-def _pwritev_all(fd: int, blocks: Sequence[bytes], offset: int) -> None:
+def _pwritev_all(fd: int, blocks: Sequence[Buffer], offset: int) -> None:
     """Write ``blocks`` back to back at ``offset``: one syscall per ``IOV_MAX`` of them."""
     if not hasattr(os, "pwritev"):  # pragma: no cover
         for b in blocks:
@@ -172,10 +180,11 @@ _start_writeback = _load_sync_file_range()
 
 
 class _SideHash:
-    """The origin's digest of a file, computed on a thread of its own one chunk behind
-    the writer (hashlib and zlib release the GIL), so that MD5 or SHA-256 (1.3-1.6 s/GiB
-    here, twenty times xxh3) overlaps the writes and the network instead of adding to
-    them. At most one chunk waits for it."""
+    """The origin's digest of a file, computed on a thread of its own while the writer
+    hashes (xxh3) and writes the same chunk (hashlib and zlib release the GIL), so that
+    MD5 or SHA-256 (1.3-1.6 s/GiB here, twenty times xxh3) overlaps the writes and the
+    network instead of adding to them. :meth:`wait` returns when the chunk is hashed: its
+    buffer may then be reused."""
 
     def __init__(self, digest: OriginDigest) -> None:
         self.digest = digest
@@ -183,24 +192,53 @@ class _SideHash:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-digest")
         self.pending: concurrent.futures.Future[None] | None = None
 
-    def _update(self, blocks: list[bytes]) -> None:
+    def _update(self, blocks: Sequence[Buffer]) -> None:
         for b in blocks:
             self.hasher.update(b)
 
-    def add(self, blocks: list[bytes]) -> None:
-        if self.pending is not None:
-            self.pending.result()
+    def add(self, blocks: Sequence[Buffer]) -> None:
+        self.wait()
         self.pending = self.pool.submit(self._update, blocks)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def check(self, url: str) -> None:
         """Wait for the last chunk; raise IntegrityError on a mismatch."""
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
+        self.wait()
         self.digest.check(self.hasher.hexdigest(), url)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Buffers:
+    """Chunk buffers of one model fetch, shared by its files and reused once their chunk
+    is written: anonymous mappings, faulted once, returned to the system when the fetch
+    ends. Reuse matters: a fresh 16 MiB buffer per chunk (a new mapping, its pages
+    faulted in by the ``recv`` and unmapped after) read 0.36 GB/s where reused ones read
+    0.91 (docs/fetch-tuning.md, "The wire"). A buffer whose read was cancelled is never
+    given back (its thread may still be writing into it).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: list[mmap.mmap] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        # private: Python's default for an anonymous map is shared, i.e. shmem pages,
+        # which the kernel accounts as shared memory of the daemon
+        return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self.lock:
+            self.free.append(buf)
 
 
 class Fetcher:
@@ -223,6 +261,7 @@ class Fetcher:
         exclude: Sequence[str] = (),
         callback: Callback | None = None,
         hold: Callable[[str], None] | None = None,
+        on_written: OnWritten | None = None,
     ) -> Snapshot:
         """Fetch a model and switch its snapshot to what the source holds now.
 
@@ -236,6 +275,9 @@ class Fetcher:
             hold: called with each blob's digest before the fetch relies on it (a hit,
                 or a download about to become visible): the daemon's gc then keeps it
                 until the snapshot names it (see weightd/node.py).
+            on_written: told of each chunk of each downloaded file once it is hashed and
+                written, in file order (see :data:`OnWritten`); files that were already
+                in the cache are not downloaded, so not reported.
 
         Returns:
             The model's :class:`Snapshot`.
@@ -245,7 +287,12 @@ class Fetcher:
             BudgetExceeded.
         """
         start = time.monotonic()
-        source = open_source(ref, self.config)
+        with open_source(ref, self.config) as source:
+            return self._fetch(source, start, include, exclude, callback, hold, on_written)
+
+    def _fetch(self, source: Source, start: float, include: Sequence[str] | None,
+               exclude: Sequence[str], callback: Callback | None,
+               hold: Callable[[str], None] | None, on_written: OnWritten | None) -> Snapshot:
         files = source.list_files(include, exclude)
         stats = FetchStats()
         cb = callback or NoOpCallback()
@@ -260,11 +307,12 @@ class Fetcher:
                 results[f.relpath] = ModelFile(f.relpath, f.url, digest, f.size, f.identity)
         cb.set_size(sum(f.size for f in todo))
         progress = _LockedCallback(cb)
+        buffers = _Buffers(source.plan.chunk_size)
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.config.max_parallel_files,
                 thread_name_prefix="weightd-fetch") as pool:
-            futures = {pool.submit(self.fetch_file, source, f, progress, stats, hold): f
-                       for f in todo}
+            futures = {pool.submit(self.fetch_file, source, f, progress, stats, hold=hold,
+                                   on_written=on_written, buffers=buffers): f for f in todo}
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     f = futures[fut]
@@ -273,6 +321,7 @@ class Fetcher:
             except BaseException:
                 for other in futures:
                     other.cancel()
+                source.close()  # the other files' reads end now, not when their bytes do
                 raise
         self._check_answer(source.url, results)
         name = model_name(source.url)
@@ -312,18 +361,23 @@ class Fetcher:
         return digest if digest is not None and self.store.has_blob(digest) else None
 
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
-                   stats: FetchStats, hold: Callable[[str], None] | None = None) -> str:
+                   stats: FetchStats, *, hold: Callable[[str], None] | None = None,
+                   on_written: OnWritten | None = None,
+                   buffers: _Buffers | None = None) -> str:
         """Bring one file that was not in the store into it; return its digest."""
         with self.store.single_flight(f"{f.url}\0{f.identity}"):
             digest = self._hit(f, hold)  # another thread or process may have just done it
             if digest is None:
-                digest, hash_s = self._download(source, f, progress, hold)
+                digest, hash_s = self._download(source, f, progress, on_written,
+                                                buffers or _Buffers(source.plan.chunk_size),
+                                                hold)
                 stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
                 return digest
         stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
         return digest
 
     def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
+                  on_written: OnWritten | None, buffers: _Buffers,
                   hold: Callable[[str], None] | None = None) -> tuple[str, float]:
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
@@ -331,14 +385,15 @@ class Fetcher:
                 f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
             side = _SideHash(reader.digest) if reader.digest is not None else None
 
-            def sink(offset: int, blocks: list[bytes]) -> None:
+            def sink(offset: int, blocks: Sequence[Buffer]) -> None:
+                """Hash and write one chunk; its buffers are free when it returns."""
                 nonlocal hash_seconds
+                if side is not None:
+                    side.add(blocks)
                 t0 = time.perf_counter()
                 for b in blocks:
                     hasher.update(b)
                 hash_seconds += time.perf_counter() - t0
-                if side is not None:
-                    side.add(blocks)
                 nbytes = sum(len(b) for b in blocks)
                 try:
                     _pwritev_all(fd, blocks, offset)
@@ -349,11 +404,16 @@ class Fetcher:
                     raise
                 if _start_writeback is not None:
                     _start_writeback(fd, offset, nbytes)
+                if side is not None:
+                    side.wait()
+                if on_written is not None:
+                    on_written(f, offset, nbytes)
                 progress.update(nbytes)
 
             try:
                 try:
-                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f, sink)
+                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f, sink,
+                                     buffers)
                 except WeightdError:
                     raise
                 except Exception as e:
@@ -382,26 +442,33 @@ class Fetcher:
         return digest, hash_seconds
 
     async def _read_all(self, reader: FileReader, f: RemoteFile,
-                        sink: Callable[[int, list[bytes]], None]) -> None:
+                        sink: Callable[[int, Sequence[Buffer]], None], pool: _Buffers) -> None:
         """Read every chunk with bounded concurrency; hand them to ``sink`` in order.
 
         ``sink`` runs on one writer thread per file, so hashing and writing chunk i
-        overlap the reads of the chunks after it. At most ``concurrency + 2`` chunks are
-        in memory at once.
+        overlap the reads of the chunks after it. At most ``concurrency + 3`` chunks are
+        in memory at once (``concurrency`` being read, two read ahead of the one awaited,
+        one being written). A reader that fills buffers gets one per chunk when its read
+        starts, taken back once the chunk is written.
         """
         plan = reader.source.plan
         loop = asyncio.get_running_loop()
         chunks = deque((o, min(o + plan.chunk_size, f.size))
                        for o in range(0, f.size, plan.chunk_size))
         sem = asyncio.Semaphore(plan.concurrency)
+        buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
-        async def read(start: int, end: int) -> list[bytes]:
-            async with sem:
-                return await retry_async(
-                    lambda: reader.read(start, end), policy=self.policy,
+        async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer]]:
+            async with sem:  # the buffer is taken when the read starts, not while it waits
+                buf = buffers.take() if buffers is not None else None
+                into = memoryview(buf)[:end - start] if buf is not None else None
+                data = await retry_async(
+                    lambda: reader.read(start, end, into), policy=self.policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
+                return buf, data  # (a failed or cancelled read's buffer is dropped)
 
-        pending: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
+        Read = tuple[mmap.mmap | None, Sequence[Buffer]]
+        pending: deque[tuple[int, asyncio.Task[Read]]] = deque()
 
         def schedule() -> None:
             while chunks and len(pending) < plan.concurrency + 2:
@@ -410,17 +477,23 @@ class Fetcher:
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
         last_write: asyncio.Future[None] | None = None
+        written: mmap.mmap | None = None
         try:
             schedule()
             while pending:
                 start, task = pending.popleft()
-                data = await task
+                buf, data = await task
                 if last_write is not None:
                     await last_write
+                    if written is not None and buffers is not None:
+                        buffers.give(written)
                 last_write = loop.run_in_executor(writer, sink, start, data)
+                written = buf
                 schedule()
             if last_write is not None:
                 await last_write
+                if written is not None and buffers is not None:
+                    buffers.give(written)  # for the fetch's next file
         finally:
             for _, task in pending:
                 task.cancel()

@@ -2,10 +2,14 @@
 wrapped to count requests and body bytes. Both bind 127.0.0.1 port 0.
 
 Both take hooks that make them misbehave the way real origins do: fail a request (a
-status, or a dropped connection), and for the HTTP server also redirect a request
-elsewhere and answer a ranged GET with other bytes than those asked for (a lying
-``Content-Range``, a 200 that ignores the range, a short body); moto's server can
-change the bytes of a body on their way out."""
+status, with headers such as ``Retry-After``, or a dropped connection), and for the HTTP
+server also redirect a request elsewhere and answer a ranged GET with other bytes than
+those asked for (a lying ``Content-Range``, a 200 that ignores the range, a short body,
+an encoded body); moto's server can change the bytes of a body on their way out.
+
+The HTTP server can also be slow the way a real origin is: a token bucket shared by
+every connection (``rate``, bytes per second) and one per connection (``conn_rate``), so
+that a benchmark on loopback has a network, not the loopback, as its bottleneck."""
 
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,9 +31,18 @@ from typing import Any
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
-#: A fault hook: (method, path) -> None to serve normally, an HTTP status to answer
-#: with instead, or -1 to drop the connection without answering.
-FaultHook = Callable[[str, str], int | None]
+@dataclass(frozen=True)
+class Fault:
+    """An answer a fault hook gives instead of the file: a status and its headers
+    (``Fault(429, (("Retry-After", "2"),))``)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+#: A fault hook: (method, path) -> None to serve normally, an HTTP status (or a
+#: :class:`Fault`) to answer with instead, or -1 to drop the connection without answering.
+FaultHook = Callable[[str, str], "int | Fault | None"]
 
 #: A redirect hook: (method, path) -> None to serve normally, or the ``Location`` to answer
 #: a 302 with (absolute, or relative to the request).
@@ -47,12 +61,14 @@ class Lie:
             one for ``serve``).
         body_bytes: send only this many bytes of ``serve`` (a ``Content-Length`` that
             matches them: the body is not cut off, it is short by design).
+        headers: more headers sent with it (``Content-Encoding: gzip``).
     """
 
     serve: tuple[int, int] | None = None
     status: int = 206
     content_range: str | None = None
     body_bytes: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 #: A range hook: (path, start, end (exclusive), file size) of a ranged GET -> None to
@@ -68,13 +84,62 @@ ListingHook = Callable[[str], list[str]]
 BodyHook = Callable[[str, str], Callable[[bytes], bytes] | None]
 
 
+class TokenBucket:
+    """A rate in bytes per second that every caller of :meth:`take` shares.
+
+    A caller takes what it is about to send and sleeps off the debt when the bucket is
+    empty: callers queue in the order they came, and the bytes taken over any stretch
+    of time longer than a burst are ``rate`` per second. ``burst`` (default 20 ms of the
+    rate, at least 64 KiB) is what may go out at once after a pause.
+
+    Example
+    -------
+    >>> b = TokenBucket(1e6, burst=100_000)
+    >>> b.take(100_000)  # the burst: no wait
+    0.0
+    """
+
+    def __init__(self, rate: float, *, burst: int | None = None) -> None:
+        if rate <= 0:
+            raise ValueError(f"a rate must be positive, got {rate}")
+        self.rate = float(rate)
+        self.burst = burst if burst is not None else max(64 * 1024, int(rate * 0.02))
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> float:
+        """Take ``n`` bytes; sleep until the bucket had them. Returns the seconds slept."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
 class RequestLog:
-    """Thread-safe counts of requests and body bytes served, per path."""
+    """Thread-safe counts of requests, body bytes served (per path) and connections
+    accepted."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.bytes: Counter[str] = Counter()
+        self.connections = 0
+        #: how many requests carried each header (names lower-cased)
+        self.header_names: Counter[str] = Counter()
+
+    def connected(self) -> None:
+        with self.lock:
+            self.connections += 1
+
+    def saw_headers(self, names: Iterable[str]) -> None:
+        with self.lock:
+            self.header_names.update(n.lower() for n in names)
 
     def add(self, method: str, path: str, nbytes: int) -> None:
         with self.lock:
@@ -98,11 +163,20 @@ class RequestLog:
         with self.lock:
             self.requests.clear()
             self.bytes.clear()
+            self.connections = 0
+            self.header_names.clear()
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    conn_bucket: TokenBucket | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.log.connected()
+        if self.server.conn_rate is not None:
+            self.conn_bucket = TokenBucket(self.server.conn_rate)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
@@ -115,16 +189,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault(self) -> bool:
         hook = self.server.fault
-        status = hook(self.command, self.path) if hook else None
-        if status is None:
+        fault = hook(self.command, self.path) if hook else None
+        if fault is None:
             return False
-        if status == -1:
+        if fault == -1:
             self.close_connection = True
             self.connection.shutdown(2)
             return True
-        self.send_response(status)
+        if not isinstance(fault, Fault):
+            fault = Fault(int(fault))
+        self.send_response(fault.status)
+        for name, value in fault.headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
+        self.server.log.add("FAULT", urllib.parse.unquote(
+            urllib.parse.urlsplit(self.path).path), 0)
         return True
 
     def _redirect(self) -> bool:
@@ -141,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _serve(self, *, body: bool) -> None:
+        self.server.log.saw_headers(self.headers.keys())
         if self._fault() or self._redirect():
             return
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
@@ -191,20 +272,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         if status == HTTPStatus.PARTIAL_CONTENT:
             self.send_header("Content-Range", content_range)
+        for name, value in lie.headers if lie is not None else ():
+            self.send_header(name, value)
         self.end_headers()
         if not body:
             self.server.log.add("HEAD", rel, 0)
             return
         self.wfile.flush()
-        sent = 0
         with open(target, "rb") as f:
-            while sent < end - start:
-                n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent,
-                                min(end - start - sent, 1 << 24))
-                if n == 0:
-                    break
-                sent += n
+            sent = self._send_file(f.fileno(), start, end)
         self.server.log.add("GET", rel, sent)
+        if self.server.drop_idle:
+            self.close_connection = True  # without saying so: as an idle timeout would
+
+    def _send_file(self, fd: int, start: int, end: int) -> int:
+        """``sendfile`` bytes ``[start, end)``, in pieces the token buckets allow."""
+        buckets = [b for b in (self.server.bucket, self.conn_bucket) if b is not None]
+        piece = min([1 << 24] + [max(16 * 1024, min(256 * 1024, b.burst)) for b in buckets])
+        sent = 0
+        while sent < end - start:
+            n = min(end - start - sent, piece)
+            for bucket in buckets:
+                bucket.take(n)
+            n = os.sendfile(self.connection.fileno(), fd, start + sent, n)
+            if n == 0:
+                break
+            sent += n
+        return sent
 
     def _listing(self, target: Path, rel: str, body: bool) -> None:
         links = self._links(target, rel)
@@ -232,6 +326,9 @@ class _Server(ThreadingHTTPServer):
     root: Path
     log: RequestLog
     fault: FaultHook | None
+    bucket: TokenBucket | None = None
+    conn_rate: float | None = None
+    drop_idle: bool = False
     redirect: RedirectHook | None = None
     lie: RangeHook | None = None
     extra_links: ListingHook | None = None
@@ -240,19 +337,28 @@ class _Server(ThreadingHTTPServer):
 class RangeHTTPServer:
     """Serve a directory over HTTP/1.1 on 127.0.0.1 with Range, ETag and listings.
 
+    Args:
+        root: the directory served.
+        fault: see :data:`FaultHook`.
+        rate: bytes per second for all bodies together (a token bucket every connection
+            shares), or None for as fast as loopback goes.
+        conn_rate: bytes per second for each connection's bodies, or None.
+
     Example
     -------
     >>> import tempfile
-    >>> with RangeHTTPServer(tempfile.mkdtemp()) as srv:
+    >>> with RangeHTTPServer(tempfile.mkdtemp(), rate=200e6) as srv:
     ...     srv.url.startswith("http://127.0.0.1:")
     True
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fault: FaultHook | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fault: FaultHook | None = None,
+                 rate: float | None = None, conn_rate: float | None = None) -> None:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.root = Path(root).resolve()
         self._server.log = RequestLog()
         self._server.fault = fault
+        self.set_rate(rate, conn_rate)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="range-http")
         self._thread.start()
@@ -267,6 +373,17 @@ class RangeHTTPServer:
 
     def set_fault(self, fault: FaultHook | None) -> None:
         self._server.fault = fault
+
+    def set_rate(self, rate: float | None, conn_rate: float | None = None) -> None:
+        """Shape bodies to ``rate`` bytes/s in all and ``conn_rate`` per connection (None:
+        no limit); a connection opened before keeps the per-connection rate it had."""
+        self._server.bucket = TokenBucket(rate) if rate is not None else None
+        self._server.conn_rate = conn_rate
+
+    def set_drop_idle(self, drop: bool) -> None:
+        """Close each connection after its answer, without a ``Connection: close``
+        header: what a server's idle timeout does to a client's kept-alive connection."""
+        self._server.drop_idle = drop
 
     def set_redirect(self, redirect: RedirectHook | None) -> None:
         """Answer requests with a 302 to wherever ``redirect`` says (logged as REDIRECT)."""
@@ -315,7 +432,8 @@ class _CountingApp:
                     sock.shutdown(socket.SHUT_RDWR)
             raise ConnectionAbortedError("fault hook: connection dropped")
         if status is not None:
-            start_response(f"{status} Fault", [("Content-Length", "0")])
+            fault = status if isinstance(status, Fault) else Fault(int(status))
+            start_response(f"{fault.status} Fault", [*fault.headers, ("Content-Length", "0")])
             return [b""]
         self.log.add(kind, path, 0)
         change = self.body()

@@ -1,0 +1,222 @@
+"""The wire: weightd's HTTP range reader (keep-alive connections, bodies read into the
+fetch's buffers), the retry helper's obedience to Retry-After, and the test server's
+token buckets that benchmarks use as a network. Real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import os
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from weightd.config import Config
+from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
+from weightd.retry import parse_retry_after
+from weightd.store import Fetcher, Store, hash_file
+from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
+
+MiB = 1024 * 1024
+
+
+def fetch(config: Config, ref: str, **kw: object):  # type: ignore[no-untyped-def]
+    with Store.open(config.cache_dir) as store:
+        return Fetcher(store, config).fetch(ref, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def shard(http_root: Path) -> Path:
+    d = http_root / "m"
+    write_synthetic_model(d, total_bytes=4 * MiB, tensors=16, seed=7)
+    return d / "model.safetensors"
+
+
+def _download(url: str, nbytes: int) -> float:
+    """GET ``url`` with http.client (not weightd): seconds until ``nbytes`` arrived."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    t0 = time.monotonic()
+    conn.request("GET", u.path, headers={"Range": f"bytes=0-{nbytes - 1}"})
+    resp = conn.getresponse()
+    got = len(resp.read())
+    conn.close()
+    assert got == nbytes
+    return time.monotonic() - t0
+
+
+# --- the test server's token buckets -----------------------------------------------------
+
+
+def test_the_rate_limited_server_keeps_its_total_rate_across_connections(http_root):
+    (http_root / "blob").write_bytes(os.urandom(6 * MiB))
+    rate, conns, each = 24e6, 4, 3 * 10**6
+    with RangeHTTPServer(http_root, rate=rate) as srv:
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(conns) as pool:
+            list(pool.map(lambda _: _download(f"{srv.url}/blob", each), range(conns)))
+        elapsed = time.monotonic() - t0
+    want = conns * each / rate  # 0.5 s: four connections share the one rate
+    assert 0.85 * want <= elapsed <= 2.0 * want, (elapsed, want)
+
+
+def test_the_rate_limited_server_keeps_each_connections_rate(http_root):
+    (http_root / "blob").write_bytes(os.urandom(4 * MiB))
+    conn_rate, each = 8e6, 2 * 10**6
+    with RangeHTTPServer(http_root, conn_rate=conn_rate) as srv, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        times = list(pool.map(lambda _: _download(f"{srv.url}/blob", each), range(2)))
+    want = each / conn_rate  # 0.25 s each, side by side: the rates are not shared
+    for t in times:
+        assert 0.85 * want <= t <= 2.0 * want, (times, want)
+
+
+def test_a_fetch_from_a_rate_limited_origin_takes_the_link_time(config, http_root, shard):
+    size = shard.stat().st_size
+    rate = 16e6
+    with RangeHTTPServer(http_root, rate=rate) as srv:
+        t0 = time.monotonic()
+        snap = fetch(config.replace(chunk_size=MiB), f"{srv.url}/m")
+        elapsed = time.monotonic() - t0
+    assert snap.stats.bytes_fetched >= size
+    assert elapsed >= 0.85 * size / rate, elapsed  # the bucket binds weightd too
+
+
+# --- the range reader --------------------------------------------------------------------
+
+
+def test_a_fetch_reuses_its_connections(config, http_server, shard):
+    cfg = config.replace(chunk_size=128 * 1024, concurrency=4)  # 32 ranged GETs
+    fetch(cfg, f"{http_server.url}/m")
+    gets = http_server.log.count("GET", "model.safetensors")
+    assert gets >= 32
+    # one per reader in flight (4), plus the listing's and the stat's own connections
+    assert http_server.log.connections <= 4 + 4, http_server.log.connections
+
+
+def test_a_connection_the_server_dropped_while_idle_costs_no_retry(config, http_server, shard):
+    http_server.set_drop_idle(True)
+    cfg = config.replace(chunk_size=256 * 1024, concurrency=2, retry_attempts=1)
+    snap = fetch(cfg, f"{http_server.url}/m")
+    assert hash_file(Path(snap.path) / "model.safetensors") == hash_file(shard)
+
+
+def test_an_encoded_answer_is_retried_and_never_written(config, http_server, shard):
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def gzip_once(path: str, start: int, end: int, size: int) -> Lie | None:
+        with lock:
+            if start in seen:
+                return None
+            seen.add(start)
+        return Lie(headers=(("Content-Encoding", "gzip"),))
+
+    http_server.set_lie(gzip_once)
+    snap = fetch(config.replace(chunk_size=MiB), f"{http_server.url}/m")
+    assert hash_file(Path(snap.path) / "model.safetensors") == hash_file(shard)
+    http_server.set_lie(lambda *a: Lie(headers=(("Content-Encoding", "gzip"),)))
+    with pytest.raises(SourceUnavailable, match="Content-Encoding"):
+        fetch(config.replace(cache_dir=config.cache_dir / "2", chunk_size=MiB,
+                             retry_attempts=2), f"{http_server.url}/m")
+
+
+def test_a_redirect_to_another_scheme_is_refused(config, http_server, shard):
+    http_server.set_redirect(
+        lambda m, p: "file:///etc/passwd" if p.endswith(".safetensors") and m == "GET" else None)
+    with pytest.raises(NotPermitted, match="not an http"):
+        fetch(config, f"{http_server.url}/m")
+
+
+def test_a_failed_file_stops_the_other_downloads_of_its_model(config, http_root):
+    d = http_root / "two"
+    write_synthetic_model(d, total_bytes=32 * MiB, tensors=8, shards=2, seed=3)
+    big = next(p for p in sorted(d.glob("*.safetensors")))
+    rate = 4e6  # the other shard (16 MiB) would take 4.2 s at this rate
+
+    def gone(method: str, path: str) -> int | None:
+        return 404 if method == "GET" and path.endswith(big.name) else None
+
+    with RangeHTTPServer(http_root, rate=rate, fault=gone) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(SourceNotFound, match=big.name):
+            fetch(config.replace(chunk_size=512 * 1024, concurrency=2), f"{srv.url}/two")
+        elapsed = time.monotonic() - t0
+        served = srv.log.bytes_served(".safetensors")
+    assert served < 8 * MiB, served  # not the other shard's 16 MiB
+    assert elapsed < 0.7 * 16 * MiB / rate, elapsed
+
+
+# --- Retry-After -------------------------------------------------------------------------
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+    for bad in (None, "", "soon", "-1"):
+        assert parse_retry_after(bad) is None
+
+
+def test_a_429_with_retry_after_is_waited_for(config, http_server, shard):
+    asked: list[float] = []
+    lock = threading.Lock()
+
+    def busy_once(method: str, path: str) -> Fault | None:
+        if method != "GET" or not path.endswith(".safetensors"):
+            return None
+        with lock:
+            asked.append(time.monotonic())
+            first = len(asked) == 1
+        return Fault(429, (("Retry-After", "1"),)) if first else None
+
+    http_server.set_fault(busy_once)
+    snap = fetch(config.replace(chunk_size=8 * MiB), f"{http_server.url}/m")
+    assert hash_file(Path(snap.path) / "model.safetensors") == hash_file(shard)
+    assert len(asked) == 2
+    # full-jitter backoff alone would have retried within 0.05 s
+    assert asked[1] - asked[0] >= 0.95, asked
+
+
+def test_a_retry_after_past_retry_max_seconds_fails_at_once(config, http_server, shard):
+    http_server.set_fault(lambda m, p: Fault(429, (("Retry-After", "120"),))
+                          if m == "GET" and p.endswith(".safetensors") else None)
+    t0 = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="429.*Retry-After 120"):
+        fetch(config.replace(retry_max_seconds=10.0), f"{http_server.url}/m")
+    assert time.monotonic() - t0 < 10
+    assert http_server.log.count("FAULT") == 1  # asked once: no try could follow the wait
+
+
+# --- what the writer reports (part B streams from it) ------------------------------------
+
+
+def test_on_written_reports_each_file_in_order_until_it_is_whole(config, http_server,
+                                                                  http_root):
+    d = http_root / "three"
+    write_synthetic_model(d, total_bytes=3 * MiB, tensors=12, shards=3, seed=9)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    lock = threading.Lock()
+
+    def on_written(rf, offset: int, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+        with lock:
+            seen.setdefault(rf.relpath, []).append((offset, nbytes))
+
+    snap = fetch(config.replace(chunk_size=128 * 1024, concurrency=4),
+                 f"{http_server.url}/three", on_written=on_written)
+    sizes = {f.relpath: f.size for f in snap.files}
+    assert set(seen) == set(sizes)
+    for rel, parts in seen.items():
+        ends = 0
+        for offset, nbytes in parts:  # contiguous: each starts where the one before ended
+            assert offset == ends, (rel, parts)
+            ends += nbytes
+        assert ends == sizes[rel]
+    reported = sum(len(v) for v in seen.values())
+    again = fetch(config, f"{http_server.url}/three", on_written=on_written)
+    assert again.stats.bytes_fetched == 0  # a hit downloads nothing, so reports nothing
+    assert sum(len(v) for v in seen.values()) == reported
