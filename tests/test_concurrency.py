@@ -350,3 +350,41 @@ def test_layouts_are_dropped_when_their_model_is_unloaded(tmp_path):
         grown = (smaps_rollup(d.pid)["Pss_Anon"] - base) * 1024
     # each layout of 30,000 tensors takes about 10 MiB as Python objects
     assert grown < 16 * MiB, f"the daemon's anonymous memory grew {grown / MiB:.0f} MiB"
+
+
+# a fetch with other globs does not join the running one -----------------------------------------
+
+
+def test_a_fetch_with_other_globs_does_not_join_the_running_one(tmp_path, http_server, http_root):
+    src = http_root / "m1"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=20, shards=2)
+    gate = Gate("/m1/model-00001-of-00002.safetensors")
+    http_server.set_fault(gate)
+    url = f"{http_server.url}/m1"
+    with DaemonProcess(tmp_path / "d") as d:
+        partial: dict[str, pb.FetchProgress] = {}
+
+        def fetch_partial() -> None:
+            *_, last = d.stub().Fetch(pb.FetchRequest(
+                source=url, include=["model-00001*", "*.json"]), timeout=120)
+            partial["last"] = last
+
+        first = threading.Thread(target=fetch_partial)
+        first.start()
+        try:
+            wait_for(lambda: gate.held, what="the partial fetch to reach its shard")
+            whole = d.stub().Fetch(pb.FetchRequest(source=url), timeout=120)
+            acquiring = d.stub().Acquire.future(pb.AcquireRequest(
+                source=url, client=pb.ClientInfo(pid=os.getpid())), timeout=120)
+            time.sleep(0.3)  # the plain fetch and the Acquire are in the daemon now
+        finally:
+            gate.open()
+        *_, last = whole
+        first.join(120)
+        assert partial["last"].files == 3  # what it asked for: one shard, two json files
+        assert last.files == 4, last  # what this one asked for: every file
+        got = acquiring.result()
+        assert len(got.tensors) == 20  # not the 10 of the partial fetch
+        d.release(got.lease_id)
+        (model,) = d.stub().List(pb.ListRequest(), timeout=10).models
+        assert model.files == 4

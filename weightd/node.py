@@ -221,10 +221,27 @@ class _Fanout(Callback):  # type: ignore[misc]
 
 @dataclass(eq=False)
 class _Job:
-    """Cold work in progress (a fetch, a load, an unload) and its future."""
+    """Cold work in progress (a fetch, a load, an unload) and its future. A fetch also
+    names the files it asked for (:func:`_globs`): only a fetch of the same files joins
+    it."""
 
     future: concurrent.futures.Future[Any]
     progress: _Fanout | None = None
+    globs: tuple[Any, ...] | None = None
+
+
+def _globs(include: Sequence[str] | None, exclude: Sequence[str]) -> tuple[Any, ...]:
+    """The files a fetch asks for, as a key: two fetches with the same key list the
+    same files."""
+    return (tuple(include) if include else None, tuple(exclude))
+
+
+def _settled(future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[None]:
+    """A future that ends (with None) when ``future`` ends, whatever its outcome: for a
+    caller that waits for someone else's work only to start its own after it."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    future.add_done_callback(lambda _: done.set_result(None))
+    return done
 
 
 class ColdWork:
@@ -529,10 +546,7 @@ class Node:
                 elif disk.state is State.CACHED and only_if_absent:
                     return None
                 else:
-                    wait = None
-                    job = self._jobs.get(("fetch", name))
-                    if job is None:
-                        job = self._start_fetch(name, source, include, exclude)
+                    wait, job = self._fetch_for(name, source, include, exclude)
             if job is None:
                 if wait is not None:
                     yield wait
@@ -547,13 +561,28 @@ class Node:
             return job.future.result()  # type: ignore[no-any-return]
         raise SourceUnavailable(f"{source}: gc kept removing the model; try again")
 
+    def _fetch_for(self, name: str, source: str, include: Sequence[str] | None,
+                   exclude: Sequence[str]) -> tuple[concurrent.futures.Future[Any], _Job | None]:
+        """The fetch of these files: the one running when it asks for the same files
+        (joined), a new one when none runs; when one runs for other files (other
+        include/exclude globs), nothing yet: the future to wait for before asking again
+        (its outcome is not this caller's). Caller holds the lock."""
+        job = self._jobs.get(("fetch", name))
+        if job is None:
+            job = self._start_fetch(name, source, include, exclude)
+        elif job.globs != _globs(include, exclude):
+            return _settled(job.future), None
+        return job.future, job
+
     def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
                      exclude: Sequence[str]) -> _Job:
         """Caller holds the lock."""
         self._life.begin_fetch(name)
         progress = _Fanout()
-        return self._submit(("fetch", name), self._fetch_job, name, source, include,
-                            tuple(exclude), progress, progress=progress)
+        job = self._submit(("fetch", name), self._fetch_job, name, source, include,
+                           tuple(exclude), progress, progress=progress)
+        job.globs = _globs(include, exclude)
+        return job
 
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
                    include: Sequence[str] | None, exclude: Sequence[str],
@@ -635,6 +664,7 @@ class Node:
         _, name = self.resolve(source)
         t0 = time.perf_counter()
         fetched = loaded = wanted = False
+        refetch = False  # the fetch it waited for brought other files than it asks for
         try:
             for _ in range(MAX_ROUNDS):
                 with self._lock:
@@ -654,13 +684,14 @@ class Node:
                             "(weightd verify); it is fetched again once no lease holds it")
                     elif step is Step.WAIT_SLOT:
                         wait = self._jobs[("slot", name, device)].future
-                    elif step is Step.WAIT_FETCH:
-                        wait = self._jobs[("fetch", name)].future
                     elif step is Step.WAIT_REMOVAL:
                         wait = self._gc_done
-                    elif step is Step.FETCH:
-                        wait = self._start_fetch(name, source, include, exclude).future
-                        fetched = True
+                    elif step in (Step.FETCH, Step.WAIT_FETCH) or (step is Step.LOAD
+                                                                   and refetch):
+                        started = ("fetch", name) not in self._jobs
+                        wait, job = self._fetch_for(name, source, include, exclude)
+                        fetched = fetched or (started and job is not None)
+                        refetch = job is None
                     else:  # LOAD or RELOAD
                         wait = self._start_load(name, device, reload=step is Step.RELOAD)
                         loaded = True
