@@ -61,7 +61,7 @@ from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name, open_source
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
 from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
-from weightd.tiers.base import Detached
+from weightd.tiers.base import Detached, Reservation
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
 from weightd.tiers.cuda import device_uuid
 
@@ -776,8 +776,7 @@ class Node:
                 self._layout(f.digest)  # validates every shard before it becomes resident
             blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._lock:
-                victims = self._make_room(tier, device, blobs, exclude=name)
-                reservation = tier.reserve(name, device, blobs)
+                reservation, victims = self._make_room(tier, device, name, blobs)
             for victim, detached in victims:
                 self._finish_unload(victim, device, detached)
                 log.info("evicted %s from %s (%s) to make room", victim, device,
@@ -843,25 +842,30 @@ class Node:
             self._count_disk()
             raise _NeedsFetch(record.name)
 
-    def _make_room(self, tier: Tier, device: str, blobs: Sequence[Blob], *,
-                   exclude: str) -> list[tuple[str, Detached]]:
-        """Choose the models to evict so that ``blobs`` fit the device's budget (least
-        recently used first, never leased, wanted or pinned ones), and detach them: they
-        are UNLOADING now, freed by the caller outside the lock. Caller holds the lock.
+    def _make_room(self, tier: Tier, device: str, name: str, blobs: Sequence[Blob],
+                   ) -> tuple[Reservation, list[tuple[str, Detached]]]:
+        """Reserve model ``name``'s ``blobs`` on the device, after choosing the models to
+        evict so that they fit its budget (least recently used first, never leased,
+        wanted or pinned ones); detach those: they are UNLOADING now, freed by the
+        caller outside the lock. A blob the load shares with a victim is neither needed
+        nor freed: it is reserved before the victims are detached, so it stays mapped.
+        Caller holds the lock.
 
         Raises:
             BudgetExceeded: even evicting every evictable model would not make room.
         """
         pinned = self._pinned_on(device)
-        candidates = [(last, m, tier.freeable_bytes(m, device), False)
-                      for last, m in self._life.evictable(device, exclude=exclude,
+        keep = {b.digest for b in blobs}
+        candidates = [(last, m, tier.freeable_bytes(m, device, keep=keep), False)
+                      for last, m in self._life.evictable(device, exclude=name,
                                                           pinned=pinned)]
-        candidates += [(0.0, m, tier.freeable_bytes(m, device), True)
-                       for m in self._life.blocked(device, exclude=exclude, pinned=pinned)]
+        candidates += [(0.0, m, tier.freeable_bytes(m, device, keep=keep), True)
+                       for m in self._life.blocked(device, exclude=name, pinned=pinned)]
         chosen = plan_eviction(tier.missing_bytes(device, blobs), tier.used(device),
                                self._budgets[device], candidates,
                                what=f"{tier.name} tier ({device})")
-        return [(m, self._begin_unload(m, device)) for m in chosen]
+        reservation = tier.reserve(name, device, blobs)
+        return reservation, [(m, self._begin_unload(m, device)) for m in chosen]
 
     def _begin_unload(self, name: str, device: str) -> Detached:
         """Move a resident slot to UNLOADING (no new lease) and detach its blobs; waiters
