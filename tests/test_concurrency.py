@@ -102,6 +102,35 @@ def test_a_warm_acquire_does_not_wait_for_another_models_load(tmp_path):
     assert max(during) < max(0.05, took / 5), (took, sorted(during)[-3:])
 
 
+def test_a_load_of_a_cached_model_does_not_queue_behind_fetches(tmp_path, http_server,
+                                                                 http_root):
+    for name in ("slow1", "slow2"):
+        write_synthetic_model(http_root / name, total_bytes=2 * MiB, tensors=4)
+    cached = tmp_path / "cached"
+    write_synthetic_model(cached, total_bytes=2 * MiB, tensors=4)
+    gate = Gate("/slow")
+    http_server.set_fault(gate)
+    with DaemonProcess(tmp_path / "d", env={"WEIGHTD_FETCH_WORKERS": "2"}) as d:
+        list(d.stub().Fetch(pb.FetchRequest(source=str(cached)), timeout=60))
+        try:
+            fetches = [d.stub().Fetch(pb.FetchRequest(source=f"{http_server.url}/{name}"),
+                                      timeout=120) for name in ("slow1", "slow2")]
+            pullers = [threading.Thread(target=list, args=(f,)) for f in fetches]
+            for t in pullers:
+                t.start()
+            wait_for(lambda: gate.held >= 2, what="both fetches to reach their source")
+            t0 = time.monotonic()
+            got = d.acquire(cached, timeout=10)  # with every fetch worker taken
+            took = time.monotonic() - t0
+            assert got.loaded and not got.fetched
+            d.release(got.lease_id)
+        finally:
+            gate.open()
+        for t in pullers:
+            t.join(120)
+    assert took < 5, f"the load waited {took:.1f}s"
+
+
 # cold work off the RPC threads -------------------------------------------------------------------
 
 

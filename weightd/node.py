@@ -245,9 +245,10 @@ def _settled(future: concurrent.futures.Future[Any]) -> concurrent.futures.Futur
 
 
 class ColdWork:
-    """A bounded pool of threads for the node's cold work (fetches, loads, unloads): at
-    most ``workers`` run at once, the rest wait in order. The RPC threads (or the
-    service's event loop) only wait for the futures.
+    """A bounded pool of threads for the node's cold work: at most ``workers`` run at
+    once, the rest wait in order. The node has two, one for fetches and one for loads and
+    unloads, so that a load of a cached model never queues behind slow downloads. The
+    RPC threads (or the service's event loop) only wait for the futures.
 
     Its threads are daemon threads, unlike ``ThreadPoolExecutor``'s, which the
     interpreter joins at exit: a fetch from a stalled source must not hold up a SIGTERM
@@ -345,7 +346,10 @@ class Node:
         self._gc_done: concurrent.futures.Future[None] | None = None
         self._gc_guard = threading.Lock()      # one gc at a time (it plans, then deletes)
         self._verify_guard = threading.Lock()  # one verify at a time
-        self._cold = ColdWork(config.cold_workers)
+        # cold work: fetches on one pool, loads and unloads on another (a load of a
+        # cached model must not wait for downloads)
+        self._cold = {"fetch": ColdWork(config.fetch_workers, name="weightd-fetches"),
+                      "slot": ColdWork(config.load_workers, name="weightd-loads")}
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
@@ -388,7 +392,9 @@ class Node:
         self._warm_queue.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
-        finished = self._cold.shutdown(timeout=10.0)
+        deadline = time.monotonic() + 10.0
+        finished = all([pool.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+                        for pool in self._cold.values()])
         self.leases.stop()
         self.flush_touches()
         if finished:
@@ -506,10 +512,11 @@ class Node:
 
     def _submit(self, key: tuple[str, ...], work: Callable[..., Any], *args: Any,
                 progress: _Fanout | None = None) -> _Job:
-        """Start ``work`` on the cold executor as the job ``key``. Caller holds the lock
-        and has made the transition that says the work is under way; ``work`` makes the
-        one that says it ended, and drops the job, under the lock, before it returns."""
-        job = _Job(self._cold.submit(work, key, *args), progress)
+        """Start ``work`` as the job ``key``, on the pool of its kind (``key[0]``: "fetch"
+        or "slot"). Caller holds the lock and has made the transition that says the work
+        is under way; ``work`` makes the one that says it ended, and drops the job, under
+        the lock, before it returns."""
+        job = _Job(self._cold[key[0]].submit(work, key, *args), progress)
         self._jobs[key] = job
         return job
 
