@@ -353,7 +353,6 @@ class Node:
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
-        self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -779,8 +778,10 @@ class Node:
             if not self.store.model_complete(record):
                 raise _NeedsFetch(name)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
+            # every shard validated before it becomes resident: the layouts its fetch
+            # parsed (the fetcher's bounded cache), else parsed now, outside the lock;
+            # kept only until the view is built
+            layouts = [self.fetcher.layout(f.digest) for f in shards]
             blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._lock:
                 reservation, victims = self._make_room(tier, device, name, blobs)
@@ -790,13 +791,13 @@ class Node:
                          format_size(detached.nbytes))
             tier.fill(reservation)
             reservation = None
-            view = self._view(name, record.revision, shards, tier, device)
+            view = self._view(name, record.revision, shards, layouts, tier, device)
+            del layouts  # the view has what the answer needs
         except _NeedsFetch:
             with self._lock:
                 self._life.end_load(name, device, revision=None)
                 self._life.forget_cached(name)
-                self._holds.release(holder)
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(holder))
                 self._end_job(key)
             log.info("%s: some of its blobs are gone (gc or quarantine): fetching it again",
                      name)
@@ -807,8 +808,7 @@ class Node:
             with self._lock:
                 detached = tier.detach(name, device)  # what a fill made, if it got so far
                 self._life.end_load(name, device, revision=None)
-                self._holds.release(holder)
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(holder))
                 self._end_job(key)
             tier.free(detached)
             raise
@@ -891,8 +891,7 @@ class Node:
         finally:
             with self._lock:
                 self._life.end_unload(name, device, reload=reload)
-                self._holds.release(("resident", name, device))
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(("resident", name, device)))
                 job = None if reload else self._jobs.pop(("slot", name, device), None)
             if job is not None:
                 job.future.set_result(None)
@@ -900,37 +899,27 @@ class Node:
             self.metrics.evicted(tier.name)
         self._update_resident_metric(tier, device)
 
-    def _view(self, name: str, revision: str, shards: Sequence[ModelFile], tier: Tier,
-              device: str) -> View:
-        """The answer's shards, tensors and metadata for a model just made resident."""
+    def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
+              layouts: Sequence[ShardLayout], tier: Tier, device: str) -> View:
+        """The answer's shards, tensors and metadata for a model just made resident
+        (``layouts``: the shards' parsed headers, in order)."""
         exports = {e.digest: e for e in tier.export(name, device)}
         infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
                       for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
-        for i, f in enumerate(shards):
-            layout = self._layout(f.digest)
+        for i, layout in enumerate(layouts):
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
         return View(revision, str(self.store.revision_path(name, revision)), infos,
                     tuple(tensors), metadata)
 
-    def _layout(self, digest: str) -> ShardLayout:
-        """The parsed header of a shard blob, kept while something holds the blob: the
-        one its fetch parsed when the fetcher's bounded cache still has it (a header is
-        parsed once), else parsed from the blob."""
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = self.fetcher.layout(digest)
-            self._layouts[digest] = layout
-        return layout
-
-    def _prune_layouts(self) -> None:
-        """Drop the layouts of blobs nothing holds any more, here and in the fetcher's
-        cache (parsed again if the model is loaded again). Caller holds the lock."""
-        for digest in [d for d in list(self._layouts) if not self._holds.held(d)]:
-            del self._layouts[digest]
+    def _drop_layouts(self, digests: Collection[str]) -> None:
+        """Drop from the fetcher's layout cache (the one place parsed layouts live) those
+        of blobs nothing holds any more (parsed again if the model is loaded again).
+        Caller holds the lock."""
+        for digest in digests:
             self.fetcher.layouts.drop(digest)
 
     def _update_resident_metric(self, tier: Tier, device: str) -> None:
