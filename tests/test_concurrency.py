@@ -302,6 +302,55 @@ def test_an_acquire_whose_deadline_passed_leaves_no_lease(tmp_path, http_server,
         assert leases(d) == []
 
 
+TIGHT_LOADS = r"""
+import json, os, sys, time
+import grpc
+import weightd_client
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from tests.daemon import raw_stub
+sock, source = sys.argv[1], sys.argv[2]
+stub, took = raw_stub(sock), []
+for _ in range(5):  # how long an Acquire of this model takes, to aim the deadlines at it
+    t0 = time.perf_counter()
+    got = stub.Acquire(pb.AcquireRequest(source=source, client=pb.ClientInfo(
+        pid=os.getpid())), timeout=60)
+    took.append(time.perf_counter() - t0)
+    stub.Release(pb.ReleaseRequest(lease_id=got.lease_id), timeout=10)
+rpc = sorted(took)[2]
+client = weightd_client.Client(sock)
+failed = ok = 0
+for i in range(40):  # deadlines from a fifth of an Acquire to one and a half
+    try:
+        client.load(source, fallback=False, timeout=rpc * (0.2 + 1.3 * i / 40)).release()
+        ok += 1
+    except weightd_client.errors.WeightdError:
+        failed += 1
+print(json.dumps({"rpc_s": rpc, "failed": failed, "ok": ok}), flush=True)
+sys.stdin.readline()  # alive, and its leases with it, until the test has looked
+"""
+
+
+def test_loads_whose_deadline_passes_during_the_answer_leave_no_lease(tmp_path):
+    # A resident model of 20,000 tensors (an answer of about a megabyte) loaded with
+    # deadlines around the time an Acquire takes: some pass while the answer is on its
+    # way. The client process stays alive (its leases would end with it otherwise).
+    model = tmp_path / "wide"
+    write_shard(model / "model.safetensors", 20_000)
+    with DaemonProcess(tmp_path / "d") as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TIGHT_LOADS, str(d.socket), str(model)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parent.parent)
+        try:
+            out = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            assert out["failed"] > 0, out  # some deadlines did pass
+            wait_for(lambda: not leases(d), timeout=5,
+                     what=f"no lease left by {out['failed']} failed loads ({out})")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_an_answer_over_the_message_limit_leaves_no_lease(tmp_path):
     from weightd.testing.models import write_synthetic_model as write
 

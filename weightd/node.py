@@ -657,10 +657,12 @@ class Node:
     def acquiring(self, source: str, *, device: str, caller: Caller | None = None,
                   client_name: str = "", include: Sequence[str] | None = None,
                   exclude: Sequence[str] = (),
-                  check: Callable[[str, View], None] | None = None) -> Plan[Acquired | None]:
+                  check: Callable[[str, View], None] | None = None,
+                  lease_id: str | None = None) -> Plan[Acquired | None]:
         """The plan of an Acquire: until the model is resident on ``device``, start (or
         join) the work it needs and wait for it; then lease its view to ``caller`` (none:
-        only make it resident, as a pin's warm-up does).
+        only make it resident, as a pin's warm-up does), as ``lease_id`` when the caller
+        proposed one (see :meth:`~weightd.leases.LeaseTable.add`).
 
         ``check(model, view)`` runs before the lease is granted (the service checks the
         answer's size there): what it raises leaves no lease.
@@ -710,7 +712,7 @@ class Node:
                 if check is not None:
                     check(name, view)
                 got = self._lease(name, device, tier, view, caller, client_name,
-                                  fetched, loaded)
+                                  fetched, loaded, lease_id)
                 if got is not None:
                     self.metrics.observe_acquire(tier.name, time.perf_counter() - t0,
                                                  hit=not loaded)
@@ -725,16 +727,17 @@ class Node:
                     self._life.unwant(name, device)
 
     def _lease(self, name: str, device: str, tier: Tier, view: View, caller: Caller,
-               client_name: str, fetched: bool, loaded: bool) -> Acquired | None:
+               client_name: str, fetched: bool, loaded: bool,
+               lease_id: str | None = None) -> Acquired | None:
         """Lease ``view`` if it is still the resident one (None: plan again)."""
         with self._lock:
             slot = self._life.slots.get((name, device))
             if (slot is None or slot.state is not State.RESIDENT or slot.view is not view
                     or slot.corrupt):
                 return None
-            self._life.lease(name, device, time.time())
             lease = self.leases.add(name, tier.name, device, caller, client_name,
-                                    view.revision)
+                                    view.revision, lease_id=lease_id)
+            self._life.lease(name, device, time.time())
         return Acquired(lease, name, view, fetched, loaded)
 
     def release(self, lease_id: str, caller: Caller) -> Lease:
