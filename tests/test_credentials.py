@@ -44,6 +44,20 @@ def test_the_credential_socket_is_beside_the_grpc_socket_and_as_closed(daemon):
     assert handshake(daemon.socket) == handshake(daemon.socket)  # one token a process
 
 
+def test_a_socket_reached_through_links_serves_acquires_too(daemon, model, tmp_path):
+    # WEIGHTD_SOCKET through a linked directory, or a link to the socket itself: the
+    # credential socket is beside the real socket, not beside the link
+    import weightd_client
+
+    (tmp_path / "lnk").symlink_to(daemon.socket.parent)
+    (tmp_path / "alias.sock").symlink_to(daemon.socket)
+    for path in (tmp_path / "lnk" / daemon.socket.name, tmp_path / "alias.sock"):
+        with weightd_client.Client(path) as client:
+            assert client.status().pid == daemon.pid
+            with client.load(model, fallback=False) as weights:
+                assert len(weights) == 2 and weights.lease_id
+
+
 def test_a_forked_child_gets_its_own_token_and_its_own_leases(daemon, model):
     cred = Credential(daemon.socket)
     mine = cred.token()
