@@ -650,6 +650,43 @@ def test_the_client_refuses_a_socket_in_a_directory_others_can_write(world, tmp_
         shutil.rmtree(open_dir.parent, ignore_errors=True)
 
 
+FALLBACK_LOAD = r"""
+import logging, sys
+import weightd_client
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+with weightd_client.Client(sys.argv[1]) as client:
+    print(len(client.load(sys.argv[2], fallback=True)), flush=True)
+"""
+
+
+def test_the_cli_and_the_fallback_say_why_the_socket_was_refused(tmp_path):
+    # The daemon's runtime directory made writable by everyone while it runs: the CLI
+    # says the socket is refused and why (not "no daemon", not "the cache is in use"),
+    # and load()'s fallback warning carries the same reason.
+    from tests.conftest import run_cli
+
+    model = tmp_path / "m"
+    write_synthetic_model(model, total_bytes=MiB // 2, tensors=4)
+    with DaemonProcess(tmp_path / "d") as d:
+        env = {"WEIGHTD_SOCKET": str(d.socket), "WEIGHTD_CACHE_DIR": str(d.cache_dir)}
+        os.chmod(d.socket.parent, 0o777)
+        try:
+            for command in (("status",), ("ls",), ("verify",)):
+                res = run_cli(*command, env=env)
+                assert res.returncode == 1, (command, res.stderr)
+                lines = res.stderr.strip().splitlines()
+                assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+                assert "refusing the weightd socket" in lines[0], (command, lines)
+                assert "writable by its group and others" in lines[0], (command, lines)
+            res = subprocess.run([sys.executable, "-c", FALLBACK_LOAD, str(d.socket),
+                                  str(model)], capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0 and res.stdout.strip() == "4", res.stderr
+            assert "writable by its group and others" in res.stderr, res.stderr
+            assert "straight from the source" in res.stderr, res.stderr
+        finally:
+            os.chmod(d.socket.parent, 0o700)
+
+
 def test_the_client_trusts_a_socket_of_the_daemons_user_in_its_directory(world, outsider):
     # /run/weightd: made by root (systemd's RuntimeDirectory=) for the daemon's user
     top = _private_tmp("weightd-delegated-")

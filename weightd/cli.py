@@ -43,11 +43,20 @@ def _config(ns: argparse.Namespace) -> Config:
 
 
 def _daemon(cfg: Config) -> Any:
-    """A client of the daemon on ``cfg.socket``, or None when no daemon answers there."""
+    """A client of the daemon on ``cfg.socket``, or None when no daemon answers there
+    (no such socket, or nobody listening on it).
+
+    Raises:
+        DaemonUnavailable: the client refuses the socket (someone else could have put it
+            there: the message says who and why); that is no reason to go on without the
+            daemon.
+    """
     if not Path(cfg.socket).exists():
         return None
     import weightd_client
+    from weightd_client.rundir import check_socket
 
+    check_socket(cfg.socket)
     client = weightd_client.Client(cfg.socket, timeout=24 * 3600)
     try:
         client.status()

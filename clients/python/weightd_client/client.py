@@ -605,11 +605,11 @@ class Client:
                                      exclude_l, timeout)
                 with host:
                     return self._moved(host, target)
-        except DaemonUnavailable:
+        except DaemonUnavailable as e:
             if not fallback:
                 raise
-        log.warning("weightd daemon unreachable at %s: loading %s straight from the source",
-                    self.socket, src)
+            why = e  # unreachable, or a socket this client refuses: the warning says which
+        log.warning("%s: loading %s straight from the source", why, src)
         from weightd_client._direct import load_direct
 
         got = load_direct(src, socket=self.socket, include=include_l or None, exclude=exclude_l)
