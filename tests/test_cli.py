@@ -157,6 +157,19 @@ def test_a_metrics_port_in_use_is_one_line_and_leaves_no_socket(tmp_path: Path) 
     assert not sock.exists() and not sock.is_socket()
 
 
+@pytest.mark.parametrize("length", [104, 110])
+def test_a_socket_path_too_long_for_unix_sockets_is_one_line_and_exit_2(
+        tmp_path: Path, length: int) -> None:
+    # 104 bytes: the gRPC socket would fit, its credential socket (".cred" more) not
+    base = tmp_path / "run"
+    sock = base / ("x" * (length - len(f"{base}//weightd.sock"))) / "weightd.sock"
+    assert len(str(sock)) == length
+    env = {**os.environ, "WEIGHTD_CACHE_DIR": str(tmp_path / "c")}
+    line = one_error_line(weightd("--socket", str(sock), "serve", env=env), 2)
+    assert str(sock) in line and "107 bytes" in line, line
+    assert not (tmp_path / "c").exists() and not sock.parent.exists()  # nothing done
+
+
 @pytest.mark.parametrize("args,expect", [
     (("gc", "--max-bytes", "1x"), "not a size: '1x'"),
     (("ls", "--host-budget", "lots"), "not a size: 'lots'"),
