@@ -255,6 +255,29 @@ def test_verify_narrows_modes_wider_than_the_stores(tmp_path):
     assert again.returncode == 0 and "MODE" not in again.stdout, again.stdout
 
 
+def test_verify_and_fetches_keep_the_setgid_bit_of_the_cache_directories(tmp_path):
+    """An operator who shares a cache with a group sets g+s on its directories so that
+    new blobs inherit the group: verify and the next fetch keep it (review 1, defect 9)."""
+    from tests.conftest import run_cli
+
+    first, second = tmp_path / "m1", tmp_path / "m2"
+    write_synthetic_model(first, total_bytes=MiB // 4, tensors=2, seed=1)
+    write_synthetic_model(second, total_bytes=MiB // 4, tensors=2, seed=2)
+    cache = tmp_path / "cache"
+    run_cli("fetch", str(first), "--cache-dir", str(cache), check=True)
+    dirs = [cache, cache / "blobs", cache / "snapshots", *(cache / "blobs").iterdir()]
+    for d in dirs:
+        os.chmod(d, 0o2750)
+    res = run_cli("verify", "--cache-dir", str(cache))
+    assert res.returncode == 0, res.stderr
+    assert "MODE" not in res.stdout and "0 modes narrowed" in res.stderr, res.stdout
+    run_cli("fetch", str(second), "--cache-dir", str(cache), check=True)
+    new = [p for p in (cache / "blobs").iterdir() if p not in dirs]
+    assert new, "the second model's blobs went into fan-out directories that existed"
+    for d in dirs + new:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o2750, (d, oct(d.stat().st_mode))
+
+
 # 3. redirects ------------------------------------------------------------------------------
 
 
