@@ -1000,7 +1000,8 @@ class Node:
                 with self._changed:
                     for name in set(plan.models) | {r.parent.name for r in plan.revisions}:
                         self._life.end_remove(name, removed=name in plan.models)
-                    self._deleting.clear()
+                    # only gc's own claims: verify's and _drop_corrupt's stay theirs
+                    self._deleting.difference_update(d for d, _ in plan.blobs)
                     self._gc_done = None
                     self._changed.notify_all()
                 done.set_result(None)
