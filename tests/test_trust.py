@@ -614,6 +614,30 @@ def test_a_world_writable_runtime_directory_stops_the_daemon(tmp_path):
         shutil.rmtree(run.parent, ignore_errors=True)
 
 
+def test_a_refused_runtime_directory_stops_the_daemon_before_it_does_any_work(tmp_path):
+    # the check comes first: no pin is warmed (fetched, mlocked), no CUDA tier started,
+    # no reaper, when the socket cannot be served anyway (review 1, defect 11)
+    from weightd.store import Store
+
+    src = tmp_path / "pinned"
+    write_synthetic_model(src, total_bytes=MiB // 2, tensors=2, seed=5)
+    store = Store.open(tmp_path / "d" / "cache", exclusive=True)
+    store.index.add_pin(f"file://{src}", "host", "cpu")
+    store.close()
+    run = _private_tmp("weightd-open-") / "run"
+    run.mkdir()
+    os.chmod(run, 0o777)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            DaemonProcess(tmp_path / "d", socket=run / "weightd.sock", timeout=30).stop()
+        assert "writable" in str(e.value), str(e.value)
+        assert "cuda tier" not in str(e.value), str(e.value)  # node.start() did not run
+        time.sleep(0.5)  # a warm-up thread, had one started, would have fetched by now
+        assert not list((tmp_path / "d" / "cache" / "blobs").glob("*/*")), str(e.value)
+    finally:
+        shutil.rmtree(run.parent, ignore_errors=True)
+
+
 def test_the_client_refuses_a_socket_another_user_listens_on(outsider, tmp_path):
     victim = tmp_path / "models" / "victim"
     write_synthetic_model(victim, total_bytes=MiB // 2, tensors=4, seed=71)

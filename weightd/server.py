@@ -150,10 +150,11 @@ class Daemon:
         if self.config.metrics_address:
             self.metrics_http = start_http(self.config.metrics_address, self.metrics)
             log.info("metrics on %s", self.metrics_http.url)
+        # the runtime directory is checked before any work (a refusal starts nothing);
         # the lease reaper, the CUDA tier and the pins' warm-up run before the first call
         # can arrive on the socket
-        self.node.start()
         _prepare_socket(self.socket)
+        self.node.start()
         # the credential socket first: a client that sees the gRPC socket can shake hands
         await self.credential_server.start()
         self.server = grpc.aio.server(options=[
