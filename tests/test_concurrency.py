@@ -466,3 +466,37 @@ def test_a_fetch_with_other_globs_does_not_join_the_running_one(tmp_path, http_s
         d.release(got.lease_id)
         (model,) = d.stub().List(pb.ListRequest(), timeout=10).models
         assert model.files == 4
+
+
+# A daemon whose file system hangs on one path (as a stuck NFS or FUSE mount does): the
+# first link resolution there sleeps.
+HUNG_FS_DAEMON = r"""
+import os.path, sys, threading, time
+real, first = os.path.realpath, threading.Event()
+def realpath(path, *args, **kwargs):
+    if "hung-mount" in os.fspath(path) and not first.is_set():
+        first.set()
+        time.sleep(4)
+    return real(path, *args, **kwargs)
+os.path.realpath = realpath
+from weightd.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def test_a_local_source_on_a_hung_file_system_does_not_stall_other_calls(tmp_path):
+    # resolving a local path (links, ..) touches the file system; done on the event
+    # loop, one Acquire of a path on a hung mount stalled Status, Release and Health of
+    # every client until the mount answered (review 1, defect 12)
+    hung = tmp_path / "hung-mount" / "m"
+    write_synthetic_model(hung, total_bytes=MiB // 4, tensors=2, seed=3)
+    with DaemonProcess(tmp_path / "d", launcher=(sys.executable, "-c", HUNG_FS_DAEMON)) as d:
+        slow = threading.Thread(target=d.acquire, args=(hung,), daemon=True)
+        slow.start()
+        time.sleep(0.5)  # the Acquire is resolving its source
+        t0 = time.monotonic()
+        d.status()
+        took = time.monotonic() - t0
+        slow.join(60)
+        assert took < 2, f"Status took {took:.1f}s while an Acquire resolved a hung path"
+        assert d.proc.poll() is None

@@ -76,10 +76,20 @@ Plan = Generator["concurrent.futures.Future[Any]", None, T]
 #: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
 TOUCH_FLUSH_INTERVAL = 5.0
 
+#: Threads that resolve local sources' links (see :meth:`Node._resolving`): as many
+#: Acquires of paths on hung mounts as this wait at once before others queue behind them.
+NAME_WORKERS = 4
+
 #: Rounds of plan → wait → plan again one Acquire may take (a round ends when the work
 #: it waited for ends: a fetch, a load, an eviction, a gc). Far more than any real
 #: sequence needs; a model that keeps changing under its acquirer fails instead.
 MAX_ROUNDS = 32
+
+
+def _is_local(source: str) -> bool:
+    """Whether a reference names a local path (a plain path, file:// or local://)."""
+    scheme, sep, _ = source.strip().partition("://")
+    return not sep or scheme.lower() in ("file", "local")
 
 
 def run_sync(plan: Plan[T]) -> T:
@@ -350,6 +360,10 @@ class Node:
         # cached model must not wait for downloads)
         self._cold = {"fetch": ColdWork(config.fetch_workers, name="weightd-fetches"),
                       "slot": ColdWork(config.load_workers, name="weightd-loads")}
+        # a local source's links are resolved here, off the caller's thread (the event
+        # loop): a path on a hung NFS or FUSE mount stalls only the Acquires of such paths
+        self._names = concurrent.futures.ThreadPoolExecutor(
+            NAME_WORKERS, thread_name_prefix="weightd-names")
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
@@ -394,6 +408,7 @@ class Node:
         deadline = time.monotonic() + 10.0
         finished = all([pool.shutdown(timeout=max(0.0, deadline - time.monotonic()))
                         for pool in self._cold.values()])
+        self._names.shutdown(wait=False, cancel_futures=True)
         self.leases.stop()
         self.flush_touches()
         if finished:
@@ -501,6 +516,17 @@ class Node:
         check_allowed(url, self.config.allowed_sources)
         return url, model_name(url)
 
+    def _resolving(self, source: str) -> Plan[tuple[str, str]]:
+        """:meth:`resolve` as a plan: a local path's (which reads the file system to
+        resolve its links) on the names pool, so that the plan's driver (the event loop)
+        never waits on a hung mount; any other reference's at once. Never cached: a link
+        may change between two calls, and allowed_sources is checked on what it is now."""
+        if not _is_local(source):
+            return self.resolve(source)
+        future = self._names.submit(self.resolve, source)
+        yield future
+        return future.result()
+
     def _resolve_known(self, source: str) -> tuple[str, str]:
         """:meth:`resolve`, where a model's name as List shows it stands for the source it
         was fetched from (as :meth:`evict` takes names)."""
@@ -542,7 +568,7 @@ class Node:
         With ``only_if_absent``, a model already cached is not fetched again (returns
         None).
         """
-        _, name = self.resolve(source)
+        _, name = yield from self._resolving(source)
         for _ in range(MAX_ROUNDS):
             with self._lock:
                 disk = self._life.disk_of(name)
@@ -669,7 +695,7 @@ class Node:
         """
         device = _device_name(device or "cpu")
         tier = self._tier_of(device)  # before any fetch: fail fast
-        _, name = self.resolve(source)
+        _, name = yield from self._resolving(source)
         t0 = time.perf_counter()
         fetched = loaded = wanted = False
         refetch = False  # the fetch it waited for brought other files than it asks for
