@@ -58,7 +58,13 @@ from weightd.formats import ShardLayout
 from weightd.leases import Caller, Credentials, Lease, LeaseTable
 from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, Step
 from weightd.metrics import Metrics
-from weightd.sources import canonical_url, check_allowed, model_name, open_source
+from weightd.sources import (
+    canonical_url,
+    check_allowed,
+    check_not_cache,
+    model_name,
+    open_source,
+)
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
 from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
 from weightd.tiers.base import Detached, Reservation
@@ -511,9 +517,11 @@ class Node:
     # names --------------------------------------------------------------------------------
 
     def resolve(self, source: str) -> tuple[str, str]:
-        """Canonical URL and model name of a reference, checked against allowed_sources."""
+        """Canonical URL and model name of a reference, checked against allowed_sources
+        (and never the cache itself)."""
         url = canonical_url(source)
         check_allowed(url, self.config.allowed_sources)
+        check_not_cache(url, self.config.cache_dir)
         return url, model_name(url)
 
     def _resolving(self, source: str) -> Plan[tuple[str, str]]:

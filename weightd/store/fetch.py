@@ -343,9 +343,17 @@ class Fetcher:
         return layout
 
     def _check_answer(self, url: str, files: dict[str, ModelFile]) -> None:
-        """Refuse a model whose Acquire answer would not fit in a gRPC message."""
-        shards = [self.layout(f.digest) for rel, f in sorted(files.items())
-                  if rel.endswith(".safetensors")]
+        """Refuse a model whose Acquire answer would not fit in a gRPC message, or whose
+        shards share a tensor name (every client refuses such a model)."""
+        rels = [rel for rel in sorted(files) if rel.endswith(".safetensors")]
+        shards = [self.layout(files[rel].digest) for rel in rels]
+        seen: dict[str, str] = {}
+        for rel, shard in zip(rels, shards, strict=True):
+            for t in shard.tensors:
+                first = seen.setdefault(t.name, rel)
+                if first != rel:
+                    raise FormatError(url, f"tensor {t.name!r} appears in both {first} and "
+                                           f"{rel}: a model's shards must not share names")
         need = answer_bytes(shards)
         if need > MAX_ANSWER_BYTES:
             tensors = sum(len(s.tensors) for s in shards)
