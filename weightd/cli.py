@@ -274,7 +274,8 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
                      "pinned" if pinned else "-", _plural(len(held), "lease") if held else "-"))
         holders.append([f"    lease: pid {x.pid}"
                         + (f' "{x.client_name}"' if x.client_name else "")
-                        + f", age {_age(now - x.since)}" for x in held])
+                        + f", age {_age(now - x.since)}"
+                        + (f", id {x.lease_id}" if x.lease_id else "") for x in held])
     if rows:
         lines = _table(("MODEL", "TIER", "DEVICE", "SIZE", "PIN", "LEASES"), rows)
         print("\n" + lines[0])
@@ -321,6 +322,37 @@ def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
     with _need_daemon(cfg) as client:
         freed = client.evict(ns.source, tier=ns.tier)
     print(f"freed {format_size(freed)}", file=sys.stderr)
+    return 0
+
+
+def cmd_release(cfg: Config, ns: argparse.Namespace) -> int:
+    """End leases by id, or every lease of a process (``--pid``): the operator's way to
+    free a model whose holder hangs. Another process's leases are for root or the
+    daemon's user; Status shows their ids only to them."""
+    from weightd.errors import LeaseNotFound, NotPermitted
+
+    if bool(ns.lease_ids) == (ns.pid is not None):
+        raise ConfigError("give lease ids or --pid PID (one of them)")
+    with _need_daemon(cfg) as client:
+        shown = client.status().leases
+        leases = {x.lease_id: x for x in shown if x.lease_id}
+        if ns.pid is not None:
+            held = [x for x in shown if x.pid == ns.pid]
+            if any(not x.lease_id for x in held):
+                raise NotPermitted(f"pid {ns.pid} holds {_plural(len(held), 'lease')}: "
+                                   "releasing another process's leases is for root or the "
+                                   "daemon's user")
+            ids = [x.lease_id for x in held]
+            if not ids:
+                raise LeaseNotFound(f"pid {ns.pid} holds no lease")
+        else:
+            ids = list(ns.lease_ids)
+        for lease_id in ids:
+            client.release(lease_id)
+            lease = leases.get(lease_id)
+            print(f"released lease {lease_id}" + (
+                f" of pid {lease.pid} on {lease.model} ({lease.device})" if lease else ""),
+                file=sys.stderr)
     return 0
 
 
@@ -426,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "prints it")
     p.add_argument("--tier", choices=("host",), default="host")
     p.set_defaults(func=cmd_evict)
+
+    p = command("release", "end leases by id (`weightd status` shows them), or every "
+                           "lease of a process; another process's: root or the daemon's "
+                           "user only")
+    p.add_argument("lease_ids", nargs="*", metavar="LEASE_ID", help="the leases to end")
+    p.add_argument("--pid", type=int, metavar="PID", help="end every lease of this process")
+    p.set_defaults(func=cmd_release)
 
     p = command("stats", "the daemon's metrics (from metrics_address) as a table")
     p.set_defaults(func=cmd_stats)

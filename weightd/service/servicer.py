@@ -432,8 +432,12 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                device=p.device, state=p.state, since=p.since)
                     for p in node.pins()]
             now = time.time()
+            # a lease id is a capability: its owner sees it, and so does an operator (root
+            # or the daemon's user, who may release any lease: `weightd release`)
+            operator = caller is not None and caller.privileged()
             leases = [pb.LeaseInfo(
-                lease_id=lease.lease_id if lease.owner is caller else "", model=lease.model,
+                lease_id=lease.lease_id if lease.owner is caller or operator else "",
+                model=lease.model,
                 tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
                 client_name=lease.client_name, since=lease.since, uid=lease.uid,
                 age_seconds=now - lease.since)
