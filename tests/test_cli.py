@@ -91,6 +91,20 @@ def test_every_command_prints_its_help(command: str) -> None:
     assert res.stdout.startswith(f"usage: weightd {command}".rstrip()), res.stdout[:200]
 
 
+def test_help_and_readme_say_verify_and_gc_run_through_the_daemon() -> None:
+    # they did need the daemon stopped once; since issue 13 they run through it, for
+    # root or the daemon's user, and the help and the README said otherwise (review 1, G2)
+    out = " ".join(weightd("--help").stdout.split())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for text in (out, readme):
+        assert "daemon stopped" not in text
+    for command in ("verify", "gc"):
+        line = re.search(rf"\b{command} (.*?\)) ", out)
+        assert line and "through the daemon" in line[1] and "root or the daemon's user" in \
+            line[1], out
+    assert re.search(r"`weightd verify`.*\| either \|", readme), readme
+
+
 def test_help_names_the_defaults_the_metrics_setting_and_the_exit_codes(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c"),
            "XDG_RUNTIME_DIR": str(tmp_path / "r")}

@@ -472,10 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", "list cached models (through the daemon when one answers)")
     p.set_defaults(func=cmd_ls)
 
-    p = command("verify", "rehash every blob; quarantine corrupt ones (needs the daemon stopped)")
+    p = command("verify", "rehash every blob; quarantine corrupt ones (through the daemon "
+                          "when one answers: root or the daemon's user)")
     p.set_defaults(func=cmd_verify)
 
-    p = command("gc", "evict least recently used models and blobs (needs the daemon stopped)")
+    p = command("gc", "evict least recently used models and blobs (through the daemon when "
+                      "one answers: root or the daemon's user)")
     p.add_argument("--max-bytes", required=True, type=arg_type("size", parse_size),
                    metavar="SIZE", help="what the blobs may take (e.g. 100GiB)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
