@@ -475,3 +475,10 @@ def test_an_index_of_the_previous_schema_is_migrated_and_learns_the_answer_sizes
     with sqlite3.connect(config.cache_dir / "index.sqlite3") as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
         assert db.execute("SELECT COUNT(*) FROM shard_answers").fetchone() == (3,)
+
+
+def test_a_synthetic_model_too_small_for_its_tensors_is_refused(tmp_path):
+    # it wrote shards of shape [0, 64] with 2 data bytes each, which no parser accepts
+    with pytest.raises(ValueError, match="cannot hold 100 BF16 tensors"):
+        write_synthetic_model(tmp_path / "m", total_bytes=1000, tensors=100)
+    assert not list(tmp_path.glob("m/*.safetensors"))
