@@ -233,6 +233,23 @@ def test_pin_of_a_reference_that_resolves_to_nothing_fails_at_once_and_pins_noth
     assert _pins_in_index(daemon.cache_dir) == []
 
 
+def test_a_model_name_that_names_nothing_is_an_error_not_success(daemon: DaemonProcess,
+                                                                   tmp_path: Path) -> None:
+    # `weightd evict nosuch-model` printed "freed 0 B" and exited 0 (a typo looked like
+    # success); `weightd pin nosuchname` spoke of file://<cwd>/nosuchname (review 1, nits)
+    env = _daemon_env(daemon)
+    for command in ("evict", "pin", "unpin"):
+        res = subprocess.run([str(WEIGHTD), command, "nosuch-model"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, timeout=60)
+        line = one_error_line(res, 1)
+        assert "nosuch-model: not found: no model of that name is cached" in line, line
+        assert "file://" not in line, line
+    with daemon.client() as client, pytest.raises(  # the RPC says so too
+            Exception, match="no such model is cached or resident") as e:
+        client.evict("file:///nowhere/nosuch-model")
+    assert type(e.value).__name__ == "SourceNotFound"
+
+
 def test_pin_and_unpin_take_the_model_name_that_ls_prints(daemon: DaemonProcess,
                                                           tmp_path: Path) -> None:
     env = _daemon_env(daemon)

@@ -295,14 +295,23 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def _source_of(client: Any, ref: str) -> str:
-    """The source a model name (as ``weightd ls`` prints it) was fetched from; any other
-    reference (a URL, an existing path) as given."""
-    if "://" in ref or os.path.exists(ref):
+    """The source a model name (as ``weightd ls`` prints it) was fetched from; a URL as
+    given; an existing path made absolute (the daemon's working directory is not ours).
+
+    Raises:
+        SourceNotFound: ``ref`` is neither a cached model's name, a URL nor a path.
+    """
+    from weightd.errors import SourceNotFound
+
+    if "://" in ref:
         return ref
+    if os.path.exists(ref):
+        return os.path.abspath(ref)
     for m in client.list():
         if m.model == ref:
             return str(m.source)
-    return ref
+    raise SourceNotFound(f"{ref}: not found: no model of that name is cached (see "
+                         "`weightd ls`), and there is no such file or directory")
 
 
 def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
@@ -320,7 +329,7 @@ def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
 
 def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
     with _need_daemon(cfg) as client:
-        freed = client.evict(ns.source, tier=ns.tier)
+        freed = client.evict(_source_of(client, ns.source), tier=ns.tier)
     print(f"freed {format_size(freed)}", file=sys.stderr)
     return 0
 
