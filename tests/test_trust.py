@@ -610,6 +610,9 @@ def test_a_world_writable_runtime_directory_stops_the_daemon(tmp_path):
         with pytest.raises(RuntimeError) as e:
             DaemonProcess(tmp_path, socket=run / "weightd.sock", timeout=30).stop()
         assert str(run) in str(e.value) and "writable" in str(e.value), str(e.value)
+        # a setting's mistake: exit 2, one line, saying plainly who may change it
+        assert "exited with 2" in str(e.value) and "Traceback" not in str(e.value)
+        assert "that only root can change" in str(e.value), str(e.value)
     finally:
         shutil.rmtree(run.parent, ignore_errors=True)
 

@@ -113,8 +113,8 @@ def _prepare_socket(path: Path) -> None:
     may change it); refuse a live socket, remove a stale one."""
     try:
         prepare_runtime_dir(path.parent)
-    except UnsafeRuntimeDir as e:
-        raise SystemExit(str(e)) from e
+    except UnsafeRuntimeDir as e:  # the socket setting's problem: exit 2, as config is
+        raise ConfigError(str(e)) from e
     if not os.path.lexists(path):
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
