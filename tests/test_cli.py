@@ -91,6 +91,15 @@ def test_every_command_prints_its_help(command: str) -> None:
     assert res.stdout.startswith(f"usage: weightd {command}".rstrip()), res.stdout[:200]
 
 
+def test_help_writes_defaults_as_the_settings_take_them() -> None:
+    # "(default: ('hf.co', ...))" and "64.0 MiB" where the flags take "a,b" and "64MiB"
+    out = " ".join(weightd("--help").stdout.split())
+    assert "--hf-download-hosts LIST" in out and "('" not in out, out
+    assert "(default: hf.co,*.hf.co,huggingface.co,*.huggingface.co)" in out, out
+    assert "--staging-buffer-size SIZE bytes per pinned staging buffer (default: 64MiB)" in out
+    assert "64.0 MiB" not in out
+
+
 def test_help_and_readme_say_verify_and_gc_run_through_the_daemon() -> None:
     # they did need the daemon stopped once; since issue 13 they run through it, for
     # root or the daemon's user, and the help and the README said otherwise (review 1, G2)

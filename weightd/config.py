@@ -369,8 +369,8 @@ def load_config(
 
 
 def default_text(name: str) -> str | None:
-    """A setting's default as a person writes it (``64.0 MiB``, the actual cache path),
-    or None where it has no fixed one (its doc says what happens instead)."""
+    """A setting's default as a person writes it (``64MiB``, ``a,b``, the actual cache
+    path), or None where it has no fixed one (its doc says what happens instead)."""
     field = settings()[name]
     if field.default is not dataclasses.MISSING:
         value = field.default
@@ -383,10 +383,20 @@ def default_text(name: str) -> str | None:
     if isinstance(value, bool):
         return str(value).lower()
     if field.metadata["parse"] in (_size, _opt_size):
-        return format_size(value)
+        return _size_text(value)
     if field.metadata["parse"] is parse_duration:
         return f"{value:g}s"
+    if isinstance(value, tuple):  # a list setting: as the flag and WEIGHTD_* take it
+        return ",".join(str(v) for v in value)
     return str(value)
+
+
+def _size_text(n: int) -> str:
+    """A size as the settings take it: ``64MiB`` when it is a whole number of a unit."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return format_size(n)
 
 
 _METAVARS: dict[Callable[[Any], Any], str] = {
