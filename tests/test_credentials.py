@@ -106,6 +106,15 @@ def test_a_call_without_a_valid_token_is_unauthenticated_and_says_why(daemon, mo
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert dict(e.value.trailing_metadata())["weightd-error"] == "Unauthenticated"
             assert "credential" in e.value.details()
+        # pins and evictions change the node for everyone: the caller must be known (and
+        # is logged), though any member may (review 1, nit)
+        for call in (lambda: stub.Pin(pb.PinRequest(source=str(model)), timeout=30),
+                     lambda: stub.Unpin(pb.UnpinRequest(source=str(model)), timeout=30),
+                     lambda: stub.Evict(pb.EvictRequest(source=str(model)), timeout=30)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+        assert not daemon.status().pins
         # what needs no credentials still answers
         assert stub.Status(pb.StatusRequest(), timeout=10).pid == daemon.pid
 

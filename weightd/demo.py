@@ -154,9 +154,12 @@ class Daemon:
         import grpc
 
         from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+        from weightd_client.credentials import CredentialInterceptor
 
         self.channel = grpc.insecure_channel(f"unix://{config.socket}")
-        self.stub = pb_grpc.WeightdStub(self.channel)
+        # Pin and Unpin need this process's credentials (the daemon logs who pinned)
+        self.stub = pb_grpc.WeightdStub(grpc.intercept_channel(
+            self.channel, CredentialInterceptor(config.socket)))
         self.pid = int(self.call("Status").pid)
 
     def _answers(self) -> bool:

@@ -454,6 +454,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                     context: grpc.aio.ServicerContext) -> pb.EvictResponse:
         calls = _Calls(context, "Evict", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             _check_source(request.source)
             if request.tier == pb.TIER_DISK or request.tier not in _TIER_NAMES.keys() | {0}:
                 raise _BadRequest("request", "evict takes the host or cuda tier (or none: "
@@ -462,7 +463,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 request.source, tier=_TIER_NAMES.get(request.tier)))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(bytes=freed)
+        calls.ok(bytes=freed, pid=caller.pid, uid=caller.uid)
         return pb.EvictResponse(bytes_freed=freed)
 
     def _pin_args(self, request: pb.PinRequest | pb.UnpinRequest) -> tuple[str, str]:
@@ -476,24 +477,26 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                   context: grpc.aio.ServicerContext) -> pb.PinResponse:
         calls = _Calls(context, "Pin", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             tier, device = self._pin_args(request)
             model = await self._in(self._io, lambda: self.node.pin(
                 request.source, tier=tier, device=device))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(model=model, tier=tier)
+        calls.ok(model=model, tier=tier, pid=caller.pid, uid=caller.uid)
         return pb.PinResponse(model=model)
 
     async def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
         calls = _Calls(context, "Unpin", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             tier, device = self._pin_args(request)
             removed = await self._in(self._io, lambda: self.node.unpin(
                 request.source, tier=tier, device=device))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(was_pinned=removed)
+        calls.ok(was_pinned=removed, pid=caller.pid, uid=caller.uid)
         return pb.UnpinResponse(was_pinned=removed)
 
     async def Verify(self, request: pb.VerifyRequest,  # noqa: N802

@@ -89,7 +89,7 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[WeightdError]] = {
 
 #: The calls that need this process's credentials (see :mod:`weightd_client.credentials`);
 #: the others carry them when the handshake works, and go without when it does not.
-_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc"})
+_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc", "Pin", "Unpin", "Evict"})
 
 #: The tiers as the API names them, and back: one table for the client, the daemon's
 #: service and its CLI.
