@@ -361,6 +361,7 @@ def test_the_demo_twice_the_second_a_warm_node_that_fetches_nothing(tmp_path: Pa
         assert "Traceback" not in res.stderr and "WARNING" not in res.stdout + res.stderr
         assert "0 warnings in its log" in res.stdout, res.stdout
     assert re.search(r"8\.0 MiB from the source in [\d.]+s \(1\.00 × the model\)", first.stdout)
+    assert "/ 0 B" not in first.stdout + first.stderr  # a fetch too fast for a progress message
     assert "0 bytes from the source" in out and "8.0 MiB from the source" not in out
     assert len(re.findall(r"replica \d \(pid \d+\): .* ready in [\d.]+ ms", out)) == 2, out
     assert re.search(r"sum .* = \d+\.\d\d × the model \(8\.0 MiB\) for 2 replicas", out), out

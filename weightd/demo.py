@@ -200,6 +200,8 @@ class Daemon:
             for msg in self.stub.Fetch(pb.FetchRequest(source=source), timeout=3600):
                 if msg.done:
                     if msg.bytes_fetched > done:  # the last stretch: the bar ends full
+                        if not cb.size:  # a fetch so fast that no message came before
+                            cb.set_size(msg.bytes_fetched)
                         cb.relative_update(msg.bytes_fetched - done)
                     return msg
                 if msg.bytes_total and cb.size != msg.bytes_total:
