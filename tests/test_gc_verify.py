@@ -59,6 +59,9 @@ def test_verify_and_gc_run_through_a_serving_daemon(tmp_path):
         assert d.stub().List(pb.ListRequest(), timeout=10).models  # a dry run deletes nothing
         res = cli(d, "gc", "--max-bytes", "0")
         assert res.returncode == 0, res.stderr
+        # the budget was not reached, and the operator is told why (review 1, nit)
+        assert "kept " in res.stderr and "in use" in res.stderr and "evict" in res.stderr, \
+            res.stderr
         names = [m.source for m in d.stub().List(pb.ListRequest(), timeout=10).models]
         assert names == [f"file://{kept}"]  # the leased model stays, whole
         assert shard_blob(d, kept).exists()

@@ -224,6 +224,10 @@ def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     verb = "would free" if ns.dry_run else "freed"
     print(f"{verb} {format_size(before - after)}: {format_size(before)} -> "
           f"{format_size(after)} (budget {format_size(budget)})", file=sys.stderr)
+    if after > budget:
+        print(f"kept {format_size(after)}: models in use (resident, leased, pinned or being "
+              "fetched) are never removed; `weightd evict` or `weightd unpin` them first",
+              file=sys.stderr)
     return 0
 
 
