@@ -65,13 +65,17 @@ def test_a_blob_shared_with_the_model_being_loaded_is_not_counted_as_freed(tmp_p
 
     src = tmp_path / "src"
     write_synthetic_model(src / "s", total_bytes=6 * MiB, tensors=2, seed=1)
-    for name, size, seed in (("x", 2, 2), ("w", 5, 3), ("y", 4, 4)):
-        write_synthetic_model(src / name, total_bytes=size * MiB, tensors=2, seed=seed)
+    write_synthetic_model(src / "w", total_bytes=5 * MiB, tensors=2, seed=3)
+    # X and Y: the second shard of a two-shard model, so that their tensor names
+    # (layers.2, layers.3) are not S's (layers.0, layers.1): shards may not share names
+    for name, size, seed in (("x", 2, 2), ("y", 4, 4)):
+        write_synthetic_model(src / name, total_bytes=2 * size * MiB, tensors=4, shards=2,
+                              seed=seed)
     v, n, w = src / "V", src / "N", src / "w"
     for model, own in ((v, "x"), (n, "y")):
         model.mkdir()
         shutil.copy(src / "s" / "model.safetensors", model / "s.safetensors")
-        shutil.copy(src / own / "model.safetensors", model / f"{own}.safetensors")
+        shutil.copy(src / own / "model-00002-of-00002.safetensors", model / f"{own}.safetensors")
     size = {m: sum(p.stat().st_size for p in m.glob("*.safetensors")) for m in (v, n, w)}
     budget = size[v] + size[w]
     with DaemonProcess(tmp_path / "d", env={"WEIGHTD_HOST_BUDGET": str(budget)}) as d:
