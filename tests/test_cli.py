@@ -253,10 +253,6 @@ def test_a_model_name_that_names_nothing_is_an_error_not_success(daemon: DaemonP
         line = one_error_line(res, 1)
         assert "nosuch-model: not found: no model of that name is cached" in line, line
         assert "file://" not in line, line
-    with daemon.client() as client, pytest.raises(  # the RPC says so too
-            Exception, match="no such model is cached or resident") as e:
-        client.evict("file:///nowhere/nosuch-model")
-    assert type(e.value).__name__ == "SourceNotFound"
 
 
 def test_pin_and_unpin_take_the_model_name_that_ls_prints(daemon: DaemonProcess,

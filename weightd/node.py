@@ -984,8 +984,6 @@ class Node:
                 if slot.state is not State.RESIDENT or slot.waiting:
                     raise ModelInUse(f"{name}: being loaded or acquired on {device}")
             unloads = [(device, self._begin_unload(name, device)) for device, _ in slots]
-        if not unloads and self.store.index.model(name) is None:
-            raise SourceNotFound(f"{source_or_name}: no such model is cached or resident")
         freed = 0
         for device, detached in unloads:
             self._finish_unload(name, device, detached)
