@@ -98,6 +98,18 @@ def _is_local(source: str) -> bool:
     return not sep or scheme.lower() in ("file", "local")
 
 
+def _started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool whose threads all run from the start. ThreadPoolExecutor starts them
+    one at a time, whenever a task finds none idle: under load the count creeps up to
+    ``workers`` (each a stack mapping more: a leak to whoever counts the daemon's maps).
+    Each of ``workers`` tasks waits at a barrier until all run, so each needs a thread."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+    gate = threading.Barrier(workers)
+    for started in [pool.submit(gate.wait, 30.0) for _ in range(workers)]:
+        started.result()
+    return pool
+
+
 def run_sync(plan: Plan[T]) -> T:
     """Drive a plan in this thread: wait for each future it yields; return its result."""
     try:
@@ -368,8 +380,7 @@ class Node:
                       "slot": ColdWork(config.load_workers, name="weightd-loads")}
         # a local source's links are resolved here, off the caller's thread (the event
         # loop): a path on a hung NFS or FUSE mount stalls only the Acquires of such paths
-        self._names = concurrent.futures.ThreadPoolExecutor(
-            NAME_WORKERS, thread_name_prefix="weightd-names")
+        self._names = _started_pool(NAME_WORKERS, "weightd-names")
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
