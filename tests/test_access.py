@@ -171,6 +171,92 @@ def test_another_user_outside_the_group_is_refused(daemon, users):
     assert daemon.status().pid == daemon.proc.pid  # the daemon did not notice
 
 
+def _model(d: DaemonProcess, name: str) -> Path:
+    from weightd.testing import write_synthetic_model
+
+    path = d.cache_dir.parent / "models" / name
+    if not path.exists():
+        write_synthetic_model(path, total_bytes=256 * 1024, tensors=2, seed=len(name))
+    return path
+
+
+def _lease_ids(d: DaemonProcess) -> set[str]:
+    from tests.daemon import raw_stub
+    from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+
+    return {x.lease_id for x in raw_stub(d.socket).Status(pb.StatusRequest(), timeout=10).leases}
+
+
+def test_an_operator_sees_and_releases_another_processs_leases(daemon, users):
+    # root (or the daemon's user) is told every lease id by Status and ends any lease
+    # with `weightd release ID` or `--pid PID` (review 1, gap G1): here the holder is
+    # this test process, the operator a `weightd` command run as root
+    from tests.conftest import run_cli
+
+    env = {"WEIGHTD_SOCKET": str(daemon.socket), "WEIGHTD_CACHE_DIR": str(daemon.cache_dir)}
+    first = daemon.acquire(_model(daemon, "op-a")).lease_id
+    second = daemon.acquire(_model(daemon, "op-b")).lease_id
+    status = run_cli("status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert f"id {first}" in status.stdout and f"id {second}" in status.stdout, status.stdout
+    res = run_cli("release", first, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"released lease {first} of pid {os.getpid()}" in res.stderr, res.stderr
+    assert _lease_ids(daemon) == {second}
+    res = run_cli("release", "--pid", str(os.getpid()), env=env)
+    assert res.returncode == 0, res.stderr
+    assert _lease_ids(daemon) == set()
+    res = run_cli("release", "--pid", str(os.getpid()), env=env)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "holds no lease" in res.stderr, res.stderr
+    res = run_cli("release", env=env)
+    assert res.returncode == 2 and "--pid" in res.stderr, res.stderr
+
+
+#: What a member of the socket's group runs: `weightd status`, then `weightd release`
+#: of the lease id it was given, then `--pid` of the holder.
+MEMBER_CLI = r"""
+import subprocess, site, sys
+site.addsitedir(sys.argv[1])
+from weightd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_group_member_neither_sees_nor_releases_another_processs_leases(daemon, users):
+    member = users["member"]
+    gid = grp.getgrnam(GROUP).gr_gid
+    cred = Path(f"{daemon.socket}.cred")
+    before = [(p, p.stat().st_gid) for p in (daemon.socket, cred)]
+    lease = daemon.acquire(_model(daemon, "member-a")).lease_id
+    try:
+        for p, _ in before:
+            os.chown(p, -1, gid)
+
+        def member_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [_python_for_others(), "-c", MEMBER_CLI, sysconfig.get_paths()["purelib"],
+                 *args], user=member.pw_uid, group=member.pw_gid, extra_groups=[gid],
+                cwd="/", capture_output=True, text=True, timeout=60,
+                env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8",
+                     "WEIGHTD_SOCKET": str(daemon.socket)})
+
+        status = member_cli("status")
+        assert status.returncode == 0, status.stderr
+        assert "1 lease" in status.stdout and lease not in status.stdout, status.stdout
+        res = member_cli("release", lease)
+        assert res.returncode == 1 and "NotPermitted" in res.stderr, res.stderr
+        assert f"belongs to pid {os.getpid()}" in res.stderr, res.stderr
+        res = member_cli("release", "--pid", str(os.getpid()))
+        assert res.returncode == 1 and "root or the daemon's user" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert _lease_ids(daemon) == {lease}  # still held
+    finally:
+        for p, g in before:
+            os.chown(p, -1, g)
+        daemon.release(lease)
+
+
 def test_a_member_of_the_socket_group_can_connect(daemon, users):
     # (last: it changes the socket's group)
     member, outsider = users["member"], users["outsider"]

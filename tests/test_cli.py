@@ -91,6 +91,29 @@ def test_every_command_prints_its_help(command: str) -> None:
     assert res.stdout.startswith(f"usage: weightd {command}".rstrip()), res.stdout[:200]
 
 
+def test_help_writes_defaults_as_the_settings_take_them() -> None:
+    # "(default: ('hf.co', ...))" and "64.0 MiB" where the flags take "a,b" and "64MiB"
+    out = " ".join(weightd("--help").stdout.split())
+    assert "--hf-download-hosts LIST" in out and "('" not in out, out
+    assert "(default: hf.co,*.hf.co,huggingface.co,*.huggingface.co)" in out, out
+    assert "--staging-buffer-size SIZE bytes per pinned staging buffer (default: 64MiB)" in out
+    assert "64.0 MiB" not in out
+
+
+def test_help_and_readme_say_verify_and_gc_run_through_the_daemon() -> None:
+    # they did need the daemon stopped once; since issue 13 they run through it, for
+    # root or the daemon's user, and the help and the README said otherwise (review 1, G2)
+    out = " ".join(weightd("--help").stdout.split())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for text in (out, readme):
+        assert "daemon stopped" not in text
+    for command in ("verify", "gc"):
+        line = re.search(rf"\b{command} (.*?\)) ", out)
+        assert line and "through the daemon" in line[1] and "root or the daemon's user" in \
+            line[1], out
+    assert re.search(r"`weightd verify`.*\| either \|", readme), readme
+
+
 def test_help_names_the_defaults_the_metrics_setting_and_the_exit_codes(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c"),
            "XDG_RUNTIME_DIR": str(tmp_path / "r")}
@@ -157,6 +180,19 @@ def test_a_metrics_port_in_use_is_one_line_and_leaves_no_socket(tmp_path: Path) 
     assert not sock.exists() and not sock.is_socket()
 
 
+@pytest.mark.parametrize("length", [104, 110])
+def test_a_socket_path_too_long_for_unix_sockets_is_one_line_and_exit_2(
+        tmp_path: Path, length: int) -> None:
+    # 104 bytes: the gRPC socket would fit, its credential socket (".cred" more) not
+    base = tmp_path / "run"
+    sock = base / ("x" * (length - len(f"{base}//weightd.sock"))) / "weightd.sock"
+    assert len(str(sock)) == length
+    env = {**os.environ, "WEIGHTD_CACHE_DIR": str(tmp_path / "c")}
+    line = one_error_line(weightd("--socket", str(sock), "serve", env=env), 2)
+    assert str(sock) in line and "107 bytes" in line, line
+    assert not (tmp_path / "c").exists() and not sock.parent.exists()  # nothing done
+
+
 @pytest.mark.parametrize("args,expect", [
     (("gc", "--max-bytes", "1x"), "not a size: '1x'"),
     (("ls", "--host-budget", "lots"), "not a size: 'lots'"),
@@ -204,6 +240,19 @@ def test_pin_of_a_reference_that_resolves_to_nothing_fails_at_once_and_pins_noth
     assert "0 pins" in status.stdout and "no-such-model" not in status.stdout
     assert daemon.stop() == 0
     assert _pins_in_index(daemon.cache_dir) == []
+
+
+def test_a_model_name_that_names_nothing_is_an_error_not_success(daemon: DaemonProcess,
+                                                                   tmp_path: Path) -> None:
+    # `weightd evict nosuch-model` printed "freed 0 B" and exited 0 (a typo looked like
+    # success); `weightd pin nosuchname` spoke of file://<cwd>/nosuchname (review 1, nits)
+    env = _daemon_env(daemon)
+    for command in ("evict", "pin", "unpin"):
+        res = subprocess.run([str(WEIGHTD), command, "nosuch-model"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, timeout=60)
+        line = one_error_line(res, 1)
+        assert "nosuch-model: not found: no model of that name is cached" in line, line
+        assert "file://" not in line, line
 
 
 def test_pin_and_unpin_take_the_model_name_that_ls_prints(daemon: DaemonProcess,
@@ -308,6 +357,7 @@ def test_the_demo_twice_the_second_a_warm_node_that_fetches_nothing(tmp_path: Pa
         assert "Traceback" not in res.stderr and "WARNING" not in res.stdout + res.stderr
         assert "0 warnings in its log" in res.stdout, res.stdout
     assert re.search(r"8\.0 MiB from the source in [\d.]+s \(1\.00 × the model\)", first.stdout)
+    assert "/ 0 B" not in first.stdout + first.stderr  # a fetch too fast for a progress message
     assert "0 bytes from the source" in out and "8.0 MiB from the source" not in out
     assert len(re.findall(r"replica \d \(pid \d+\): .* ready in [\d.]+ ms", out)) == 2, out
     assert re.search(r"sum .* = \d+\.\d\d × the model \(8\.0 MiB\) for 2 replicas", out), out

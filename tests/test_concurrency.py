@@ -102,6 +102,35 @@ def test_a_warm_acquire_does_not_wait_for_another_models_load(tmp_path):
     assert max(during) < max(0.05, took / 5), (took, sorted(during)[-3:])
 
 
+def test_a_load_of_a_cached_model_does_not_queue_behind_fetches(tmp_path, http_server,
+                                                                 http_root):
+    for name in ("slow1", "slow2"):
+        write_synthetic_model(http_root / name, total_bytes=2 * MiB, tensors=4)
+    cached = tmp_path / "cached"
+    write_synthetic_model(cached, total_bytes=2 * MiB, tensors=4)
+    gate = Gate("/slow")
+    http_server.set_fault(gate)
+    with DaemonProcess(tmp_path / "d", env={"WEIGHTD_FETCH_WORKERS": "2"}) as d:
+        list(d.stub().Fetch(pb.FetchRequest(source=str(cached)), timeout=60))
+        try:
+            fetches = [d.stub().Fetch(pb.FetchRequest(source=f"{http_server.url}/{name}"),
+                                      timeout=120) for name in ("slow1", "slow2")]
+            pullers = [threading.Thread(target=list, args=(f,)) for f in fetches]
+            for t in pullers:
+                t.start()
+            wait_for(lambda: gate.held >= 2, what="both fetches to reach their source")
+            t0 = time.monotonic()
+            got = d.acquire(cached, timeout=10)  # with every fetch worker taken
+            took = time.monotonic() - t0
+            assert got.loaded and not got.fetched
+            d.release(got.lease_id)
+        finally:
+            gate.open()
+        for t in pullers:
+            t.join(120)
+    assert took < 5, f"the load waited {took:.1f}s"
+
+
 # cold work off the RPC threads -------------------------------------------------------------------
 
 
@@ -273,6 +302,55 @@ def test_an_acquire_whose_deadline_passed_leaves_no_lease(tmp_path, http_server,
         assert leases(d) == []
 
 
+TIGHT_LOADS = r"""
+import json, os, sys, time
+import grpc
+import weightd_client
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from tests.daemon import raw_stub
+sock, source = sys.argv[1], sys.argv[2]
+stub, took = raw_stub(sock), []
+for _ in range(5):  # how long an Acquire of this model takes, to aim the deadlines at it
+    t0 = time.perf_counter()
+    got = stub.Acquire(pb.AcquireRequest(source=source, client=pb.ClientInfo(
+        pid=os.getpid())), timeout=60)
+    took.append(time.perf_counter() - t0)
+    stub.Release(pb.ReleaseRequest(lease_id=got.lease_id), timeout=10)
+rpc = sorted(took)[2]
+client = weightd_client.Client(sock)
+failed = ok = 0
+for i in range(40):  # deadlines from a fifth of an Acquire to one and a half
+    try:
+        client.load(source, fallback=False, timeout=rpc * (0.2 + 1.3 * i / 40)).release()
+        ok += 1
+    except weightd_client.errors.WeightdError:
+        failed += 1
+print(json.dumps({"rpc_s": rpc, "failed": failed, "ok": ok}), flush=True)
+sys.stdin.readline()  # alive, and its leases with it, until the test has looked
+"""
+
+
+def test_loads_whose_deadline_passes_during_the_answer_leave_no_lease(tmp_path):
+    # A resident model of 20,000 tensors (an answer of about a megabyte) loaded with
+    # deadlines around the time an Acquire takes: some pass while the answer is on its
+    # way. The client process stays alive (its leases would end with it otherwise).
+    model = tmp_path / "wide"
+    write_shard(model / "model.safetensors", 20_000)
+    with DaemonProcess(tmp_path / "d") as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TIGHT_LOADS, str(d.socket), str(model)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parent.parent)
+        try:
+            out = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            assert out["failed"] > 0, out  # some deadlines did pass
+            wait_for(lambda: not leases(d), timeout=5,
+                     what=f"no lease left by {out['failed']} failed loads ({out})")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_an_answer_over_the_message_limit_leaves_no_lease(tmp_path):
     from weightd.testing.models import write_synthetic_model as write
 
@@ -350,3 +428,75 @@ def test_layouts_are_dropped_when_their_model_is_unloaded(tmp_path):
         grown = (smaps_rollup(d.pid)["Pss_Anon"] - base) * 1024
     # each layout of 30,000 tensors takes about 10 MiB as Python objects
     assert grown < 16 * MiB, f"the daemon's anonymous memory grew {grown / MiB:.0f} MiB"
+
+
+# a fetch with other globs does not join the running one -----------------------------------------
+
+
+def test_a_fetch_with_other_globs_does_not_join_the_running_one(tmp_path, http_server, http_root):
+    src = http_root / "m1"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=20, shards=2)
+    gate = Gate("/m1/model-00001-of-00002.safetensors")
+    http_server.set_fault(gate)
+    url = f"{http_server.url}/m1"
+    with DaemonProcess(tmp_path / "d") as d:
+        partial: dict[str, pb.FetchProgress] = {}
+
+        def fetch_partial() -> None:
+            *_, last = d.stub().Fetch(pb.FetchRequest(
+                source=url, include=["model-00001*", "*.json"]), timeout=120)
+            partial["last"] = last
+
+        first = threading.Thread(target=fetch_partial)
+        first.start()
+        try:
+            wait_for(lambda: gate.held, what="the partial fetch to reach its shard")
+            whole = d.stub().Fetch(pb.FetchRequest(source=url), timeout=120)
+            acquiring = d.stub().Acquire.future(pb.AcquireRequest(
+                source=url, client=pb.ClientInfo(pid=os.getpid())), timeout=120)
+            time.sleep(0.3)  # the plain fetch and the Acquire are in the daemon now
+        finally:
+            gate.open()
+        *_, last = whole
+        first.join(120)
+        assert partial["last"].files == 3  # what it asked for: one shard, two json files
+        assert last.files == 4, last  # what this one asked for: every file
+        got = acquiring.result()
+        assert len(got.tensors) == 20  # not the 10 of the partial fetch
+        d.release(got.lease_id)
+        (model,) = d.stub().List(pb.ListRequest(), timeout=10).models
+        assert model.files == 4
+
+
+# A daemon whose file system hangs on one path (as a stuck NFS or FUSE mount does): the
+# first link resolution there sleeps.
+HUNG_FS_DAEMON = r"""
+import os.path, sys, threading, time
+real, first = os.path.realpath, threading.Event()
+def realpath(path, *args, **kwargs):
+    if "hung-mount" in os.fspath(path) and not first.is_set():
+        first.set()
+        time.sleep(4)
+    return real(path, *args, **kwargs)
+os.path.realpath = realpath
+from weightd.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def test_a_local_source_on_a_hung_file_system_does_not_stall_other_calls(tmp_path):
+    # resolving a local path (links, ..) touches the file system; done on the event
+    # loop, one Acquire of a path on a hung mount stalled Status, Release and Health of
+    # every client until the mount answered (review 1, defect 12)
+    hung = tmp_path / "hung-mount" / "m"
+    write_synthetic_model(hung, total_bytes=MiB // 4, tensors=2, seed=3)
+    with DaemonProcess(tmp_path / "d", launcher=(sys.executable, "-c", HUNG_FS_DAEMON)) as d:
+        slow = threading.Thread(target=d.acquire, args=(hung,), daemon=True)
+        slow.start()
+        time.sleep(0.5)  # the Acquire is resolving its source
+        t0 = time.monotonic()
+        d.status()
+        took = time.monotonic() - t0
+        slow.join(60)
+        assert took < 2, f"Status took {took:.1f}s while an Acquire resolved a hung path"
+        assert d.proc.poll() is None

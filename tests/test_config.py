@@ -35,6 +35,9 @@ def test_precedence_flags_over_env_over_file(tmp_path):
     ("cache_dirr = '/x'", "unknown setting 'cache_dirr'"),
     ("chunk_size = 'lots'", "chunk_size: not a size"),
     ("concurrency = 0", "concurrency must be 1..256"),
+    ("load_workers = 0", "load_workers must be 1..256"),
+    # a setting that was split says what replaced it
+    ("cold_workers = 4", "'cold_workers' is now fetch_workers and load_workers"),
     ("cache_dir = ", "cannot read config"),
 ])
 def test_bad_config_files_are_refused(tmp_path, text, message):

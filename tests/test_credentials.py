@@ -44,6 +44,20 @@ def test_the_credential_socket_is_beside_the_grpc_socket_and_as_closed(daemon):
     assert handshake(daemon.socket) == handshake(daemon.socket)  # one token a process
 
 
+def test_a_socket_reached_through_links_serves_acquires_too(daemon, model, tmp_path):
+    # WEIGHTD_SOCKET through a linked directory, or a link to the socket itself: the
+    # credential socket is beside the real socket, not beside the link
+    import weightd_client
+
+    (tmp_path / "lnk").symlink_to(daemon.socket.parent)
+    (tmp_path / "alias.sock").symlink_to(daemon.socket)
+    for path in (tmp_path / "lnk" / daemon.socket.name, tmp_path / "alias.sock"):
+        with weightd_client.Client(path) as client:
+            assert client.status().pid == daemon.pid
+            with client.load(model, fallback=False) as weights:
+                assert len(weights) == 2 and weights.lease_id
+
+
 def test_a_forked_child_gets_its_own_token_and_its_own_leases(daemon, model):
     cred = Credential(daemon.socket)
     mine = cred.token()
@@ -92,6 +106,15 @@ def test_a_call_without_a_valid_token_is_unauthenticated_and_says_why(daemon, mo
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert dict(e.value.trailing_metadata())["weightd-error"] == "Unauthenticated"
             assert "credential" in e.value.details()
+        # pins and evictions change the node for everyone: the caller must be known (and
+        # is logged), though any member may (review 1, nit)
+        for call in (lambda: stub.Pin(pb.PinRequest(source=str(model)), timeout=30),
+                     lambda: stub.Unpin(pb.UnpinRequest(source=str(model)), timeout=30),
+                     lambda: stub.Evict(pb.EvictRequest(source=str(model)), timeout=30)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+        assert not daemon.status().pins
         # what needs no credentials still answers
         assert stub.Status(pb.StatusRequest(), timeout=10).pid == daemon.pid
 
@@ -106,7 +129,10 @@ print(json.dumps([[x.lease_id, x.pid, x.client_name, x.age_seconds] for x in st.
 """
 
 
-def test_status_names_each_holder_and_gives_the_lease_id_to_its_owner_only(daemon, model):
+def test_status_names_each_holder_and_gives_the_lease_id_to_its_owner_and_operators(
+        daemon, model):
+    # another process of root is an operator: it sees the id (to `weightd release` it);
+    # a plain group member does not (tests/test_ownership.py, tests/test_access.py)
     got = raw_stub(daemon.socket).Acquire(pb.AcquireRequest(
         source=str(model), client=pb.ClientInfo(name="replica 7")), timeout=30)
     mine = raw_stub(daemon.socket).Status(pb.StatusRequest(), timeout=10).leases
@@ -118,5 +144,5 @@ def test_status_names_each_holder_and_gives_the_lease_id_to_its_owner_only(daemo
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     (lease,) = json.loads(out.stdout)
-    assert lease[0] == "" and lease[1:3] == [os.getpid(), "replica 7"]  # root, but not its
+    assert lease[:3] == [got.lease_id, os.getpid(), "replica 7"]  # root: an operator
     daemon.release(got.lease_id)

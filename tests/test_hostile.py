@@ -217,6 +217,43 @@ def test_malformed_shard_is_refused_again_without_being_cached(world):
     assert_still_serving(world)
 
 
+def test_shards_that_share_a_tensor_name_are_refused_at_fetch_time(world):
+    # a directory of two models (listed recursively): every client refused the lease it
+    # got ("tensor 'layers.0.weight' appears twice"); the daemon now refuses the model
+    # before anything of it is resident or named by a snapshot (review 1, defect 13)
+    twice = world.models / "two-models"
+    write_synthetic_model(twice / "first", total_bytes=MiB // 2, tensors=4, seed=11)
+    write_synthetic_model(twice / "second", total_bytes=MiB // 2, tensors=4, seed=12)
+    e = refused(lambda: acquire(world, twice), grpc.StatusCode.INVALID_ARGUMENT, world)
+    details = e.details()
+    assert "first/model.safetensors" in details and "second/model.safetensors" in details, \
+        details
+    assert "appears in both" in details and error_class(e) == "FormatError", details
+    assert model_name(canonical_url(str(twice))) not in snapshot_names(world)
+    assert host_bytes(world) == world.host_baseline
+    assert_still_serving(world)
+
+
+def test_the_daemons_own_cache_is_never_a_source(tmp_path):
+    # with allowed_sources empty, an Acquire of a directory above the cache listed (and
+    # fetched) the daemon's own blobs; one inside the cache served its files as a model
+    model = tmp_path / "m"
+    write_synthetic_model(model, total_bytes=MiB // 4, tensors=2, seed=13)
+    with DaemonProcess(tmp_path / "d") as d:
+        d.acquire(model)  # the cache now holds blobs and a snapshot
+        stub_ = raw_stub(d.socket)
+        inside = next((d.cache_dir / "snapshots").glob("*/"))
+        for source in (tmp_path, tmp_path / "d", d.cache_dir, inside, d.cache_dir / "blobs"):
+            e = refused(lambda s=source: stub_.Acquire(pb.AcquireRequest(
+                source=str(s), client=client_info()), timeout=60),
+                grpc.StatusCode.PERMISSION_DENIED)
+            assert "cache" in e.details() and str(d.cache_dir) in e.details(), e.details()
+            assert error_class(e) == "NotPermitted", e.details()
+        assert [m.source for m in stub_.List(pb.ListRequest(), timeout=10).models] == \
+            [f"file://{model}"]
+        assert d.proc.poll() is None
+
+
 # sources that leave their allowed roots ------------------------------------------------------
 
 

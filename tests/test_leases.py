@@ -139,3 +139,23 @@ def test_the_reaper_ends_the_leases_of_a_process_soon_after_it_exits():
         table.stop()
     assert ended == ["reaped: its process is gone"] * 2
     assert table.all() == []
+
+
+def test_a_proposed_lease_released_before_its_grant_is_never_granted():
+    # A client whose Acquire failed on its side releases the id it proposed; when that
+    # release reaches the daemon before the grant, the grant is refused (no lease left).
+    from weightd.errors import FormatError
+
+    table = LeaseTable(Credentials())
+    me = table.credentials.local()
+    with pytest.raises(LeaseNotFound):
+        table.release("ab" * 12, me)
+    with pytest.raises(LeaseNotFound, match="released before it was granted"):
+        table.add("m", "host", "cpu", me, lease_id="ab" * 12)
+    assert table.all() == []
+    lease = table.add("m", "host", "cpu", me, lease_id="cd" * 12)
+    assert lease.lease_id == "cd" * 12
+    with pytest.raises(FormatError, match="in use"):
+        table.add("m", "host", "cpu", me, lease_id="cd" * 12)
+    table.release(lease.lease_id, me)
+    assert table.all() == []

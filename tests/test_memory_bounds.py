@@ -149,3 +149,45 @@ def test_layouts_of_released_models_do_not_pile_up(tmp_path):
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log()
+
+
+def test_the_node_keeps_no_layouts_beside_its_bounded_cache(tmp_path):
+    # The layout cache (64 MiB) is the one place parsed headers live: once it lets a
+    # layout go, the memory goes back. The node used to keep a second copy of every
+    # resident model's layouts, outside any budget (73 MiB for two models of 120,000
+    # tensors while the cache held 37). In-process, to count the Python objects.
+    import gc
+    import tracemalloc
+
+    from tests.test_concurrency import write_shard
+    from weightd.config import Config
+    from weightd.node import Node, run_sync
+    from weightd.store import Store
+
+    n = 50_000
+    models = [tmp_path / f"m{i}" for i in range(2)]
+    for m in models:
+        write_shard(m / "model.safetensors", n)
+    store = Store.open(tmp_path / "cache", exclusive=True)
+    node = Node(Config(cache_dir=tmp_path / "cache", host_mlock=False), store)
+    try:
+        tracemalloc.start()
+        for m in models:
+            run_sync(node.acquiring(str(m), device="cpu"))  # resident, unleased
+        assert len(node.residency()) == 2
+        digests = [f.digest for r in store.index.models() for f in r.files
+                   if f.relpath.endswith(".safetensors")]
+        assert all(d in node.fetcher.layouts for d in digests)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        for d in digests:
+            node.fetcher.layouts.drop(d)
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        node.close()
+        store.close()
+    # a layout takes about 250 bytes a tensor besides its names (which the views share):
+    # about 24 MiB for these two; nothing else may hold them
+    assert freed > 2 * n * 100, f"dropping the cached layouts freed {freed / MiB:.1f} MiB"

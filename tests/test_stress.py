@@ -69,7 +69,8 @@ def test_many_models_many_replicas_at_once(tmp_path, http_server, http_root):
 
     d = DaemonProcess(tmp_path / "d", env={"WEIGHTD_HOST_BUDGET": "13MiB",
                                            "WEIGHTD_DISK_BUDGET": "16MiB",
-                                           "WEIGHTD_COLD_WORKERS": "4"})
+                                           "WEIGHTD_FETCH_WORKERS": "2",
+                                           "WEIGHTD_LOAD_WORKERS": "2"})
     until = time.time() + SECONDS
     workers: list[subprocess.Popen[str]] = []
     killed: list[int] = []

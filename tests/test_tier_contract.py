@@ -104,6 +104,8 @@ def test_blobs_shared_by_models_are_counted_once(tmp_path, case):
     assert t.unload("a", dev) == 3000
     assert case.read(t.export("b", dev)[0]) == shared.path.read_bytes()
     assert t.freeable_bytes("b", dev) == 7000
+    # a model being loaded that also uses the shared blob keeps it: not freeable for it
+    assert t.freeable_bytes("b", dev, keep={shared.digest}) == 2000
     assert t.unload("b", dev) == 7000 and t.used(dev) == 0
 
 

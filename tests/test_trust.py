@@ -255,6 +255,29 @@ def test_verify_narrows_modes_wider_than_the_stores(tmp_path):
     assert again.returncode == 0 and "MODE" not in again.stdout, again.stdout
 
 
+def test_verify_and_fetches_keep_the_setgid_bit_of_the_cache_directories(tmp_path):
+    """An operator who shares a cache with a group sets g+s on its directories so that
+    new blobs inherit the group: verify and the next fetch keep it (review 1, defect 9)."""
+    from tests.conftest import run_cli
+
+    first, second = tmp_path / "m1", tmp_path / "m2"
+    write_synthetic_model(first, total_bytes=MiB // 4, tensors=2, seed=1)
+    write_synthetic_model(second, total_bytes=MiB // 4, tensors=2, seed=2)
+    cache = tmp_path / "cache"
+    run_cli("fetch", str(first), "--cache-dir", str(cache), check=True)
+    dirs = [cache, cache / "blobs", cache / "snapshots", *(cache / "blobs").iterdir()]
+    for d in dirs:
+        os.chmod(d, 0o2750)
+    res = run_cli("verify", "--cache-dir", str(cache))
+    assert res.returncode == 0, res.stderr
+    assert "MODE" not in res.stdout and "0 modes narrowed" in res.stderr, res.stdout
+    run_cli("fetch", str(second), "--cache-dir", str(cache), check=True)
+    new = [p for p in (cache / "blobs").iterdir() if p not in dirs]
+    assert new, "the second model's blobs went into fan-out directories that existed"
+    for d in dirs + new:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o2750, (d, oct(d.stat().st_mode))
+
+
 # 3. redirects ------------------------------------------------------------------------------
 
 
@@ -587,6 +610,33 @@ def test_a_world_writable_runtime_directory_stops_the_daemon(tmp_path):
         with pytest.raises(RuntimeError) as e:
             DaemonProcess(tmp_path, socket=run / "weightd.sock", timeout=30).stop()
         assert str(run) in str(e.value) and "writable" in str(e.value), str(e.value)
+        # a setting's mistake: exit 2, one line, saying plainly who may change it
+        assert "exited with 2" in str(e.value) and "Traceback" not in str(e.value)
+        assert "that only root can change" in str(e.value), str(e.value)
+    finally:
+        shutil.rmtree(run.parent, ignore_errors=True)
+
+
+def test_a_refused_runtime_directory_stops_the_daemon_before_it_does_any_work(tmp_path):
+    # the check comes first: no pin is warmed (fetched, mlocked), no CUDA tier started,
+    # no reaper, when the socket cannot be served anyway (review 1, defect 11)
+    from weightd.store import Store
+
+    src = tmp_path / "pinned"
+    write_synthetic_model(src, total_bytes=MiB // 2, tensors=2, seed=5)
+    store = Store.open(tmp_path / "d" / "cache", exclusive=True)
+    store.index.add_pin(f"file://{src}", "host", "cpu")
+    store.close()
+    run = _private_tmp("weightd-open-") / "run"
+    run.mkdir()
+    os.chmod(run, 0o777)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            DaemonProcess(tmp_path / "d", socket=run / "weightd.sock", timeout=30).stop()
+        assert "writable" in str(e.value), str(e.value)
+        assert "cuda tier" not in str(e.value), str(e.value)  # node.start() did not run
+        time.sleep(0.5)  # a warm-up thread, had one started, would have fetched by now
+        assert not list((tmp_path / "d" / "cache" / "blobs").glob("*/*")), str(e.value)
     finally:
         shutil.rmtree(run.parent, ignore_errors=True)
 
@@ -648,6 +698,43 @@ def test_the_client_refuses_a_socket_in_a_directory_others_can_write(world, tmp_
         assert "writable" in str(e.value), e.value
     finally:
         shutil.rmtree(open_dir.parent, ignore_errors=True)
+
+
+FALLBACK_LOAD = r"""
+import logging, sys
+import weightd_client
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+with weightd_client.Client(sys.argv[1]) as client:
+    print(len(client.load(sys.argv[2], fallback=True)), flush=True)
+"""
+
+
+def test_the_cli_and_the_fallback_say_why_the_socket_was_refused(tmp_path):
+    # The daemon's runtime directory made writable by everyone while it runs: the CLI
+    # says the socket is refused and why (not "no daemon", not "the cache is in use"),
+    # and load()'s fallback warning carries the same reason.
+    from tests.conftest import run_cli
+
+    model = tmp_path / "m"
+    write_synthetic_model(model, total_bytes=MiB // 2, tensors=4)
+    with DaemonProcess(tmp_path / "d") as d:
+        env = {"WEIGHTD_SOCKET": str(d.socket), "WEIGHTD_CACHE_DIR": str(d.cache_dir)}
+        os.chmod(d.socket.parent, 0o777)
+        try:
+            for command in (("status",), ("ls",), ("verify",)):
+                res = run_cli(*command, env=env)
+                assert res.returncode == 1, (command, res.stderr)
+                lines = res.stderr.strip().splitlines()
+                assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+                assert "refusing the weightd socket" in lines[0], (command, lines)
+                assert "writable by its group and others" in lines[0], (command, lines)
+            res = subprocess.run([sys.executable, "-c", FALLBACK_LOAD, str(d.socket),
+                                  str(model)], capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0 and res.stdout.strip() == "4", res.stderr
+            assert "writable by its group and others" in res.stderr, res.stderr
+            assert "straight from the source" in res.stderr, res.stderr
+        finally:
+            os.chmod(d.socket.parent, 0o700)
 
 
 def test_the_client_trusts_a_socket_of_the_daemons_user_in_its_directory(world, outsider):

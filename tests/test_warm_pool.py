@@ -57,6 +57,37 @@ def test_lru_unleased_model_is_evicted_first(tight, models):
     assert "evicted" in tight.log()
 
 
+def test_a_blob_shared_with_the_model_being_loaded_is_not_counted_as_freed(tmp_path):
+    # V = S + X and N = S + Y share the shard S; W is a model of its own. The budget
+    # holds V and W. Loading N must evict W as well as V: evicting V frees only X, since
+    # N keeps S (counting S as freed put the host tier over its budget).
+    import shutil
+
+    src = tmp_path / "src"
+    write_synthetic_model(src / "s", total_bytes=6 * MiB, tensors=2, seed=1)
+    write_synthetic_model(src / "w", total_bytes=5 * MiB, tensors=2, seed=3)
+    # X and Y: the second shard of a two-shard model, so that their tensor names
+    # (layers.2, layers.3) are not S's (layers.0, layers.1): shards may not share names
+    for name, size, seed in (("x", 2, 2), ("y", 4, 4)):
+        write_synthetic_model(src / name, total_bytes=2 * size * MiB, tensors=4, shards=2,
+                              seed=seed)
+    v, n, w = src / "V", src / "N", src / "w"
+    for model, own in ((v, "x"), (n, "y")):
+        model.mkdir()
+        shutil.copy(src / "s" / "model.safetensors", model / "s.safetensors")
+        shutil.copy(src / own / "model-00002-of-00002.safetensors", model / f"{own}.safetensors")
+    size = {m: sum(p.stat().st_size for p in m.glob("*.safetensors")) for m in (v, n, w)}
+    budget = size[v] + size[w]
+    with DaemonProcess(tmp_path / "d", env={"WEIGHTD_HOST_BUDGET": str(budget)}) as d:
+        for model in (v, w, n):
+            release(d, acquire(d, str(model)).lease_id)
+            time.sleep(0.02)
+        (host,) = [t for t in d.status().tiers if t.tier == pb.TIER_HOST]
+        assert host.bytes_used <= host.bytes_budget == budget, (host.bytes_used, budget)
+        assert host_resident(d) == {"N"}
+        assert host.bytes_used == size[n]
+
+
 def test_leased_models_survive_pressure(tight, models):
     la = acquire(tight, models["a"])
     lb = acquire(tight, models["b"])

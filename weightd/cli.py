@@ -43,11 +43,20 @@ def _config(ns: argparse.Namespace) -> Config:
 
 
 def _daemon(cfg: Config) -> Any:
-    """A client of the daemon on ``cfg.socket``, or None when no daemon answers there."""
+    """A client of the daemon on ``cfg.socket``, or None when no daemon answers there
+    (no such socket, or nobody listening on it).
+
+    Raises:
+        DaemonUnavailable: the client refuses the socket (someone else could have put it
+            there: the message says who and why); that is no reason to go on without the
+            daemon.
+    """
     if not Path(cfg.socket).exists():
         return None
     import weightd_client
+    from weightd_client.rundir import check_socket
 
+    check_socket(cfg.socket)
     client = weightd_client.Client(cfg.socket, timeout=24 * 3600)
     try:
         client.status()
@@ -215,6 +224,10 @@ def cmd_gc(cfg: Config, ns: argparse.Namespace) -> int:
     verb = "would free" if ns.dry_run else "freed"
     print(f"{verb} {format_size(before - after)}: {format_size(before)} -> "
           f"{format_size(after)} (budget {format_size(budget)})", file=sys.stderr)
+    if after > budget:
+        print(f"kept {format_size(after)}: models in use (resident, leased, pinned or being "
+              "fetched) are never removed; `weightd evict` or `weightd unpin` them first",
+              file=sys.stderr)
     return 0
 
 
@@ -265,7 +278,8 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
                      "pinned" if pinned else "-", _plural(len(held), "lease") if held else "-"))
         holders.append([f"    lease: pid {x.pid}"
                         + (f' "{x.client_name}"' if x.client_name else "")
-                        + f", age {_age(now - x.since)}" for x in held])
+                        + f", age {_age(now - x.since)}"
+                        + (f", id {x.lease_id}" if x.lease_id else "") for x in held])
     if rows:
         lines = _table(("MODEL", "TIER", "DEVICE", "SIZE", "PIN", "LEASES"), rows)
         print("\n" + lines[0])
@@ -285,14 +299,23 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def _source_of(client: Any, ref: str) -> str:
-    """The source a model name (as ``weightd ls`` prints it) was fetched from; any other
-    reference (a URL, an existing path) as given."""
-    if "://" in ref or os.path.exists(ref):
+    """The source a model name (as ``weightd ls`` prints it) was fetched from; a URL as
+    given; an existing path made absolute (the daemon's working directory is not ours).
+
+    Raises:
+        SourceNotFound: ``ref`` is neither a cached model's name, a URL nor a path.
+    """
+    from weightd.errors import SourceNotFound
+
+    if "://" in ref:
         return ref
+    if os.path.exists(ref):
+        return os.path.abspath(ref)
     for m in client.list():
         if m.model == ref:
             return str(m.source)
-    return ref
+    raise SourceNotFound(f"{ref}: not found: no model of that name is cached (see "
+                         "`weightd ls`), and there is no such file or directory")
 
 
 def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
@@ -310,8 +333,39 @@ def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
 
 def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
     with _need_daemon(cfg) as client:
-        freed = client.evict(ns.source, tier=ns.tier)
+        freed = client.evict(_source_of(client, ns.source), tier=ns.tier)
     print(f"freed {format_size(freed)}", file=sys.stderr)
+    return 0
+
+
+def cmd_release(cfg: Config, ns: argparse.Namespace) -> int:
+    """End leases by id, or every lease of a process (``--pid``): the operator's way to
+    free a model whose holder hangs. Another process's leases are for root or the
+    daemon's user; Status shows their ids only to them."""
+    from weightd.errors import LeaseNotFound, NotPermitted
+
+    if bool(ns.lease_ids) == (ns.pid is not None):
+        raise ConfigError("give lease ids or --pid PID (one of them)")
+    with _need_daemon(cfg) as client:
+        shown = client.status().leases
+        leases = {x.lease_id: x for x in shown if x.lease_id}
+        if ns.pid is not None:
+            held = [x for x in shown if x.pid == ns.pid]
+            if any(not x.lease_id for x in held):
+                raise NotPermitted(f"pid {ns.pid} holds {_plural(len(held), 'lease')}: "
+                                   "releasing another process's leases is for root or the "
+                                   "daemon's user")
+            ids = [x.lease_id for x in held]
+            if not ids:
+                raise LeaseNotFound(f"pid {ns.pid} holds no lease")
+        else:
+            ids = list(ns.lease_ids)
+        for lease_id in ids:
+            client.release(lease_id)
+            lease = leases.get(lease_id)
+            print(f"released lease {lease_id}" + (
+                f" of pid {lease.pid} on {lease.model} ({lease.device})" if lease else ""),
+                file=sys.stderr)
     return 0
 
 
@@ -418,16 +472,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=("host",), default="host")
     p.set_defaults(func=cmd_evict)
 
+    p = command("release", "end leases by id (`weightd status` shows them), or every "
+                           "lease of a process; another process's: root or the daemon's "
+                           "user only")
+    p.add_argument("lease_ids", nargs="*", metavar="LEASE_ID", help="the leases to end")
+    p.add_argument("--pid", type=int, metavar="PID", help="end every lease of this process")
+    p.set_defaults(func=cmd_release)
+
     p = command("stats", "the daemon's metrics (from metrics_address) as a table")
     p.set_defaults(func=cmd_stats)
 
     p = command("ls", "list cached models (through the daemon when one answers)")
     p.set_defaults(func=cmd_ls)
 
-    p = command("verify", "rehash every blob; quarantine corrupt ones (needs the daemon stopped)")
+    p = command("verify", "rehash every blob; quarantine corrupt ones (through the daemon "
+                          "when one answers: root or the daemon's user)")
     p.set_defaults(func=cmd_verify)
 
-    p = command("gc", "evict least recently used models and blobs (needs the daemon stopped)")
+    p = command("gc", "evict least recently used models and blobs (through the daemon when "
+                      "one answers: root or the daemon's user)")
     p.add_argument("--max-bytes", required=True, type=arg_type("size", parse_size),
                    metavar="SIZE", help="what the blobs may take (e.g. 100GiB)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")

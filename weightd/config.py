@@ -247,8 +247,12 @@ class Config:
     retry_max_seconds: float = _setting(
         60.0, parse_duration, "time bound on the retries of one chunk"
     )
-    cold_workers: int = _setting(
-        8, _int, "fetches and loads the daemon runs at once (the rest wait their turn)"
+    fetch_workers: int = _setting(
+        8, _int, "model fetches the daemon runs at once (the rest wait their turn)"
+    )
+    load_workers: int = _setting(
+        8, _int, "loads and unloads (host memory, GPUs) the daemon runs at once; they never "
+        "wait for fetches"
     )
     host_budget: int | None = _setting(
         None, _opt_size, "bytes the host tier may keep resident (default: half of the RAM)"
@@ -284,8 +288,9 @@ class Config:
             raise ConfigError(f"max_parallel_files must be 1..64, got {self.max_parallel_files}")
         if self.staging_buffers < 1 or self.staging_buffer_size < 1024 * 1024:
             raise ConfigError("staging_buffers must be >= 1 and staging_buffer_size >= 1MiB")
-        if not 1 <= self.cold_workers <= 256:
-            raise ConfigError(f"cold_workers must be 1..256, got {self.cold_workers}")
+        for name in ("fetch_workers", "load_workers"):
+            if not 1 <= getattr(self, name) <= 256:
+                raise ConfigError(f"{name} must be 1..256, got {getattr(self, name)}")
         if self.retry_attempts < 1:
             raise ConfigError(f"retry_attempts must be at least 1, got {self.retry_attempts}")
 
@@ -298,10 +303,17 @@ def settings() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(Config)}
 
 
+#: Settings that were renamed or split: the old name's error says what replaced it.
+RENAMED = {"cold_workers": "fetch_workers and load_workers (fetches and loads have a pool "
+                           "each: a load never waits for a fetch)"}
+
+
 def _parse_all(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
     known = settings()
     out: dict[str, Any] = {}
     for key, raw in values.items():
+        if key in RENAMED:
+            raise ConfigError(f"{origin}: the setting {key!r} is now {RENAMED[key]}")
         if key not in known:
             raise ConfigError(f"{origin}: unknown setting {key!r} (known: {', '.join(known)})")
         try:
@@ -357,8 +369,8 @@ def load_config(
 
 
 def default_text(name: str) -> str | None:
-    """A setting's default as a person writes it (``64.0 MiB``, the actual cache path),
-    or None where it has no fixed one (its doc says what happens instead)."""
+    """A setting's default as a person writes it (``64MiB``, ``a,b``, the actual cache
+    path), or None where it has no fixed one (its doc says what happens instead)."""
     field = settings()[name]
     if field.default is not dataclasses.MISSING:
         value = field.default
@@ -371,10 +383,20 @@ def default_text(name: str) -> str | None:
     if isinstance(value, bool):
         return str(value).lower()
     if field.metadata["parse"] in (_size, _opt_size):
-        return format_size(value)
+        return _size_text(value)
     if field.metadata["parse"] is parse_duration:
         return f"{value:g}s"
+    if isinstance(value, tuple):  # a list setting: as the flag and WEIGHTD_* take it
+        return ",".join(str(v) for v in value)
     return str(value)
+
+
+def _size_text(n: int) -> str:
+    """A size as the settings take it: ``64MiB`` when it is a whole number of a unit."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return format_size(n)
 
 
 _METAVARS: dict[Callable[[Any], Any], str] = {

@@ -154,9 +154,12 @@ class Daemon:
         import grpc
 
         from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+        from weightd_client.credentials import CredentialInterceptor
 
         self.channel = grpc.insecure_channel(f"unix://{config.socket}")
-        self.stub = pb_grpc.WeightdStub(self.channel)
+        # Pin and Unpin need this process's credentials (the daemon logs who pinned)
+        self.stub = pb_grpc.WeightdStub(grpc.intercept_channel(
+            self.channel, CredentialInterceptor(config.socket)))
         self.pid = int(self.call("Status").pid)
 
     def _answers(self) -> bool:
@@ -197,6 +200,8 @@ class Daemon:
             for msg in self.stub.Fetch(pb.FetchRequest(source=source), timeout=3600):
                 if msg.done:
                     if msg.bytes_fetched > done:  # the last stretch: the bar ends full
+                        if not cb.size:  # a fetch so fast that no message came before
+                            cb.set_size(msg.bytes_fetched)
                         cb.relative_update(msg.bytes_fetched - done)
                     return msg
                 if msg.bytes_total and cb.size != msg.bytes_total:

@@ -365,7 +365,8 @@ class BlobHolds:
         >>> holds.hold(("fetch", "n"), ["d2"])
         >>> sorted(holds.digests()), sorted(holds.revisions())
         (['d1', 'd2'], [('m', 'r1')])
-        >>> holds.release(("load", "m", "cpu"))
+        >>> holds.release(("load", "m", "cpu"))  # what nobody holds any more
+        {'d1'}
         >>> sorted(holds.digests())
         ['d2']
     """
@@ -403,13 +404,16 @@ class BlobHolds:
             self.hold(new, (), revision=r)
         self._prune()
 
-    def release(self, holder: Hashable) -> None:
-        """Drop everything ``holder`` holds (nothing happens for an unknown holder)."""
-        for d in self._digests.pop(holder, ()):
+    def release(self, holder: Hashable) -> set[str]:
+        """Drop everything ``holder`` holds (nothing happens for an unknown holder).
+        Returns the digests that nobody holds any more."""
+        mine = self._digests.pop(holder, set())
+        for d in mine:
             self._count[d] -= 1
         for r in self._revisions.pop(holder, ()):
             self._rev_count[r] -= 1
         self._prune()
+        return {d for d in mine if not self.held(d)}
 
     def _prune(self) -> None:
         for key in [k for k, n in self._count.items() if n <= 0]:

@@ -58,10 +58,16 @@ from weightd.formats import ShardLayout
 from weightd.leases import Caller, Credentials, Lease, LeaseTable
 from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, Step
 from weightd.metrics import Metrics
-from weightd.sources import canonical_url, check_allowed, model_name, open_source
+from weightd.sources import (
+    canonical_url,
+    check_allowed,
+    check_not_cache,
+    model_name,
+    open_source,
+)
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
 from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
-from weightd.tiers.base import Detached
+from weightd.tiers.base import Detached, Reservation
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
 from weightd.tiers.cuda import device_uuid
 
@@ -76,10 +82,32 @@ Plan = Generator["concurrent.futures.Future[Any]", None, T]
 #: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
 TOUCH_FLUSH_INTERVAL = 5.0
 
+#: Threads that resolve local sources' links (see :meth:`Node._resolving`): as many
+#: Acquires of paths on hung mounts as this wait at once before others queue behind them.
+NAME_WORKERS = 4
+
 #: Rounds of plan → wait → plan again one Acquire may take (a round ends when the work
 #: it waited for ends: a fetch, a load, an eviction, a gc). Far more than any real
 #: sequence needs; a model that keeps changing under its acquirer fails instead.
 MAX_ROUNDS = 32
+
+
+def _is_local(source: str) -> bool:
+    """Whether a reference names a local path (a plain path, file:// or local://)."""
+    scheme, sep, _ = source.strip().partition("://")
+    return not sep or scheme.lower() in ("file", "local")
+
+
+def _started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool whose threads all run from the start. ThreadPoolExecutor starts them
+    one at a time, whenever a task finds none idle: under load the count creeps up to
+    ``workers`` (each a stack mapping more: a leak to whoever counts the daemon's maps).
+    Each of ``workers`` tasks waits at a barrier until all run, so each needs a thread."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+    gate = threading.Barrier(workers)
+    for started in [pool.submit(gate.wait, 30.0) for _ in range(workers)]:
+        started.result()
+    return pool
 
 
 def run_sync(plan: Plan[T]) -> T:
@@ -221,16 +249,34 @@ class _Fanout(Callback):  # type: ignore[misc]
 
 @dataclass(eq=False)
 class _Job:
-    """Cold work in progress (a fetch, a load, an unload) and its future."""
+    """Cold work in progress (a fetch, a load, an unload) and its future. A fetch also
+    names the files it asked for (:func:`_globs`): only a fetch of the same files joins
+    it."""
 
     future: concurrent.futures.Future[Any]
     progress: _Fanout | None = None
+    globs: tuple[Any, ...] | None = None
+
+
+def _globs(include: Sequence[str] | None, exclude: Sequence[str]) -> tuple[Any, ...]:
+    """The files a fetch asks for, as a key: two fetches with the same key list the
+    same files."""
+    return (tuple(include) if include else None, tuple(exclude))
+
+
+def _settled(future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[None]:
+    """A future that ends (with None) when ``future`` ends, whatever its outcome: for a
+    caller that waits for someone else's work only to start its own after it."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    future.add_done_callback(lambda _: done.set_result(None))
+    return done
 
 
 class ColdWork:
-    """A bounded pool of threads for the node's cold work (fetches, loads, unloads): at
-    most ``workers`` run at once, the rest wait in order. The RPC threads (or the
-    service's event loop) only wait for the futures.
+    """A bounded pool of threads for the node's cold work: at most ``workers`` run at
+    once, the rest wait in order. The node has two, one for fetches and one for loads and
+    unloads, so that a load of a cached model never queues behind slow downloads. The
+    RPC threads (or the service's event loop) only wait for the futures.
 
     Its threads are daemon threads, unlike ``ThreadPoolExecutor``'s, which the
     interpreter joins at exit: a fetch from a stalled source must not hold up a SIGTERM
@@ -328,11 +374,16 @@ class Node:
         self._gc_done: concurrent.futures.Future[None] | None = None
         self._gc_guard = threading.Lock()      # one gc at a time (it plans, then deletes)
         self._verify_guard = threading.Lock()  # one verify at a time
-        self._cold = ColdWork(config.cold_workers)
+        # cold work: fetches on one pool, loads and unloads on another (a load of a
+        # cached model must not wait for downloads)
+        self._cold = {"fetch": ColdWork(config.fetch_workers, name="weightd-fetches"),
+                      "slot": ColdWork(config.load_workers, name="weightd-loads")}
+        # a local source's links are resolved here, off the caller's thread (the event
+        # loop): a path on a hung NFS or FUSE mount stalls only the Acquires of such paths
+        self._names = _started_pool(NAME_WORKERS, "weightd-names")
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
-        self._layouts: dict[str, ShardLayout] = {}
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -371,7 +422,10 @@ class Node:
         self._warm_queue.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
-        finished = self._cold.shutdown(timeout=10.0)
+        deadline = time.monotonic() + 10.0
+        finished = all([pool.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+                        for pool in self._cold.values()])
+        self._names.shutdown(wait=False, cancel_futures=True)
         self.leases.stop()
         self.flush_touches()
         if finished:
@@ -474,10 +528,23 @@ class Node:
     # names --------------------------------------------------------------------------------
 
     def resolve(self, source: str) -> tuple[str, str]:
-        """Canonical URL and model name of a reference, checked against allowed_sources."""
+        """Canonical URL and model name of a reference, checked against allowed_sources
+        (and never the cache itself)."""
         url = canonical_url(source)
         check_allowed(url, self.config.allowed_sources)
+        check_not_cache(url, self.config.cache_dir)
         return url, model_name(url)
+
+    def _resolving(self, source: str) -> Plan[tuple[str, str]]:
+        """:meth:`resolve` as a plan: a local path's (which reads the file system to
+        resolve its links) on the names pool, so that the plan's driver (the event loop)
+        never waits on a hung mount; any other reference's at once. Never cached: a link
+        may change between two calls, and allowed_sources is checked on what it is now."""
+        if not _is_local(source):
+            return self.resolve(source)
+        future = self._names.submit(self.resolve, source)
+        yield future
+        return future.result()
 
     def _resolve_known(self, source: str) -> tuple[str, str]:
         """:meth:`resolve`, where a model's name as List shows it stands for the source it
@@ -489,10 +556,11 @@ class Node:
 
     def _submit(self, key: tuple[str, ...], work: Callable[..., Any], *args: Any,
                 progress: _Fanout | None = None) -> _Job:
-        """Start ``work`` on the cold executor as the job ``key``. Caller holds the lock
-        and has made the transition that says the work is under way; ``work`` makes the
-        one that says it ended, and drops the job, under the lock, before it returns."""
-        job = _Job(self._cold.submit(work, key, *args), progress)
+        """Start ``work`` as the job ``key``, on the pool of its kind (``key[0]``: "fetch"
+        or "slot"). Caller holds the lock and has made the transition that says the work
+        is under way; ``work`` makes the one that says it ended, and drops the job, under
+        the lock, before it returns."""
+        job = _Job(self._cold[key[0]].submit(work, key, *args), progress)
         self._jobs[key] = job
         return job
 
@@ -519,7 +587,7 @@ class Node:
         With ``only_if_absent``, a model already cached is not fetched again (returns
         None).
         """
-        _, name = self.resolve(source)
+        _, name = yield from self._resolving(source)
         for _ in range(MAX_ROUNDS):
             with self._lock:
                 disk = self._life.disk_of(name)
@@ -529,10 +597,7 @@ class Node:
                 elif disk.state is State.CACHED and only_if_absent:
                     return None
                 else:
-                    wait = None
-                    job = self._jobs.get(("fetch", name))
-                    if job is None:
-                        job = self._start_fetch(name, source, include, exclude)
+                    wait, job = self._fetch_for(name, source, include, exclude)
             if job is None:
                 if wait is not None:
                     yield wait
@@ -547,13 +612,28 @@ class Node:
             return job.future.result()  # type: ignore[no-any-return]
         raise SourceUnavailable(f"{source}: gc kept removing the model; try again")
 
+    def _fetch_for(self, name: str, source: str, include: Sequence[str] | None,
+                   exclude: Sequence[str]) -> tuple[concurrent.futures.Future[Any], _Job | None]:
+        """The fetch of these files: the one running when it asks for the same files
+        (joined), a new one when none runs; when one runs for other files (other
+        include/exclude globs), nothing yet: the future to wait for before asking again
+        (its outcome is not this caller's). Caller holds the lock."""
+        job = self._jobs.get(("fetch", name))
+        if job is None:
+            job = self._start_fetch(name, source, include, exclude)
+        elif job.globs != _globs(include, exclude):
+            return _settled(job.future), None
+        return job.future, job
+
     def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
                      exclude: Sequence[str]) -> _Job:
         """Caller holds the lock."""
         self._life.begin_fetch(name)
         progress = _Fanout()
-        return self._submit(("fetch", name), self._fetch_job, name, source, include,
-                            tuple(exclude), progress, progress=progress)
+        job = self._submit(("fetch", name), self._fetch_job, name, source, include,
+                           tuple(exclude), progress, progress=progress)
+        job.globs = _globs(include, exclude)
+        return job
 
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
                    include: Sequence[str] | None, exclude: Sequence[str],
@@ -622,19 +702,22 @@ class Node:
     def acquiring(self, source: str, *, device: str, caller: Caller | None = None,
                   client_name: str = "", include: Sequence[str] | None = None,
                   exclude: Sequence[str] = (),
-                  check: Callable[[str, View], None] | None = None) -> Plan[Acquired | None]:
+                  check: Callable[[str, View], None] | None = None,
+                  lease_id: str | None = None) -> Plan[Acquired | None]:
         """The plan of an Acquire: until the model is resident on ``device``, start (or
         join) the work it needs and wait for it; then lease its view to ``caller`` (none:
-        only make it resident, as a pin's warm-up does).
+        only make it resident, as a pin's warm-up does), as ``lease_id`` when the caller
+        proposed one (see :meth:`~weightd.leases.LeaseTable.add`).
 
         ``check(model, view)`` runs before the lease is granted (the service checks the
         answer's size there): what it raises leaves no lease.
         """
         device = _device_name(device or "cpu")
         tier = self._tier_of(device)  # before any fetch: fail fast
-        _, name = self.resolve(source)
+        _, name = yield from self._resolving(source)
         t0 = time.perf_counter()
         fetched = loaded = wanted = False
+        refetch = False  # the fetch it waited for brought other files than it asks for
         try:
             for _ in range(MAX_ROUNDS):
                 with self._lock:
@@ -654,13 +737,14 @@ class Node:
                             "(weightd verify); it is fetched again once no lease holds it")
                     elif step is Step.WAIT_SLOT:
                         wait = self._jobs[("slot", name, device)].future
-                    elif step is Step.WAIT_FETCH:
-                        wait = self._jobs[("fetch", name)].future
                     elif step is Step.WAIT_REMOVAL:
                         wait = self._gc_done
-                    elif step is Step.FETCH:
-                        wait = self._start_fetch(name, source, include, exclude).future
-                        fetched = True
+                    elif step in (Step.FETCH, Step.WAIT_FETCH) or (step is Step.LOAD
+                                                                   and refetch):
+                        started = ("fetch", name) not in self._jobs
+                        wait, job = self._fetch_for(name, source, include, exclude)
+                        fetched = fetched or (started and job is not None)
+                        refetch = job is None
                     else:  # LOAD or RELOAD
                         wait = self._start_load(name, device, reload=step is Step.RELOAD)
                         loaded = True
@@ -673,7 +757,7 @@ class Node:
                 if check is not None:
                     check(name, view)
                 got = self._lease(name, device, tier, view, caller, client_name,
-                                  fetched, loaded)
+                                  fetched, loaded, lease_id)
                 if got is not None:
                     self.metrics.observe_acquire(tier.name, time.perf_counter() - t0,
                                                  hit=not loaded)
@@ -688,16 +772,17 @@ class Node:
                     self._life.unwant(name, device)
 
     def _lease(self, name: str, device: str, tier: Tier, view: View, caller: Caller,
-               client_name: str, fetched: bool, loaded: bool) -> Acquired | None:
+               client_name: str, fetched: bool, loaded: bool,
+               lease_id: str | None = None) -> Acquired | None:
         """Lease ``view`` if it is still the resident one (None: plan again)."""
         with self._lock:
             slot = self._life.slots.get((name, device))
             if (slot is None or slot.state is not State.RESIDENT or slot.view is not view
                     or slot.corrupt):
                 return None
-            self._life.lease(name, device, time.time())
             lease = self.leases.add(name, tier.name, device, caller, client_name,
-                                    view.revision)
+                                    view.revision, lease_id=lease_id)
+            self._life.lease(name, device, time.time())
         return Acquired(lease, name, view, fetched, loaded)
 
     def release(self, lease_id: str, caller: Caller) -> Lease:
@@ -741,25 +826,26 @@ class Node:
             if not self.store.model_complete(record):
                 raise _NeedsFetch(name)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
-            for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
+            # every shard validated before it becomes resident: the layouts its fetch
+            # parsed (the fetcher's bounded cache), else parsed now, outside the lock;
+            # kept only until the view is built
+            layouts = [self.fetcher.layout(f.digest) for f in shards]
             blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
             with self._lock:
-                victims = self._make_room(tier, device, blobs, exclude=name)
-                reservation = tier.reserve(name, device, blobs)
+                reservation, victims = self._make_room(tier, device, name, blobs)
             for victim, detached in victims:
                 self._finish_unload(victim, device, detached)
                 log.info("evicted %s from %s (%s) to make room", victim, device,
                          format_size(detached.nbytes))
             tier.fill(reservation)
             reservation = None
-            view = self._view(name, record.revision, shards, tier, device)
+            view = self._view(name, record.revision, shards, layouts, tier, device)
+            del layouts  # the view has what the answer needs
         except _NeedsFetch:
             with self._lock:
                 self._life.end_load(name, device, revision=None)
                 self._life.forget_cached(name)
-                self._holds.release(holder)
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(holder))
                 self._end_job(key)
             log.info("%s: some of its blobs are gone (gc or quarantine): fetching it again",
                      name)
@@ -770,8 +856,7 @@ class Node:
             with self._lock:
                 detached = tier.detach(name, device)  # what a fill made, if it got so far
                 self._life.end_load(name, device, revision=None)
-                self._holds.release(holder)
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(holder))
                 self._end_job(key)
             tier.free(detached)
             raise
@@ -812,25 +897,30 @@ class Node:
             self._count_disk()
             raise _NeedsFetch(record.name)
 
-    def _make_room(self, tier: Tier, device: str, blobs: Sequence[Blob], *,
-                   exclude: str) -> list[tuple[str, Detached]]:
-        """Choose the models to evict so that ``blobs`` fit the device's budget (least
-        recently used first, never leased, wanted or pinned ones), and detach them: they
-        are UNLOADING now, freed by the caller outside the lock. Caller holds the lock.
+    def _make_room(self, tier: Tier, device: str, name: str, blobs: Sequence[Blob],
+                   ) -> tuple[Reservation, list[tuple[str, Detached]]]:
+        """Reserve model ``name``'s ``blobs`` on the device, after choosing the models to
+        evict so that they fit its budget (least recently used first, never leased,
+        wanted or pinned ones); detach those: they are UNLOADING now, freed by the
+        caller outside the lock. A blob the load shares with a victim is neither needed
+        nor freed: it is reserved before the victims are detached, so it stays mapped.
+        Caller holds the lock.
 
         Raises:
             BudgetExceeded: even evicting every evictable model would not make room.
         """
         pinned = self._pinned_on(device)
-        candidates = [(last, m, tier.freeable_bytes(m, device), False)
-                      for last, m in self._life.evictable(device, exclude=exclude,
+        keep = {b.digest for b in blobs}
+        candidates = [(last, m, tier.freeable_bytes(m, device, keep=keep), False)
+                      for last, m in self._life.evictable(device, exclude=name,
                                                           pinned=pinned)]
-        candidates += [(0.0, m, tier.freeable_bytes(m, device), True)
-                       for m in self._life.blocked(device, exclude=exclude, pinned=pinned)]
+        candidates += [(0.0, m, tier.freeable_bytes(m, device, keep=keep), True)
+                       for m in self._life.blocked(device, exclude=name, pinned=pinned)]
         chosen = plan_eviction(tier.missing_bytes(device, blobs), tier.used(device),
                                self._budgets[device], candidates,
                                what=f"{tier.name} tier ({device})")
-        return [(m, self._begin_unload(m, device)) for m in chosen]
+        reservation = tier.reserve(name, device, blobs)
+        return reservation, [(m, self._begin_unload(m, device)) for m in chosen]
 
     def _begin_unload(self, name: str, device: str) -> Detached:
         """Move a resident slot to UNLOADING (no new lease) and detach its blobs; waiters
@@ -849,8 +939,7 @@ class Node:
         finally:
             with self._lock:
                 self._life.end_unload(name, device, reload=reload)
-                self._holds.release(("resident", name, device))
-                self._prune_layouts()
+                self._drop_layouts(self._holds.release(("resident", name, device)))
                 job = None if reload else self._jobs.pop(("slot", name, device), None)
             if job is not None:
                 job.future.set_result(None)
@@ -858,37 +947,27 @@ class Node:
             self.metrics.evicted(tier.name)
         self._update_resident_metric(tier, device)
 
-    def _view(self, name: str, revision: str, shards: Sequence[ModelFile], tier: Tier,
-              device: str) -> View:
-        """The answer's shards, tensors and metadata for a model just made resident."""
+    def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
+              layouts: Sequence[ShardLayout], tier: Tier, device: str) -> View:
+        """The answer's shards, tensors and metadata for a model just made resident
+        (``layouts``: the shards' parsed headers, in order)."""
         exports = {e.digest: e for e in tier.export(name, device)}
         infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
                       for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
-        for i, f in enumerate(shards):
-            layout = self._layout(f.digest)
+        for i, layout in enumerate(layouts):
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
         return View(revision, str(self.store.revision_path(name, revision)), infos,
                     tuple(tensors), metadata)
 
-    def _layout(self, digest: str) -> ShardLayout:
-        """The parsed header of a shard blob, kept while something holds the blob: the
-        one its fetch parsed when the fetcher's bounded cache still has it (a header is
-        parsed once), else parsed from the blob."""
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = self.fetcher.layout(digest)
-            self._layouts[digest] = layout
-        return layout
-
-    def _prune_layouts(self) -> None:
-        """Drop the layouts of blobs nothing holds any more, here and in the fetcher's
-        cache (parsed again if the model is loaded again). Caller holds the lock."""
-        for digest in [d for d in list(self._layouts) if not self._holds.held(d)]:
-            del self._layouts[digest]
+    def _drop_layouts(self, digests: Collection[str]) -> None:
+        """Drop from the fetcher's layout cache (the one place parsed layouts live) those
+        of blobs nothing holds any more (parsed again if the model is loaded again).
+        Caller holds the lock."""
+        for digest in digests:
             self.fetcher.layouts.drop(digest)
 
     def _update_resident_metric(self, tier: Tier, device: str) -> None:
@@ -966,7 +1045,8 @@ class Node:
                 with self._changed:
                     for name in set(plan.models) | {r.parent.name for r in plan.revisions}:
                         self._life.end_remove(name, removed=name in plan.models)
-                    self._deleting.clear()
+                    # only gc's own claims: verify's and _drop_corrupt's stay theirs
+                    self._deleting.difference_update(d for d, _ in plan.blobs)
                     self._gc_done = None
                     self._changed.notify_all()
                 done.set_result(None)

@@ -52,7 +52,7 @@ def prepare_runtime_dir(directory: Path) -> None:
         if os.path.islink(directory):
             check_chain(os.path.realpath(directory.parent), {0, me})
     except (UnsafeDirectory, OSError) as e:
+        who = "root" if me == 0 else f"{user_name(me)} or root"
         raise UnsafeRuntimeDir(
-            f"weightd: refusing to serve in {directory}: {e}. Remove it, or point "
-            f"WEIGHTD_SOCKET at a directory that only {user_name(me)} (or root) can "
-            "change") from e
+            f"refusing to serve in {directory}: {e}. Remove it, or point WEIGHTD_SOCKET "
+            f"at a directory that only {who} can change") from e

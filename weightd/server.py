@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from weightd.config import Config
+from weightd.config import Config, ConfigError
 from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
 from weightd.rundir import UnsafeRuntimeDir, prepare_runtime_dir
@@ -33,7 +33,7 @@ from weightd.service.servicer import MAX_MESSAGE
 from weightd.store import Store
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
-from weightd_client.credentials import credential_socket
+from weightd_client.credentials import SUFFIX, credential_socket
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Weightd"].full_name
@@ -87,13 +87,34 @@ def cuda_requested(config: Config, node: Node) -> bool:
                 or any(p.tier == "cuda" for p in node.pins()))
 
 
+#: The longest path a unix socket may have (``sun_path`` is 108 bytes with its NUL; gRPC
+#: counts the NUL too).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path too long for a unix socket: the gRPC socket's or its
+    credential socket's beside it (5 bytes longer), before anything is done.
+
+    Raises:
+        ConfigError: naming the path, its length and the limit.
+    """
+    longest = len(os.fsencode(credential_socket(path)))
+    if longest > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"socket {path} is {len(os.fsencode(str(path)))} bytes long: a unix socket's path "
+            f"may have {MAX_SOCKET_PATH} bytes at most, and the daemon's credential socket "
+            f"beside it ({SUFFIX}) {len(SUFFIX)} more, so at most "
+            f"{MAX_SOCKET_PATH - len(SUFFIX)} here; choose a shorter socket path")
+
+
 def _prepare_socket(path: Path) -> None:
     """Create or check the socket's directory (weightd/rundir.py: only the daemon's user
     may change it); refuse a live socket, remove a stale one."""
     try:
         prepare_runtime_dir(path.parent)
-    except UnsafeRuntimeDir as e:
-        raise SystemExit(str(e)) from e
+    except UnsafeRuntimeDir as e:  # the socket setting's problem: exit 2, as config is
+        raise ConfigError(str(e)) from e
     if not os.path.lexists(path):
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -129,10 +150,11 @@ class Daemon:
         if self.config.metrics_address:
             self.metrics_http = start_http(self.config.metrics_address, self.metrics)
             log.info("metrics on %s", self.metrics_http.url)
+        # the runtime directory is checked before any work (a refusal starts nothing);
         # the lease reaper, the CUDA tier and the pins' warm-up run before the first call
         # can arrive on the socket
-        self.node.start()
         _prepare_socket(self.socket)
+        self.node.start()
         # the credential socket first: a client that sees the gRPC socket can shake hands
         await self.credential_server.start()
         self.server = grpc.aio.server(options=[
@@ -182,7 +204,12 @@ class Daemon:
 
 
 def serve(config: Config) -> int:
-    """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    """Run the daemon until SIGTERM or SIGINT; return the exit code.
+
+    Raises:
+        ConfigError: the socket's path is too long for a unix socket.
+    """
+    check_socket_path(Path(config.socket).absolute())
     if not return_freed_buffers():
         log.debug("mallopt is not available: freed fetch buffers may stay in the heap")
     return asyncio.run(_serve(config))

@@ -14,6 +14,10 @@ while ``kill(pid, 0)`` says it exists.
 The lease ownership rule: a lease is released by its owner; the daemon's own user and
 root may release any lease (an operator's tools); any other caller gets
 :class:`~weightd.errors.NotPermitted`.
+
+A client may name the lease it asks for (a random id of its own): when its Acquire fails
+on its side (its deadline passed while the answer was on its way), it releases that id,
+and a release that comes before the grant wins: the id is never granted to it after.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import secrets
 import select
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from weightd.errors import LeaseNotFound, NotPermitted
+from weightd.errors import FormatError, LeaseNotFound, NotPermitted
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,11 @@ __all__ = ["Caller", "Credentials", "Lease", "LeaseTable", "process_start_time"]
 #: How many client processes may hold a token at once; a handshake beyond it is refused
 #: (each one costs a pidfd and a check every reap round).
 MAX_CALLERS = 4096
+
+#: Releases of lease ids not (yet) granted that are remembered, and for how long: an
+#: Acquire that would grant one of them refuses instead (its caller gave up on it).
+MAX_WITHDRAWN = 4096
+WITHDRAWN_SECONDS = 120.0
 
 
 def process_start_time(pid: int) -> int | None:
@@ -261,11 +270,26 @@ class LeaseTable:
         self._interval = reap_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # (owner's token, lease id) -> when: released before they were granted
+        self._withdrawn: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def add(self, model: str, tier: str, device: str, owner: Caller, client_name: str = "",
-            revision: str = "") -> Lease:
-        lease = Lease(secrets.token_hex(12), model, tier, device, owner, client_name, revision)
+            revision: str = "", *, lease_id: str | None = None) -> Lease:
+        """Grant a lease to ``owner``; ``lease_id`` is the id its caller proposed (else a
+        random one).
+
+        Raises:
+            FormatError: the proposed id is in use.
+            LeaseNotFound: the caller released the proposed id already (it gave up).
+        """
+        lease = Lease(lease_id or secrets.token_hex(12), model, tier, device, owner,
+                      client_name, revision)
         with self._lock:
+            if lease.lease_id in self._leases:
+                raise FormatError("request", f"lease id {lease.lease_id} is in use")
+            if self._withdrawn.pop((owner.token, lease.lease_id), None) is not None:
+                raise LeaseNotFound(f"lease {lease.lease_id} was released before it was "
+                                    "granted: its caller gave up on it")
             self._leases[lease.lease_id] = lease
             self._by_tier[tier] += 1
         return lease
@@ -281,6 +305,7 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.get(lease_id)
             if lease is None:
+                self._withdraw(caller, lease_id)
                 raise LeaseNotFound(f"no lease {lease_id!r} (released already, or never granted)")
             if lease.owner is not caller and not caller.privileged():
                 raise NotPermitted(f"lease {lease_id} belongs to pid {lease.pid}, not to the "
@@ -289,6 +314,15 @@ class LeaseTable:
         self._ended(lease, "released" if lease.owner is caller
                     else f"released by pid {caller.pid} (uid {caller.uid})")
         return lease
+
+    def _withdraw(self, caller: Caller, lease_id: str) -> None:
+        """Remember that ``caller`` released an id it does not hold (yet): it is not
+        granted to it after (bounded in number and time). Caller holds the lock."""
+        now = time.monotonic()
+        self._withdrawn[(caller.token, lease_id)] = now
+        while self._withdrawn and (len(self._withdrawn) > MAX_WITHDRAWN or next(
+                iter(self._withdrawn.values())) < now - WITHDRAWN_SECONDS):
+            self._withdrawn.popitem(last=False)
 
     def _pop(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]

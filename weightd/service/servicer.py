@@ -44,7 +44,10 @@ from weightd.metrics import Metrics
 from weightd.node import Node, Plan, View
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
-from weightd_client.client import ERROR_KEY  # the one name both sides read and write
+from weightd_client.client import (  # the names both sides read and write
+    ERROR_KEY,
+    LEASE_KEY,
+)
 from weightd_client.client import TIER_BY_NAME as _TIERS
 from weightd_client.client import TIER_NAMES as _TIER_NAMES
 from weightd_client.credentials import TOKEN_KEY
@@ -79,9 +82,13 @@ MAX_SOURCE_LEN = 4096
 MAX_GLOBS = 256
 #: The largest message the daemon sends or accepts (the server's and the client's limit).
 MAX_MESSAGE = 64 * 1024 * 1024
-#: An Acquire whose caller has less time left than this gets no lease: its answer would
-#: arrive too late to be read.
+#: An Acquire whose caller has less time left than this, plus its answer's size at
+#: :data:`ANSWER_RATE`, gets no lease: its answer would arrive too late to be read.
 MIN_TIME_LEFT = 0.005
+#: Bytes per second an Acquire answer is counted to take from the check to the caller:
+#: about half of what warm Acquires took end to end on a loaded 2-core VM (89 to 113 MB/s
+#: for answers of 0.55 to 3.5 MB: 20,000 to 120,000 tensors; medians of 9).
+ANSWER_RATE = 50 * 1024 * 1024
 #: What an answer adds to its view's template: lease id, tier, device, flags, timing.
 _ANSWER_OVERHEAD = 512
 
@@ -221,6 +228,18 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                      None)
         return self.node.credentials.get(str(token)) if token else None
 
+    def _proposed_lease(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The lease id the caller proposed for its Acquire (``weightd-lease-id``), if any:
+        the one it releases when its side of the call fails (weightd_client does)."""
+        value = next((v for k, v in context.invocation_metadata() or () if k == LEASE_KEY),
+                     None)
+        if value is None:
+            return None
+        text = str(value)
+        if not 16 <= len(text) <= 64 or text.strip("0123456789abcdef"):
+            raise _BadRequest("request", f"{LEASE_KEY} must be 16 to 64 lowercase hex digits")
+        return text
+
     def _required(self, context: grpc.aio.ServicerContext) -> Caller:
         """The calling process; :class:`Unauthenticated` without valid credentials."""
         caller = self._caller(context)
@@ -306,6 +325,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             _check_globs(request.include, request.exclude)
             if request.client.pid < 0:
                 raise _BadRequest("request", "client.pid cannot be negative")
+            lease_id = self._proposed_lease(context)
 
             def deliverable(model: str, view: View) -> None:
                 """What would leave a lease nobody can use is refused before leasing."""
@@ -315,17 +335,22 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                              f"the {self.max_message}-byte message limit "
                                              "(too many tensors, or too much metadata)")
                 left = context.time_remaining()
-                if left is not None and left < MIN_TIME_LEFT:
-                    raise _Expired(f"{model}: the caller's deadline passed")
+                if left is not None and left < MIN_TIME_LEFT + size / ANSWER_RATE:
+                    raise _Expired(f"{model}: the caller's deadline passes before its answer "
+                                   f"of {size} bytes could reach it")
 
             got = await drive(self.node.acquiring(
                 request.source, device=request.device or "cpu", caller=caller,
                 client_name=request.client.name, include=list(request.include) or None,
-                exclude=list(request.exclude), check=deliverable))
+                exclude=list(request.exclude), check=deliverable, lease_id=lease_id))
             if got is None:  # pragma: no cover - a caller always gets a lease or an error
                 raise RuntimeError("no lease")
         except Exception as e:
             await calls.fail(e)
+        # an answer the call did not deliver (cancelled: the caller or its connection went
+        # away) leaves no lease; the caller's own deadline passing after the answer was
+        # sent is the client's to clean up (it releases the id it proposed)
+        context.add_done_callback(lambda ctx: self._undelivered(ctx, got.lease.lease_id, caller))
         calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
                  lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
         answer = pb.AcquireResponse()
@@ -337,6 +362,18 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         answer.loaded = got.loaded
         answer.server_ms = (time.perf_counter() - t0) * 1000
         return answer
+
+    def _undelivered(self, context: grpc.aio.ServicerContext, lease_id: str,
+                     caller: Caller) -> None:
+        """When an Acquire call ends: its lease goes unless the answer was sent."""
+        if not context.cancelled():
+            return
+        try:
+            self.node.release(lease_id, caller)
+        except LeaseNotFound:
+            return  # ended already (released, or reaped)
+        log.warning("Acquire lease=%s pid=%d: the call was cancelled before its answer was "
+                    "delivered: lease released", lease_id, caller.pid)
 
     async def Release(self, request: pb.ReleaseRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
@@ -395,8 +432,12 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                device=p.device, state=p.state, since=p.since)
                     for p in node.pins()]
             now = time.time()
+            # a lease id is a capability: its owner sees it, and so does an operator (root
+            # or the daemon's user, who may release any lease: `weightd release`)
+            operator = caller is not None and caller.privileged()
             leases = [pb.LeaseInfo(
-                lease_id=lease.lease_id if lease.owner is caller else "", model=lease.model,
+                lease_id=lease.lease_id if lease.owner is caller or operator else "",
+                model=lease.model,
                 tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
                 client_name=lease.client_name, since=lease.since, uid=lease.uid,
                 age_seconds=now - lease.since)
@@ -413,6 +454,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                     context: grpc.aio.ServicerContext) -> pb.EvictResponse:
         calls = _Calls(context, "Evict", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             _check_source(request.source)
             if request.tier == pb.TIER_DISK or request.tier not in _TIER_NAMES.keys() | {0}:
                 raise _BadRequest("request", "evict takes the host or cuda tier (or none: "
@@ -421,7 +463,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 request.source, tier=_TIER_NAMES.get(request.tier)))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(bytes=freed)
+        calls.ok(bytes=freed, pid=caller.pid, uid=caller.uid)
         return pb.EvictResponse(bytes_freed=freed)
 
     def _pin_args(self, request: pb.PinRequest | pb.UnpinRequest) -> tuple[str, str]:
@@ -435,24 +477,26 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                   context: grpc.aio.ServicerContext) -> pb.PinResponse:
         calls = _Calls(context, "Pin", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             tier, device = self._pin_args(request)
             model = await self._in(self._io, lambda: self.node.pin(
                 request.source, tier=tier, device=device))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(model=model, tier=tier)
+        calls.ok(model=model, tier=tier, pid=caller.pid, uid=caller.uid)
         return pb.PinResponse(model=model)
 
     async def Unpin(self, request: pb.UnpinRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
         calls = _Calls(context, "Unpin", self.node.metrics, source=request.source)
         try:
+            caller = self._required(context)  # any member; known and logged
             tier, device = self._pin_args(request)
             removed = await self._in(self._io, lambda: self.node.unpin(
                 request.source, tier=tier, device=device))
         except Exception as e:
             await calls.fail(e)
-        calls.ok(was_pinned=removed)
+        calls.ok(was_pinned=removed, pid=caller.pid, uid=caller.uid)
         return pb.UnpinResponse(was_pinned=removed)
 
     async def Verify(self, request: pb.VerifyRequest,  # noqa: N802

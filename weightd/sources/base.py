@@ -158,6 +158,23 @@ def check_allowed(url: str, allowed: Sequence[str]) -> None:
     raise NotPermitted(f"{url}: not under any of allowed_sources ({', '.join(allowed)})")
 
 
+def check_not_cache(url: str, cache_dir: str | os.PathLike[str]) -> None:
+    """Refuse a local source that is the daemon's own cache, inside it or above it (a
+    recursive listing of a parent directory would fetch the cache's blobs as a model).
+
+    Raises:
+        NotPermitted: naming the source and the cache.
+    """
+    if not url.startswith("file://"):
+        return
+    path, cache = url[len("file://"):], os.path.realpath(cache_dir)
+    common = os.path.commonpath([path, cache])
+    if common in (path, cache):
+        where = ("is" if path == cache else "is inside" if common == cache else "contains")
+        raise NotPermitted(f"{url}: {where} the weightd cache ({cache}), which is never a "
+                           "model source")
+
+
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -653,11 +670,13 @@ def open_source(ref: str, config: Config) -> Source:
     """Open a model reference, after checking it against ``config.allowed_sources``.
 
     Raises:
-        NotPermitted: the reference is outside ``allowed_sources``.
+        NotPermitted: the reference is outside ``allowed_sources``, or is (in, or
+            above) the cache.
         SourceNotFound: unknown protocol, or nothing there.
     """
     url = canonical_url(ref)
     check_allowed(url, config.allowed_sources)
+    check_not_cache(url, config.cache_dir)
     cls = source_class(url.split("://", 1)[0])
     fs, path = cls.filesystem(url, config)
     return cls(url, fs, path, config)

@@ -92,7 +92,8 @@ def _mkdirs(path: Path) -> None:
             os.mkdir(d, DIR_MODE)
         except FileExistsError:
             continue
-        os.chmod(d, DIR_MODE)
+        # keep the setgid bit a new directory inherits (how a shared cache keeps its group)
+        os.chmod(d, DIR_MODE | (os.stat(d).st_mode & stat.S_ISGID))
 
 
 def _create(path: Path) -> None:
@@ -104,16 +105,18 @@ def _create(path: Path) -> None:
 
 
 def _tighten(path: Path, mode: int) -> int | None:
-    """Remove the mode bits of ``path`` (not a link) beyond ``mode``; return the old mode
-    when it was wider, else None."""
+    """Remove the permission bits of ``path`` (not a link) beyond ``mode``; return the old
+    mode when it was wider, else None. Only the rwx bits are compared and narrowed: the
+    setgid bit an operator sets on a shared cache's directories (so that new entries
+    inherit its group) is kept."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     old = stat.S_IMODE(st.st_mode)
-    if stat.S_ISLNK(st.st_mode) or not old & ~mode:
+    if stat.S_ISLNK(st.st_mode) or not old & 0o777 & ~mode:
         return None
-    os.chmod(path, old & mode)
+    os.chmod(path, old & (mode | ~0o777))
     return old
 
 

@@ -66,13 +66,20 @@ def answer_bytes(layouts: Sequence[ShardLayout]) -> int:
     """An upper bound of the Acquire answer's size for a model of these shards: each
     tensor is one ``TensorLayout`` message (its name and dtype, at most 11 bytes per
     dimension, 48 for the fields, tags and lengths), each metadata pair its two strings."""
-    total = 0
-    for layout in layouts:
-        total += 256 + len(layout.path)
-        total += sum(48 + len(t.name.encode()) + len(t.dtype) + 11 * len(t.shape)
-                     for t in layout.tensors)
-        total += sum(8 + len(k.encode()) + len(v.encode()) for k, v in layout.metadata.items())
-    return total
+    return sum(_shard_bytes(len(layout.path)) + entries_bytes(layout) for layout in layouts)
+
+
+def _shard_bytes(path_len: int) -> int:
+    """A bound of a shard's own part of the answer (its ``Shard`` message)."""
+    return 256 + path_len
+
+
+def entries_bytes(layout: ShardLayout) -> int:
+    """A bound of the answer bytes of a shard's tensors and metadata (what the index
+    records per shard blob, so that a warm fetch need not parse its header again)."""
+    return (sum(48 + len(t.name.encode()) + len(t.dtype) + 11 * len(t.shape)
+                for t in layout.tensors)
+            + sum(8 + len(k.encode()) + len(v.encode()) for k, v in layout.metadata.items()))
 
 
 @dataclass
@@ -343,16 +350,47 @@ class Fetcher:
         return layout
 
     def _check_answer(self, url: str, files: dict[str, ModelFile]) -> None:
-        """Refuse a model whose Acquire answer would not fit in a gRPC message."""
-        shards = [self.layout(f.digest) for rel, f in sorted(files.items())
-                  if rel.endswith(".safetensors")]
-        need = answer_bytes(shards)
+        """Refuse a model whose Acquire answer would not fit in a gRPC message, or whose
+        shards share a tensor name (every client refuses such a model).
+
+        A warm fetch parses no header: each shard's share of the answer is in the index
+        (recorded the first time a fetch checks the blob), and the names are compared
+        only when the shards differ from those the model's snapshot has now (which were
+        compared when it was made)."""
+        rels = [rel for rel in sorted(files) if rel.endswith(".safetensors")]
+        digests = [files[rel].digest for rel in rels]
+        known = self.store.index.shard_answers(digests)
+        learned: dict[str, tuple[int, int]] = {}
+        for d in digests:
+            if d not in known:
+                layout = self.layout(d)
+                learned[d] = (len(layout.tensors), entries_bytes(layout))
+        if learned:
+            self.store.index.record_shard_answers(learned)
+        known.update(learned)
+        recorded = self.store.index.model(model_name(url))
+        if recorded is None or {f.relpath: f.digest for f in recorded.files
+                                if f.relpath.endswith(".safetensors")} != dict(
+                                    zip(rels, digests, strict=True)):
+            self._check_names(url, rels, digests)
+        need = sum(_shard_bytes(len(str(self.store.blob_path(d)))) + known[d][1]
+                   for d in digests)
         if need > MAX_ANSWER_BYTES:
-            tensors = sum(len(s.tensors) for s in shards)
+            tensors = sum(known[d][0] for d in digests)
             raise FormatError(url, f"its {tensors} tensors need an answer of about "
                                    f"{need // (1024 * 1024)} MiB, over the "
                                    f"{MAX_ANSWER_BYTES // (1024 * 1024)} MiB a gRPC message "
                                    "may hold")
+
+    def _check_names(self, url: str, rels: Sequence[str], digests: Sequence[str]) -> None:
+        """Refuse shards that share a tensor name (naming the tensor and both shards)."""
+        seen: dict[str, str] = {}
+        for rel, digest in zip(rels, digests, strict=True):
+            for t in self.layout(digest).tensors:
+                first = seen.setdefault(t.name, rel)
+                if first != rel:
+                    raise FormatError(url, f"tensor {t.name!r} appears in both {first} and "
+                                           f"{rel}: a model's shards must not share names")
 
     def _hit(self, f: RemoteFile, hold: Callable[[str], None] | None = None) -> str | None:
         digest = self.store.index.lookup_file(f.url, f.identity)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,9 @@ from typing import Any
 
 from weightd.errors import BudgetExceeded
 
-SCHEMA_VERSION = 1
+#: 2 added ``shard_answers`` (an older index gets the table when opened, empty: each
+#: shard's row is written the next time a fetch checks it).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +53,11 @@ CREATE TABLE IF NOT EXISTS model_files (
     PRIMARY KEY (model, relpath)
 );
 CREATE INDEX IF NOT EXISTS model_files_digest ON model_files(digest);
+CREATE TABLE IF NOT EXISTS shard_answers (
+    digest TEXT PRIMARY KEY,
+    tensors INTEGER NOT NULL,
+    answer_bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pins (
     source TEXT NOT NULL,
     tier TEXT NOT NULL,
@@ -124,6 +131,8 @@ class Index:
                 if stmt.strip():
                     db.execute(stmt)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("UPDATE meta SET value=? WHERE key='schema' AND "
+                       "CAST(value AS INTEGER) < ?", (str(SCHEMA_VERSION), SCHEMA_VERSION))
         (check,) = self._db.execute("PRAGMA quick_check").fetchone()
         if check != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {check}")
@@ -175,9 +184,27 @@ class Index:
         return [BlobRecord(str(d), int(s), float(c), float(u))
                 for d, s, c, u in self._query("SELECT digest,size,created,last_used FROM blobs")]
 
+    def shard_answers(self, digests: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """What the answer-size check needs of each shard blob it knows: digest ->
+        (tensors, bytes of its tensors' and metadata's part of an Acquire answer)."""
+        found: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(digests), 500):  # SQLite's bound on a statement's variables
+            part = digests[i:i + 500]
+            for d, n, b in self._query("SELECT digest,tensors,answer_bytes FROM shard_answers "
+                                       f"WHERE digest IN ({','.join('?' * len(part))})",
+                                       tuple(part)):
+                found[str(d)] = (int(n), int(b))
+        return found
+
+    def record_shard_answers(self, answers: Mapping[str, tuple[int, int]]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO shard_answers VALUES (?,?,?)",
+                           [(d, n, b) for d, (n, b) in answers.items()])
+
     def forget_blob(self, digest: str) -> None:
         """Drop a blob and every source file that pointed at it (the next fetch refetches)."""
         with self.transaction() as db:
+            db.execute("DELETE FROM shard_answers WHERE digest=?", (digest,))
             db.execute("DELETE FROM files WHERE digest=?", (digest,))
             db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
 

@@ -28,7 +28,10 @@ def write_synthetic_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     itemsize = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}[dtype]
-    per_tensor = max(itemsize, (total_bytes // tensors) // itemsize // 64 * 64 * itemsize)
+    per_tensor = (total_bytes // tensors) // itemsize // 64 * 64 * itemsize
+    if per_tensor < 64 * itemsize:
+        raise ValueError(f"{directory}: {total_bytes} bytes cannot hold {tensors} {dtype} "
+                         f"tensors of shape [n, 64] (at least {64 * itemsize * tensors} bytes)")
     rng = np.random.default_rng(seed)
     paths: list[Path] = []
     weight_map: dict[str, str] = {}

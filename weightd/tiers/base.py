@@ -28,7 +28,7 @@ import enum
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -120,7 +120,7 @@ class Tier(Protocol):
 
     def missing_bytes(self, device: str, blobs: Sequence[Blob]) -> int: ...
 
-    def freeable_bytes(self, key: str, device: str) -> int: ...
+    def freeable_bytes(self, key: str, device: str, *, keep: Collection[str] = ()) -> int: ...
 
     def model_bytes(self, key: str, device: str) -> int: ...
 
@@ -374,12 +374,13 @@ class BlobTier:
             return sum(self._blobs[(device, d)].charged
                        for d in self._models.get((key, device), ()))
 
-    def freeable_bytes(self, key: str, device: str) -> int:
-        """Bytes that unloading model ``key`` would free (the blobs only it uses)."""
+    def freeable_bytes(self, key: str, device: str, *, keep: Collection[str] = ()) -> int:
+        """Bytes that unloading model ``key`` would free: the blobs only it uses, but
+        those of ``keep`` (digests the model being loaded uses: they stay resident)."""
         with self._lock:
             return sum(r.charged for r in (self._blobs[(device, d)]
                                            for d in self._models.get((key, device), ()))
-                       if r.users == {key})
+                       if r.users == {key} and r.digest not in keep)
 
     def export(self, key: str, device: str) -> list[ShardExport]:
         """How clients reach model ``key``'s blobs on ``device``, in blob order.

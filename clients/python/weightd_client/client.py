@@ -13,6 +13,7 @@ import builtins
 import functools
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -55,6 +56,11 @@ log = logging.getLogger(__name__)
 
 #: Trailing metadata key in which the daemon names the error's class.
 ERROR_KEY = "weightd-error"
+#: Metadata key of the lease id a client proposes for its Acquire: when the call fails on
+#: the client's side (its deadline passed while the answer was on its way), the client
+#: releases that id, so that no lease is left behind (a release first wins: the daemon
+#: then never grants it).
+LEASE_KEY = "weightd-lease-id"
 
 _MAX_MESSAGE = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = (
@@ -83,7 +89,7 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[WeightdError]] = {
 
 #: The calls that need this process's credentials (see :mod:`weightd_client.credentials`);
 #: the others carry them when the handshake works, and go without when it does not.
-_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc"})
+_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc", "Pin", "Unpin", "Evict"})
 
 #: The tiers as the API names them, and back: one table for the client, the daemon's
 #: service and its CLI.
@@ -472,15 +478,16 @@ class Client:
             return ()
 
     def _invoke(self, method: str, request: Any, *, timeout: float | None = None,
-                precondition: type[WeightdError] = GpuUnavailable) -> Any:
-        """Call a unary RPC with a deadline and this process's credentials, translating
-        every failure. A daemon that restarted is called once more, on a new channel
-        and with new credentials."""
+                precondition: type[WeightdError] = GpuUnavailable,
+                metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+        """Call a unary RPC with a deadline and this process's credentials (and
+        ``metadata``), translating every failure. A daemon that restarted is called once
+        more, on a new channel and with new credentials."""
         for attempt in range(2):
             rpc = self._rpc(method)
             try:
                 return rpc(request, timeout=timeout or self.timeout, wait_for_ready=False,
-                           metadata=self._metadata(method))
+                           metadata=self._metadata(method) + metadata)
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 if attempt == 0 and code == grpc.StatusCode.UNAUTHENTICATED:
@@ -507,6 +514,19 @@ class Client:
 
     def _client_info(self) -> pb.ClientInfo:
         return pb.ClientInfo(pid=os.getpid(), start_time=_process_start_time(), name=self.name)
+
+    def _withdraw(self, lease_id: str) -> None:
+        """Release a lease this client proposed but never received (its Acquire failed on
+        this side); the daemon refuses to grant it afterwards if it has not yet."""
+        try:
+            self._invoke("Release", pb.ReleaseRequest(lease_id=lease_id),
+                         timeout=min(self.timeout, 5.0), precondition=LeaseNotFound)
+        except LeaseNotFound:
+            return  # never granted, and now never will be
+        except WeightdError as e:  # the daemon is gone: the lease ends with this process
+            log.debug("could not withdraw lease %s: %s", lease_id, e)
+            return
+        log.debug("released lease %s, whose answer never arrived", lease_id)
 
     def _release_held(self, lease_id: str) -> None:
         """Release a lease this client handed out, unless it already ended."""
@@ -585,11 +605,11 @@ class Client:
                                      exclude_l, timeout)
                 with host:
                     return self._moved(host, target)
-        except DaemonUnavailable:
+        except DaemonUnavailable as e:
             if not fallback:
                 raise
-        log.warning("weightd daemon unreachable at %s: loading %s straight from the source",
-                    self.socket, src)
+            why = e  # unreachable, or a socket this client refuses: the warning says which
+        log.warning("%s: loading %s straight from the source", why, src)
         from weightd_client._direct import load_direct
 
         got = load_direct(src, socket=self.socket, include=include_l or None, exclude=exclude_l)
@@ -601,7 +621,16 @@ class Client:
                  exclude: list[str], timeout: float | None) -> LoadedModel:
         request = pb.AcquireRequest(source=src, device=wire, client=self._client_info(),
                                     include=include, exclude=exclude)
-        response: pb.AcquireResponse = self._invoke("Acquire", request, timeout=timeout)
+        proposed = secrets.token_hex(12)
+        try:
+            response: pb.AcquireResponse = self._invoke(
+                "Acquire", request, timeout=timeout, metadata=((LEASE_KEY, proposed),))
+        except WeightdError as e:
+            if type(e) in (WeightdError, DaemonUnavailable):
+                # not the daemon's refusal (its deadline, the connection): it may have
+                # granted the lease whose answer never arrived
+                self._withdraw(proposed)
+            raise
         with self._lock:
             self._leases.add(response.lease_id)
         try:

@@ -54,7 +54,8 @@ def handshake(grpc_socket: str | os.PathLike[str], *, timeout: float = 10.0) -> 
     """Ask the daemon for this process's token.
 
     Args:
-        grpc_socket: the daemon's gRPC socket (the credential socket is beside it).
+        grpc_socket: the daemon's gRPC socket (the credential socket is beside it: beside
+            the socket itself when the path is a link to it).
         timeout: seconds for the connect and the answer.
 
     Returns:
@@ -65,7 +66,7 @@ def handshake(grpc_socket: str | os.PathLike[str], *, timeout: float = 10.0) -> 
         NotPermitted: this user may not connect, or the daemon refused the process
             (e.g. it cannot see it: another PID namespace).
     """
-    path = credential_socket(grpc_socket)
+    path = credential_socket(os.path.realpath(os.fspath(grpc_socket)))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         try:
