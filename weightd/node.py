@@ -21,6 +21,14 @@ How it stays fast and right under concurrency (docs/architecture.md):
   its blob waits for gc, then finds it gone and fetches it again.
 * A view names its own revision's snapshot directory (``snapshots/.revs/<model>/<rev>``),
   which stays on disk while the revision is resident.
+* Serve before durable: a fetch whose files are all written and verified is *ready*
+  (:meth:`Node._fetch_ready`); Acquires waiting for it load the model from the
+  temporary files at once (same inodes, in the page cache) while the fetch fsyncs and
+  renames them; a view names each shard's blob path and, until it is durable, its
+  temporary path (a client opens one, then the other). The index knows the model only
+  once it is durable. A commit that fails after serving keeps the leases granted (their
+  pages are verified), refuses new ones, reports it in Status, and the model is fetched
+  again once no lease holds it.
 
 Work that has to wait is written once, as a *plan*: a generator that yields the futures
 it waits for and returns its result (:meth:`Node.acquiring`, :meth:`Node.fetching`).
@@ -40,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import psutil
@@ -55,11 +64,13 @@ from weightd.errors import (
     SourceUnavailable,
 )
 from weightd.formats import ShardLayout
+from weightd.landing import Landing
 from weightd.leases import Caller, Credentials, Lease, LeaseTable
 from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, Step
 from weightd.metrics import Metrics
 from weightd.sources import canonical_url, check_allowed, model_name, open_source
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
+from weightd.store.fetch import Ready
 from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
 from weightd.tiers.base import Detached
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
@@ -98,9 +109,11 @@ def run_sync(plan: Plan[T]) -> T:
 @dataclass(frozen=True)
 class ShardInfo(ShardExport):
     """One shard of a view: where a client finds it (the tier's export) and its place in
-    the model's snapshot."""
+    the model's snapshot. ``pending_path``: while the blob is not durable yet, its
+    temporary file (renamed to ``path`` once it is: open one, then the other)."""
 
     relpath: str = ""
+    pending_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,17 @@ class View:
     @property
     def nbytes(self) -> int:
         return sum(s.size for s in self.shards)
+
+    @property
+    def durable(self) -> bool:
+        return not any(s.pending_path for s in self.shards)
+
+    def settled(self) -> View:
+        """This view once its blobs are durable: the same, without temporary paths."""
+        if self.durable:
+            return self
+        return dataclasses.replace(self, shards=tuple(
+            dataclasses.replace(s, pending_path="") for s in self.shards))
 
 
 @dataclass(frozen=True)
@@ -221,10 +245,20 @@ class _Fanout(Callback):  # type: ignore[misc]
 
 @dataclass(eq=False)
 class _Job:
-    """Cold work in progress (a fetch, a load, an unload) and its future."""
+    """Cold work in progress (a fetch, a load, an unload) and its future. A fetch also
+    has its progress, its :class:`~weightd.landing.Landing` and ``ready``, a future done
+    once the model may be served (every file verified; before it is durable), or with
+    the fetch's error."""
 
     future: concurrent.futures.Future[Any]
     progress: _Fanout | None = None
+    landing: Landing | None = None
+    ready: concurrent.futures.Future[None] | None = None
+
+    @property
+    def servable(self) -> concurrent.futures.Future[Any]:
+        """What an Acquire waits for: the model ready to serve (a fetch), or the end."""
+        return self.ready if self.ready is not None else self.future
 
 
 class ColdWork:
@@ -333,6 +367,8 @@ class Node:
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
         self._layouts: dict[str, ShardLayout] = {}
+        self._ready: dict[str, Ready] = {}  # model -> its fetch's verified, not durable bytes
+        self._not_durable: dict[str, str] = {}  # model -> why its served bytes are not
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -488,11 +524,12 @@ class Node:
     # cold work: the executor and its jobs ---------------------------------------------------
 
     def _submit(self, key: tuple[str, ...], work: Callable[..., Any], *args: Any,
-                progress: _Fanout | None = None) -> _Job:
+                progress: _Fanout | None = None, landing: Landing | None = None,
+                ready: concurrent.futures.Future[None] | None = None) -> _Job:
         """Start ``work`` on the cold executor as the job ``key``. Caller holds the lock
         and has made the transition that says the work is under way; ``work`` makes the
         one that says it ended, and drops the job, under the lock, before it returns."""
-        job = _Job(self._cold.submit(work, key, *args), progress)
+        job = _Job(self._cold.submit(work, key, *args), progress, landing, ready)
         self._jobs[key] = job
         return job
 
@@ -552,30 +589,76 @@ class Node:
         """Caller holds the lock."""
         self._life.begin_fetch(name)
         progress = _Fanout()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        landing = Landing(self.fetcher.layout, self.store.blob_path,
+                          lambda r: self._fetch_ready(name, r, ready))
         return self._submit(("fetch", name), self._fetch_job, name, source, include,
-                            tuple(exclude), progress, progress=progress)
+                            tuple(exclude), progress, landing, ready, progress=progress,
+                            landing=landing, ready=ready)
+
+    def landing(self, source: str, *, include: Sequence[str] | None = None,
+                exclude: Sequence[str] = ()) -> Landing | None:
+        """The landing of the model's download, to stream it as it lands: the running
+        fetch's (started now when the model is nowhere), or None when nothing lands (it
+        is cached, resident, being refreshed or removed: an Acquire serves it whole)."""
+        _, name = self.resolve(source)
+        with self._lock:
+            disk = self._life.disk_of(name)
+            if disk.state is State.ABSENT:
+                return self._start_fetch(name, source, include, exclude).landing
+            if disk.state is State.FETCHING and disk.before_fetch is not State.CACHED:
+                return self._jobs[("fetch", name)].landing
+        return None
+
+    def _fetch_ready(self, name: str, ready: Ready,
+                     future: concurrent.futures.Future[None]) -> None:
+        """Every file of the fetch is verified: it may be served from its temporary files
+        (the fetch makes them durable next). From the fetch's thread."""
+        with self._lock:
+            self._ready[name] = ready
+            self._life.fetch_ready(name, ready.revision)
+        future.set_result(None)
 
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
                    include: Sequence[str] | None, exclude: Sequence[str],
-                   progress: _Fanout) -> Snapshot:
+                   progress: _Fanout, landing: Landing,
+                   ready: concurrent.futures.Future[None]) -> Snapshot:
         holder = ("fetch", name, next(self._ids))
         try:
             snap = self.fetcher.fetch(source, include=include, exclude=exclude,
                                       callback=progress,
-                                      hold=lambda digest: self._hold(holder, [digest]))
+                                      hold=lambda digest: self._hold(holder, [digest]),
+                                      events=landing)
             record = self.store.index.model(snap.name)
             if record is None:  # pragma: no cover - a fetch records the model or raises
                 raise SourceNotFound(f"{source}: nothing was fetched")
-        except BaseException:
+        except BaseException as e:
             with self._lock:
-                self._life.end_fetch(name, None)
+                broken = self._life.end_fetch(name, None)
+                self._ready.pop(name, None)
+                if broken:
+                    self._not_durable[name] = str(e)
                 self._holds.release(holder)
                 self._end_job(key)
+            if broken:
+                log.error("%s: served on %s from verified bytes that could not be made "
+                          "durable (%s); its leases stay valid, it gets no new lease, and it "
+                          "is fetched again once none holds it", name, ", ".join(broken), e)
+            landing.failed(e)
+            if not ready.done():
+                ready.set_exception(e)
             raise
         with self._lock:
             stale = self._life.end_fetch(name, record.revision)
+            self._ready.pop(name, None)
+            self._not_durable.pop(name, None)
+            for (m, _), slot in self._life.slots.items():
+                if m == name and isinstance(slot.view, View):
+                    slot.view = slot.view.settled()  # durable: no temporary path any more
             self._holds.release(holder)
             self._end_job(key)
+        if not ready.done():  # pragma: no cover - a fetch says "ready" before it commits
+            ready.set_result(None)
         if stale:
             log.info("%s: a new revision was fetched; resident on %s in an older one (it is "
                      "reloaded once no lease holds it)", name, ", ".join(stale))
@@ -622,10 +705,12 @@ class Node:
     def acquiring(self, source: str, *, device: str, caller: Caller | None = None,
                   client_name: str = "", include: Sequence[str] | None = None,
                   exclude: Sequence[str] = (),
-                  check: Callable[[str, View], None] | None = None) -> Plan[Acquired | None]:
+                  check: Callable[[str, View], None] | None = None,
+                  lease_id: str | None = None) -> Plan[Acquired | None]:
         """The plan of an Acquire: until the model is resident on ``device``, start (or
         join) the work it needs and wait for it; then lease its view to ``caller`` (none:
-        only make it resident, as a pin's warm-up does).
+        only make it resident, as a pin's warm-up does), under ``lease_id`` when given
+        (an AcquireStream names it first).
 
         ``check(model, view)`` runs before the lease is granted (the service checks the
         answer's size there): what it raises leaves no lease.
@@ -649,17 +734,21 @@ class Node:
                     if step is Step.LEASE:
                         view = self._life.slots[(name, device)].view
                     elif step is Step.REFUSE:
+                        why = self._not_durable.get(name)
                         raise IntegrityError(
+                            f"{name}: its resident copy on {device} is not durable ({why}): "
+                            "leases granted keep its verified pages; it is fetched again "
+                            "once no lease holds it" if why else
                             f"{name}: a blob of its resident copy on {device} is damaged "
                             "(weightd verify); it is fetched again once no lease holds it")
                     elif step is Step.WAIT_SLOT:
                         wait = self._jobs[("slot", name, device)].future
                     elif step is Step.WAIT_FETCH:
-                        wait = self._jobs[("fetch", name)].future
+                        wait = self._jobs[("fetch", name)].servable
                     elif step is Step.WAIT_REMOVAL:
                         wait = self._gc_done
                     elif step is Step.FETCH:
-                        wait = self._start_fetch(name, source, include, exclude).future
+                        wait = self._start_fetch(name, source, include, exclude).servable
                         fetched = True
                     else:  # LOAD or RELOAD
                         wait = self._start_load(name, device, reload=step is Step.RELOAD)
@@ -673,7 +762,7 @@ class Node:
                 if check is not None:
                     check(name, view)
                 got = self._lease(name, device, tier, view, caller, client_name,
-                                  fetched, loaded)
+                                  fetched, loaded, lease_id)
                 if got is not None:
                     self.metrics.observe_acquire(tier.name, time.perf_counter() - t0,
                                                  hit=not loaded)
@@ -688,7 +777,8 @@ class Node:
                     self._life.unwant(name, device)
 
     def _lease(self, name: str, device: str, tier: Tier, view: View, caller: Caller,
-               client_name: str, fetched: bool, loaded: bool) -> Acquired | None:
+               client_name: str, fetched: bool, loaded: bool,
+               lease_id: str | None = None) -> Acquired | None:
         """Lease ``view`` if it is still the resident one (None: plan again)."""
         with self._lock:
             slot = self._life.slots.get((name, device))
@@ -697,7 +787,7 @@ class Node:
                 return None
             self._life.lease(name, device, time.time())
             lease = self.leases.add(name, tier.name, device, caller, client_name,
-                                    view.revision)
+                                    view.revision, lease_id)
         return Acquired(lease, name, view, fetched, loaded)
 
     def release(self, lease_id: str, caller: Caller) -> Lease:
@@ -733,17 +823,20 @@ class Node:
                 with self._lock:
                     detached = tier.detach(name, device)
                 self._finish_unload(name, device, detached, reload=True)
-            record = self.store.index.model(name)
+            record, pending = self._record_to_load(name)
             if record is None:
                 raise _NeedsFetch(name)
             self._hold(holder, [f.digest for f in record.files], (name, record.revision))
             self._drop_corrupt(holder, record)
-            if not self.store.model_complete(record):
+            if not all(f.digest in pending or self.store.has_blob(f.digest)
+                       for f in record.files):
                 raise _NeedsFetch(name)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
             for f in shards:
-                self._layout(f.digest)  # validates every shard before it becomes resident
-            blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
+                # validates every shard before it becomes resident
+                self._layout(f.digest, pending.get(f.digest))
+            blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size,
+                          pending.get(f.digest)) for f in shards]
             with self._lock:
                 victims = self._make_room(tier, device, blobs, exclude=name)
                 reservation = tier.reserve(name, device, blobs)
@@ -753,7 +846,7 @@ class Node:
                          format_size(detached.nbytes))
             tier.fill(reservation)
             reservation = None
-            view = self._view(name, record.revision, shards, tier, device)
+            view = self._view(name, record.revision, shards, tier, device, pending)
         except _NeedsFetch:
             with self._lock:
                 self._life.end_load(name, device, revision=None)
@@ -776,6 +869,8 @@ class Node:
             tier.free(detached)
             raise
         with self._lock:
+            if name not in self._ready:  # its fetch made it durable while it loaded
+                view = view.settled()
             self._holds.move(holder, ("resident", name, device))
             self._life.end_load(name, device, revision=record.revision, view=view,
                                 now=time.time())
@@ -783,6 +878,18 @@ class Node:
                 self._life.mark_corrupt(name, device)
             self._end_job(key)
         self._update_resident_metric(tier, device)
+
+    def _record_to_load(self, name: str) -> tuple[ModelRecord | None, dict[str, Path]]:
+        """What a load makes resident: the running fetch's verified revision when it is
+        ready (with the temporary file of each blob not yet durable), else the index's."""
+        with self._lock:
+            ready = self._ready.get(name)
+        if ready is None:
+            return self.store.index.model(name), {}
+        now = time.time()
+        files = tuple(ready.files[rel] for rel in sorted(ready.files))
+        return (ModelRecord(name, ready.source, ready.revision, now, now, files),
+                dict(ready.pending))
 
     def _drop_corrupt(self, holder: tuple[Any, ...], record: ModelRecord) -> None:
         """Quarantine the blobs of ``record`` that verify found damaged, now that only
@@ -859,28 +966,30 @@ class Node:
         self._update_resident_metric(tier, device)
 
     def _view(self, name: str, revision: str, shards: Sequence[ModelFile], tier: Tier,
-              device: str) -> View:
-        """The answer's shards, tensors and metadata for a model just made resident."""
+              device: str, pending: dict[str, Path]) -> View:
+        """The answer's shards, tensors and metadata for a model just made resident
+        (``pending``: the temporary files of its blobs that are not durable yet)."""
         exports = {e.digest: e for e in tier.export(name, device)}
-        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
+        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath,
+                                pending_path=str(pending.get(f.digest, "")))
                       for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
         for i, f in enumerate(shards):
-            layout = self._layout(f.digest)
+            layout = self._layout(f.digest, pending.get(f.digest))
             metadata.update(layout.metadata)
             tensors.extend(TensorEntry(t.name, t.dtype, t.shape, i, t.offset, t.nbytes)
                            for t in layout.tensors)
         return View(revision, str(self.store.revision_path(name, revision)), infos,
                     tuple(tensors), metadata)
 
-    def _layout(self, digest: str) -> ShardLayout:
+    def _layout(self, digest: str, path: Path | None = None) -> ShardLayout:
         """The parsed header of a shard blob, kept while something holds the blob: the
         one its fetch parsed when the fetcher's bounded cache still has it (a header is
-        parsed once), else parsed from the blob."""
+        parsed once), else parsed from the blob (or ``path``, its temporary file)."""
         layout = self._layouts.get(digest)
         if layout is None:
-            layout = self.fetcher.layout(digest)
+            layout = self.fetcher.layout(digest, path)
             self._layouts[digest] = layout
         return layout
 
@@ -1073,7 +1182,9 @@ class Node:
                 for m, d, last, n in resident]
 
     def problems(self) -> list[str]:
-        out = []
+        with self._lock:
+            out = [f"{name}: served from memory, not durable on disk ({why}); fetched again "
+                   "once no lease holds it" for name, why in sorted(self._not_durable.items())]
         if self.host.lock_problem:
             out.append(f"host tier: {self.host.lock_problem}")
         if not self.cuda.available:

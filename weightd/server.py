@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from weightd import testhooks
 from weightd.config import Config
 from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
@@ -183,6 +184,7 @@ class Daemon:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    testhooks.announce()  # loud when test-only pauses are armed
     if not return_freed_buffers():
         log.debug("mallopt is not available: freed fetch buffers may stay in the heap")
     return asyncio.run(_serve(config))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,15 +36,35 @@ from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Blob", "BlobTier", "Detached", "Reservation", "ShardExport", "Tier"]
+__all__ = ["Blob", "BlobTier", "Detached", "Reservation", "ShardExport", "Tier", "open_blob"]
 
 
 class Blob(NamedTuple):
-    """A shard blob to make resident: its digest, its file in the cache, its size."""
+    """A shard blob to make resident: its digest, its file in the cache, its size, and,
+    while it is not durable yet, the temporary file its bytes are in (``pending``: renamed
+    to ``path`` at any moment)."""
 
     digest: str
     path: Path
     size: int
+    pending: Path | None = None
+
+
+def open_blob(blob: Blob) -> int:
+    """Open a blob's file read-only: its path in the cache, else (not durable yet) its
+    temporary file, else its path again (the rename happened in between); one inode
+    whichever name opened it.
+
+    Raises:
+        FileNotFoundError: none of them exists.
+    """
+    paths = [blob.path] if blob.pending is None else [blob.path, blob.pending, blob.path]
+    for path in paths[:-1]:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+    return os.open(paths[-1], os.O_RDONLY | os.O_CLOEXEC)
 
 
 @dataclass(frozen=True)
