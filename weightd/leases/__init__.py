@@ -34,7 +34,7 @@ from weightd.errors import LeaseNotFound, NotPermitted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Caller", "Credentials", "Lease", "LeaseTable", "process_start_time"]
+__all__ = ["Caller", "Credentials", "Lease", "LeaseTable", "new_lease_id", "process_start_time"]
 
 #: How many client processes may hold a token at once; a handshake beyond it is refused
 #: (each one costs a pidfd and a check every reap round).
@@ -240,6 +240,11 @@ class Lease:
         return self.owner.uid
 
 
+def new_lease_id() -> str:
+    """A lease id: 96 random bits, hex."""
+    return secrets.token_hex(12)
+
+
 class LeaseTable:
     """Thread-safe table of live leases, with a reaper thread for dead holders.
 
@@ -263,8 +268,11 @@ class LeaseTable:
         self._thread: threading.Thread | None = None
 
     def add(self, model: str, tier: str, device: str, owner: Caller, client_name: str = "",
-            revision: str = "") -> Lease:
-        lease = Lease(secrets.token_hex(12), model, tier, device, owner, client_name, revision)
+            revision: str = "", lease_id: str | None = None) -> Lease:
+        """Grant a lease; ``lease_id`` is one :func:`new_lease_id` gave (an AcquireStream
+        names its lease before it is granted), else a new one."""
+        lease = Lease(lease_id or new_lease_id(), model, tier, device, owner, client_name,
+                      revision)
         with self._lock:
             self._leases[lease.lease_id] = lease
             self._by_tier[tier] += 1
