@@ -869,12 +869,20 @@ class Node:
             tier.free(detached)
             raise
         with self._lock:
-            if name not in self._ready:  # its fetch made it durable while it loaded
-                view = view.settled()
+            lost = False
+            ready = self._ready.get(name)
+            if pending and (ready is None or ready.revision != record.revision):
+                # its fetch ended while this loaded: durable (the index has the revision),
+                # or its commit failed (verified pages, not durable: no new lease)
+                lost = self._life.disk_of(name).revision != record.revision
+                if lost:
+                    self._not_durable.setdefault(name, "its fetch failed to commit it")
+                else:
+                    view = view.settled()
             self._holds.move(holder, ("resident", name, device))
             self._life.end_load(name, device, revision=record.revision, view=view,
                                 now=time.time())
-            if self._corrupt.intersection(s.digest for s in view.shards):
+            if lost or self._corrupt.intersection(s.digest for s in view.shards):
                 self._life.mark_corrupt(name, device)
             self._end_job(key)
         self._update_resident_metric(tier, device)
