@@ -230,7 +230,8 @@ def test_fsync_failure_after_serving_keeps_leases_refuses_new_ones_and_refetches
     def fsync(fd: int) -> None:
         target = os.readlink(f"/proc/self/fd/{fd}")
         # a shard's temp file (side files are committed as they land, before serving)
-        if failing["on"] and target.startswith(tmp_dir) and target.endswith(".safetensors.incomplete"):
+        shard = target.startswith(tmp_dir) and target.endswith(".safetensors.incomplete")
+        if failing["on"] and shard:
             mapped.wait(30)  # the test maps the served files first, as a replica would
             raise OSError(errno.EIO, "Input/output error (injected)")
         real_fsync(fd)
