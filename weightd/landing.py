@@ -142,4 +142,9 @@ class Landing(FetchEvents):
             if self._end is not None:
                 return
             self._end = event
+            # a subscriber from now on is told only the end (the model is whole, or
+            # failed): the layouts go with the fetch
+            self._paths.clear()
+            self._shards.clear()
+            self._written.clear()
         self._emit(event)

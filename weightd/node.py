@@ -305,6 +305,9 @@ class ColdWork:
                 future.set_result(work(*args))
             except BaseException as e:  # handed to whoever waits for the future
                 future.set_exception(e)
+            # an idle worker keeps nothing of its last job alive (a fetch's landing holds
+            # its shards' layouts: tens of MiB for a model of 100,000 tensors)
+            item = future = work = args = None  # type: ignore[assignment]
 
     def shutdown(self, timeout: float) -> bool:
         """Cancel what has not started; wait up to ``timeout`` seconds for what runs.
@@ -639,6 +642,7 @@ class Node:
                 if broken:
                     self._not_durable[name] = str(e)
                 self._holds.release(holder)
+                self._prune_layouts()
                 self._end_job(key)
             if broken:
                 log.error("%s: served on %s from verified bytes that could not be made "
@@ -656,6 +660,7 @@ class Node:
                 if m == name and isinstance(slot.view, View):
                     slot.view = slot.view.settled()  # durable: no temporary path any more
             self._holds.release(holder)
+            self._prune_layouts()  # of a model unloaded while its fetch still held them
             self._end_job(key)
         if not ready.done():  # pragma: no cover - a fetch says "ready" before it commits
             ready.set_result(None)
