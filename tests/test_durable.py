@@ -109,6 +109,11 @@ def test_a_replica_is_served_while_its_blobs_are_not_yet_durable(tmp_path, http_
             st = os.stat(s.pending_path)
             assert stat.S_IMODE(st.st_mode) == 0o440, oct(st.st_mode)
         assert served_tensors(answer) == source_tensors(model)
+        # listed (resident, leased) while the index does not know it yet
+        listed = d.stub().List(pb.ListRequest(), timeout=10).models
+        assert [(m.model, [r.leases for r in m.resident]) for m in listed] == [
+            (model_name(url), [1])]
+        assert Path(listed[0].snapshot_path, "config.json").is_file()
         d.release(answer.lease_id)
     finally:
         kill(d)

@@ -93,6 +93,20 @@ TOUCH_FLUSH_INTERVAL = 5.0
 MAX_ROUNDS = 32
 
 
+def _record_of(ready: Ready) -> ModelRecord:
+    """The index's record-to-be of a ready fetch."""
+    now = time.time()
+    files = tuple(ready.files[rel] for rel in sorted(ready.files))
+    return ModelRecord(ready.name, ready.source, ready.revision, now, now, files)
+
+
+def _ended(future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[None]:
+    """A future done (with None) once ``future`` is, whether it succeeded or not."""
+    ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+    future.add_done_callback(lambda _: ended.set_result(None))
+    return ended
+
+
 def run_sync(plan: Plan[T]) -> T:
     """Drive a plan in this thread: wait for each future it yields; return its result."""
     try:
@@ -571,7 +585,13 @@ class Node:
                 else:
                     wait = None
                     job = self._jobs.get(("fetch", name))
-                    if job is None:
+                    if (job is not None and not only_if_absent and job.ready is not None
+                            and job.ready.done()):
+                        # it read the source's listing before it was ready (served, now
+                        # committing): a Fetch asked now wants what the source holds now,
+                        # so it waits for that one's end (whatever it was), then fetches
+                        wait, job = _ended(job.future), None
+                    elif job is None:
                         job = self._start_fetch(name, source, include, exclude)
             if job is None:
                 if wait is not None:
@@ -899,10 +919,15 @@ class Node:
             ready = self._ready.get(name)
         if ready is None:
             return self.store.index.model(name), {}
-        now = time.time()
-        files = tuple(ready.files[rel] for rel in sorted(ready.files))
-        return (ModelRecord(name, ready.source, ready.revision, now, now, files),
-                dict(ready.pending))
+        return _record_of(ready), dict(ready.pending)
+
+    def not_durable(self) -> list[tuple[ModelRecord, str]]:
+        """The models whose fetch is ready and not yet durable (served from their temp
+        files; the index does not name them, or names an older revision), each with its
+        revision's snapshot directory."""
+        with self._lock:
+            readies = list(self._ready.values())
+        return [(_record_of(r), r.snapshot) for r in readies]
 
     def _drop_corrupt(self, holder: tuple[Any, ...], record: ModelRecord) -> None:
         """Quarantine the blobs of ``record`` that verify found damaged, now that only

@@ -473,11 +473,15 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             resident.setdefault(r.model, []).append(pb.Residency(
                 tier=_TIERS[r.tier], device=r.device, bytes=r.bytes, last_used=r.last_used,
                 leases=r.leases))
+        models = [(m, str(self.node.store.snapshot_path(m.name)))
+                  for m in self.node.store.index.models()]
+        known = {m.name for m, _ in models}
+        # served before it is durable: listed from its fetch until the index has it
+        models += [(m, path) for m, path in self.node.not_durable() if m.name not in known]
         return pb.ListResponse(models=[pb.ModelInfo(
-            model=m.name, source=m.source,
-            snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
+            model=m.name, source=m.source, snapshot_path=path, bytes=m.size,
             files=len(m.files), resident=resident.get(m.name, []))
-            for m in self.node.store.index.models()])
+            for m, path in sorted(models, key=lambda x: x[0].name)])
 
     async def List(self, request: pb.ListRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext) -> pb.ListResponse:
