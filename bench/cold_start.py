@@ -2,7 +2,7 @@
 """Cold start of N model-server replicas: weightd against the loaders users pick today.
 
     python bench/cold_start.py [--sizes 2GiB] [--real minilm|none] [--replicas 1,2,4,8]
-                               [--scenarios host,disk,remote,gpu,multi] [--runs 3]
+                               [--scenarios host,disk,remote,remote-rate,gpu,multi] [--runs 3]
                                [--out FILE] [--quick]
 
 Each scenario is a state of the node before N replicas start together:
@@ -16,7 +16,11 @@ Each scenario is a state of the node before N replicas start together:
   ``seqread`` is a plain sequential read of the same files: the disk's own pace;
 - ``remote``: the model is only at the source, moto's S3 server and a local HTTP server
   on 127.0.0.1 (a fresh daemon and cache for every weightd run); bytes are counted at the
-  server;
+  server, and the instant it has sent the model's bytes (the end of the download, polled
+  every 2 ms);
+- ``remote-rate``: the same over HTTP only, the origin's bodies shaped to ``--rate``
+  bytes/s in all (default 200 MB/s; ``--rate-size`` 1 GiB): the network, not the
+  loopback, is the bottleneck, as on a real node;
 - ``gpu``: the model resident on the GPU, second replicas attach through CUDA IPC (runs
   only where the daemon's CUDA tier is available);
 - ``multi``: three models whose sum exceeds the daemon's host budget, requested one at a
@@ -35,10 +39,12 @@ Methods (``METHODS``): weightd and its variants, ``load_file``
 (``safetensors.torch.load_file``), ``safe_open`` (+ ``get_tensor``), ``runai``
 (run:ai model streamer's ``SafetensorsStreamer``, local and S3), ``fastsafetensors``
 (its CPU path), ``copy`` (read into a private buffer), ``seqread``, and for remote
-sources the download-then-``load_file`` path (s3fs / HTTP). A peer that is not installed
-or fails is listed with the reason; a copying peer's N that would not fit in memory is
-skipped and said so. Methods alternate run after run (the order reverses each run);
-tables show medians over every replica of every run. Raw measurements and the machine go
+sources the download-then-``load_file`` path (s3fs, fsspec HTTP, ``curl -o``) and
+``weightd-stream-http`` (``Client.stream``: the first and the last tensor are timed). A
+peer that is not installed or fails is listed with the reason; a copying peer's N that
+would not fit in memory is skipped and said so. Methods alternate run after run (the
+order reverses each run); tables show medians over every replica of every run. Raw
+measurements and the machine go
 to the JSON file (``--out``), plots (PNG) beside it.
 """
 
