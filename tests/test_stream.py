@@ -70,6 +70,7 @@ def test_a_stream_yields_each_tensor_once_its_bytes_land(tmp_path, http_server, 
             for name, tensor in weights:
                 got.append((name, time.monotonic() - t0, raw(tensor)))
             assert weights.lease_id and len(d.status().leases) == 1
+            assert weights.fetched and weights.loaded  # this stream started the fetch
             assert Path(weights.snapshot_path, "config.json").is_file()
         assert d.status().leases == []  # released when the block ends
     assert sorted(n for n, _, _ in got) == sorted(want)  # each tensor once

@@ -620,18 +620,19 @@ class Node:
                             landing=landing, ready=ready)
 
     def landing(self, source: str, *, include: Sequence[str] | None = None,
-                exclude: Sequence[str] = ()) -> Landing | None:
+                exclude: Sequence[str] = ()) -> tuple[Landing | None, bool]:
         """The landing of the model's download, to stream it as it lands: the running
-        fetch's (started now when the model is nowhere), or None when nothing lands (it
-        is cached, resident, being refreshed or removed: an Acquire serves it whole)."""
+        fetch's (started now when the model is nowhere: then the second value is True),
+        or None when nothing lands (it is cached, resident, being refreshed or removed:
+        an Acquire serves it whole)."""
         _, name = self.resolve(source)
         with self._lock:
             disk = self._life.disk_of(name)
             if disk.state is State.ABSENT:
-                return self._start_fetch(name, source, include, exclude).landing
+                return self._start_fetch(name, source, include, exclude).landing, True
             if disk.state is State.FETCHING and disk.before_fetch is not State.CACHED:
-                return self._jobs[("fetch", name)].landing
-        return None
+                return self._jobs[("fetch", name)].landing, False
+        return None, False
 
     def _fetch_ready(self, name: str, ready: Ready,
                      future: concurrent.futures.Future[None]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -414,15 +415,16 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         calls = _Calls(context, "AcquireStream", self.node.metrics, source=request.source,
                        device=request.device or "cpu")
         landing: Landing | None = None
+        started = False
         listener = None
         try:
             caller = self._checked_caller(request, context, calls)
             lease_id = new_lease_id()
             _, model = self.node.resolve(request.source)
             if (request.device or "cpu") == "cpu":
-                landing = self.node.landing(request.source,
-                                            include=list(request.include) or None,
-                                            exclude=list(request.exclude))
+                landing, started = self.node.landing(request.source,
+                                                     include=list(request.include) or None,
+                                                     exclude=list(request.exclude))
             yield pb.AcquireEvent(start=pb.StreamStart(lease_id=lease_id, model=model))
             if landing is not None:
                 loop = asyncio.get_running_loop()
@@ -445,6 +447,8 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             got = await drive(self._acquiring(request, context, caller, lease_id))
             if got is None:  # pragma: no cover - a caller always gets a lease or an error
                 raise RuntimeError("no lease")
+            if started:  # this stream started the fetch its Acquire then waited for
+                got = dataclasses.replace(got, fetched=True)
         except Exception as e:
             await calls.fail(e)
         finally:
