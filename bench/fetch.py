@@ -653,7 +653,10 @@ def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]
             print(f"  {label:5} run {r}: {s.method:16} {s.gbps:6.3f} GB/s "
                   f"({s.bytes / GB:.3f} GB in {s.seconds:.2f} s"
                   + (f", wire {s.wire_seconds:.2f} s ({s.wire_gbps:.3f} GB/s), hashing "
-                     f"{s.hash_seconds:.2f} s" if s.method.startswith("weightd") else
+                     f"{s.hash_seconds:.2f} s"
+                     + (f", ready {s.extra['ready_seconds']:.2f} s"
+                        if "ready_seconds" in s.extra else "")
+                     if s.method.startswith("weightd") else
                      f", +fsync {s.fsync_seconds:.2f} s") + ")", flush=True)
     return samples
 
@@ -810,7 +813,11 @@ def main(argv: list[str] | None = None) -> int:
                         line = f"{method}: {med:.2f} s = {med / link:.3f} x the link time"
                         if method == "weightd":
                             wmed = statistics.median(x.wire_seconds for x in group)
-                            line += f" (until written {wmed:.2f} s = {wmed / link:.3f} x)"
+                            rmed = statistics.median(x.extra.get("ready_seconds", 0.0)
+                                                     for x in group)
+                            line += (f" (until written {wmed:.2f} s = {wmed / link:.3f} x; "
+                                     f"until ready, when a node serves it, {rmed:.2f} s = "
+                                     f"{rmed / link:.3f} x)")
                         print(f"  {line}")
                         report.setdefault("link_ratios", {})[method] = med / link
                 all_samples += ss
