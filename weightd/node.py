@@ -641,6 +641,8 @@ class Node:
         with self._lock:
             self._ready[name] = ready
             self._life.fetch_ready(name, ready.revision)
+        log.info("%s: every file verified; served from %d temporary file(s) until they are "
+                 "durable", name, len(ready.pending))
         future.set_result(None)
 
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
