@@ -188,3 +188,19 @@ def test_a_stream_needs_the_callers_credentials(tmp_path, model):
             list(pb_grpc.WeightdStub(ch).AcquireStream(pb.AcquireRequest(source=str(model)),
                                                        timeout=10))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.gpu
+def test_gpu_a_stream_to_a_gpu_yields_the_whole_model_on_the_device_at_the_end(
+        tmp_path, http_server, model):
+    from tests.test_cuda_tier import _require_gpu
+
+    _require_gpu()
+    url = f"{http_server.url}/m"
+    want = source_tensors(model)
+    with DaemonProcess(tmp_path) as d, Client(d.socket) as client:
+        with client.stream(url, "cuda:0") as weights:
+            got = {n: raw(t.cpu()) for n, t in weights if t.device.type == "cuda"}
+            assert [lease.tier for lease in d.status().leases] == [pb.TIER_CUDA]
+        assert d.status().leases == []
+    assert got == {n: w[2] for n, w in want.items()}
