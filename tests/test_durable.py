@@ -30,6 +30,7 @@ from weightd.sources import model_name
 from weightd.store import Fetcher, Store, hash_file
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+from weightd_client.tensors import open_shard
 
 MiB = 1024 * 1024
 #: The daemon's test-only pause points (weightd/testhooks.py), by their documented name.
@@ -72,17 +73,6 @@ def served_tensors(answer: pb.AcquireResponse) -> dict[str, bytes]:
         finally:
             os.close(fd)
     return out
-
-
-def open_shard(path: str, pending: str) -> int:
-    """Open a served shard as a replica does: its blob path, else its temp path, else its
-    blob path again (the rename may happen in between)."""
-    for name in [path, pending] if pending else []:
-        try:
-            return os.open(name, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-    return os.open(path, os.O_RDONLY)
 
 
 def staged_without_manifest(cache: Path) -> list[Path]:

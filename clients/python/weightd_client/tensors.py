@@ -65,6 +65,7 @@ __all__ = [
     "checked_tensors",
     "host_tensor",
     "map_shard",
+    "open_shard",
     "require_torch",
     "torch_dtype",
 ]
@@ -137,6 +138,22 @@ def torch_dtype(dtype: str, *, path: str) -> torch.dtype:
     return result  # type: ignore[no-any-return]
 
 
+def open_shard(path: str, pending: str = "") -> int:
+    """Open a shard file the daemon named, read-only: ``path``; while the blob is not
+    durable yet, ``pending`` (its temporary file, the same inode) when ``path`` is not
+    there yet, then ``path`` once more (the rename may happen between two tries).
+
+    Raises:
+        OSError: none of them can be opened (FileNotFoundError: none exists).
+    """
+    for name in [path, pending] if pending else []:
+        try:
+            return os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def map_shard(path: str, pending: str = "") -> mmap.mmap:
     """Map a shard file privately (copy-on-write), see Note [lifetime of host tensors].
 
@@ -153,15 +170,7 @@ def map_shard(path: str, pending: str = "") -> mmap.mmap:
         OSError: the file cannot be opened or mapped.
         FormatError: the file is empty.
     """
-    tries = [path, pending, path] if pending else [path]
-    for name in tries[:-1]:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-            break
-        except FileNotFoundError:
-            continue
-    else:
-        fd = os.open(tries[-1], os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_shard(path, pending)
     try:
         if os.fstat(fd).st_size == 0:
             raise FormatError(path, "the shard file is empty")
