@@ -27,12 +27,13 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
+
+from weightd_client.tensors import open_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,7 @@ def open_blob(blob: Blob) -> int:
     Raises:
         FileNotFoundError: none of them exists.
     """
-    paths = [blob.path] if blob.pending is None else [blob.path, blob.pending, blob.path]
-    for path in paths[:-1]:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-    return os.open(paths[-1], os.O_RDONLY | os.O_CLOEXEC)
+    return open_shard(str(blob.path), str(blob.pending or ""))  # as a client opens it
 
 
 @dataclass(frozen=True)
