@@ -2,7 +2,7 @@
 """Cold start of N model-server replicas: weightd against the loaders users pick today.
 
     python bench/cold_start.py [--sizes 2GiB] [--real minilm|none] [--replicas 1,2,4,8]
-                               [--scenarios host,disk,remote,gpu,multi] [--runs 3]
+                               [--scenarios host,disk,remote,remote-rate,gpu,multi] [--runs 3]
                                [--out FILE] [--quick]
 
 Each scenario is a state of the node before N replicas start together:
@@ -16,7 +16,11 @@ Each scenario is a state of the node before N replicas start together:
   ``seqread`` is a plain sequential read of the same files: the disk's own pace;
 - ``remote``: the model is only at the source, moto's S3 server and a local HTTP server
   on 127.0.0.1 (a fresh daemon and cache for every weightd run); bytes are counted at the
-  server;
+  server, and the instant it has sent the model's bytes (the end of the download, polled
+  every 2 ms);
+- ``remote-rate``: the same over HTTP only, the origin's bodies shaped to ``--rate``
+  bytes/s in all (default 200 MB/s; ``--rate-size`` 1 GiB): the network, not the
+  loopback, is the bottleneck, as on a real node;
 - ``gpu``: the model resident on the GPU, second replicas attach through CUDA IPC (runs
   only where the daemon's CUDA tier is available);
 - ``multi``: three models whose sum exceeds the daemon's host budget, requested one at a
@@ -35,10 +39,12 @@ Methods (``METHODS``): weightd and its variants, ``load_file``
 (``safetensors.torch.load_file``), ``safe_open`` (+ ``get_tensor``), ``runai``
 (run:ai model streamer's ``SafetensorsStreamer``, local and S3), ``fastsafetensors``
 (its CPU path), ``copy`` (read into a private buffer), ``seqread``, and for remote
-sources the download-then-``load_file`` path (s3fs / HTTP). A peer that is not installed
-or fails is listed with the reason; a copying peer's N that would not fit in memory is
-skipped and said so. Methods alternate run after run (the order reverses each run);
-tables show medians over every replica of every run. Raw measurements and the machine go
+sources the download-then-``load_file`` path (s3fs, fsspec HTTP, ``curl -o``) and
+``weightd-stream-http`` (``Client.stream``: the first and the last tensor are timed). A
+peer that is not installed or fails is listed with the reason; a copying peer's N that
+would not fit in memory is skipped and said so. Methods alternate run after run (the
+order reverses each run); tables show medians over every replica of every run. Raw
+measurements and the machine go
 to the JSON file (``--out``), plots (PNG) beside it.
 """
 
@@ -109,6 +115,8 @@ METHODS: dict[str, Method] = {
     "weightd-http": Method("weightd", "remote", remote="http"),
     "s3fs+load_file": Method("download", "remote", copies=True, needs="s3fs", remote="s3"),
     "http+load_file": Method("download", "remote", copies=True, remote="http"),
+    "curl+load_file": Method("curl", "remote", copies=True, remote="http"),
+    "weightd-stream-http": Method("weightd-stream", "remote", remote="http"),
     "runai-s3": Method("runai", "remote", copies=True, needs="runai_model_streamer",
                        remote="s3"),
     "weightd-cuda-first": Method("weightd", "blobs", device="cuda"),
@@ -119,7 +127,7 @@ METHODS: dict[str, Method] = {
 PEERS = ["load_file", "safe_open", "runai", "fastsafetensors"]
 # The baseline each scenario's ratios are taken against.
 BASELINE = {"host": "load_file", "disk": "load_file", "gpu": "load_file-cuda",
-            "remote": "s3fs+load_file"}
+            "remote": "s3fs+load_file", "remote-rate": "http+load_file"}
 
 
 class WorkerError(RuntimeError):
@@ -278,6 +286,9 @@ class Bench:
                 "ready_ms": (d["t_ready"] - t_go) / 1e6,
                 "touched_ms": (d["t_touched"] - t_go) / 1e6,
                 "load_ms_in_process": (d["t_ready"] - d["t_wake"]) / 1e6,
+                **({"first_tensor_ms": (d["t_first_ns"] - t_go) / 1e6,
+                    "last_tensor_ms": (d["t_last_ns"] - t_go) / 1e6}
+                   if "t_first_ns" in d else {}),
                 "tensors": d["tensors"], "nbytes": d["nbytes"], "checksum": d["checksum"],
                 "io_read_bytes": d["io_read_bytes"],
                 "pss_kb": sm.get("Pss", 0), "pss_anon_kb": sm.get("Pss_Anon", 0),
@@ -295,8 +306,8 @@ class Bench:
         # before), plus, for weightd, the daemon's whole PSS (its heap included).
         added = sum(x["pss_kb"] - x["pss_before_kb"] for x in replicas) * 1024
         pss_daemon = daemon_smaps.get("Pss", 0) * 1024
-        uses_daemon = m.loader == "weightd"
-        return {"replicas": replicas, "loadavg_before": loadavg,
+        uses_daemon = m.loader.startswith("weightd")
+        return {"replicas": replicas, "loadavg_before": loadavg, "t_go_ns": t_go,
                 "pss_replicas_added_bytes": added,
                 "pss_replicas_total_bytes": sum(x["pss_kb"] for x in replicas) * 1024,
                 "pss_anon_added_bytes": sum(x["pss_anon_kb"] - x["pss_anon_before_kb"]
@@ -356,14 +367,21 @@ class Bench:
         cached = {"source": cached_fraction(model.files),
                   "blobs": cached_fraction(model.blobs) if model.blobs else 0.0}
         served = server.log.bytes_served() if server is not None else 0
+        watch = _DownloadEnd(server, served + model.nbytes) if server is not None else None
         try:
             rec = self.run_replicas(model, method, n, daemon=daemon, spec=spec)
         except PeerFailed as e:
             self.unavailable[method] = f"failed: {e}"
             self.log(f"{method}: {e}: left out of the rest of the run")
             return None
+        finally:
+            if watch is not None:
+                watch.stop()
         if server is not None:
             rec["source_bytes_read"] = server.log.bytes_served() - served
+        if watch is not None and watch.at_ns is not None:
+            # when the source had sent the model's bytes (a replica's own copy: the first)
+            rec["download_end_ms"] = (watch.at_ns - rec["t_go_ns"]) / 1e6
         rec.update({"scenario": scenario, "size": model.label, "model_bytes": model.nbytes,
                     "n": n, "method": method, "run": run, "cached_before": cached,
                     "cached_reads": cached.get(m.reads, 0.0)})
@@ -392,6 +410,30 @@ class Bench:
                     if METHODS[method].copies and run >= self.args.peer_runs:
                         continue
                     self.measure(scenario, model, method, n, run, prepare, **kw)
+
+
+class _DownloadEnd:
+    """Watches a test server's byte count (every 2 ms, in the driver) and notes when it
+    reached ``target``: the end of the download as the source saw it."""
+
+    def __init__(self, server: Any, target: int) -> None:
+        import threading
+
+        self.server, self.target = server, target
+        self.at_ns: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            if self.server.log.bytes_served() >= self.target:
+                self.at_ns = time.monotonic_ns()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 # --- scenarios ---------------------------------------------------------------------------
@@ -423,9 +465,13 @@ def scenario_profile(b: Bench, model: Model) -> None:
           + p["cumulative"])
 
 
-def scenario_remote(b: Bench, model: Model) -> None:
+def scenario_remote(b: Bench, model: Model, *, rate: float | None = None) -> None:
     """The model only at the source: weightd (a fresh daemon and cache each run) against
-    downloading it and loading it (s3fs, HTTP) and run:ai's S3 streamer."""
+    downloading it and loading it (s3fs, fsspec HTTP, curl) and run:ai's S3 streamer.
+
+    With ``rate`` (bytes/s), the scenario ``remote-rate``: the HTTP origin alone, its
+    bodies shaped to ``rate`` in all (the network, not the loopback, is the bottleneck);
+    weightd's N replicas, one streaming replica, and the HTTP peers."""
     import logging
 
     from weightd.testing import MotoS3Server, RangeHTTPServer
@@ -439,7 +485,8 @@ def scenario_remote(b: Bench, model: Model) -> None:
     # replicas import them before the barrier).
     warm = model.dir.parent / f"warmup-{model.label}"
     write_synthetic_model(warm, total_bytes=64 * 1024, tensors=2, seed=99)
-    with MotoS3Server() as s3, RangeHTTPServer(model.dir.parent) as http:
+    scenario = "remote" if rate is None else "remote-rate"
+    with MotoS3Server() as s3, RangeHTTPServer(model.dir.parent, rate=rate) as http:
         s3_url = s3.upload_dir(model.dir, "models", model.dir.name)
         warm_urls = {"s3": s3.upload_dir(warm, "models", warm.name),
                      "http": f"{http.url}/{warm.name}/"}
@@ -462,8 +509,8 @@ def scenario_remote(b: Bench, model: Model) -> None:
                 spec["s3"] = {**S3_KEYS, "endpoint_url": s3.endpoint_url}
                 spec["env"] = {**s3_env, "AWS_ENDPOINT_URL": s3.endpoint_url,
                                "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
-            if m.loader != "weightd":
-                b.measure("remote", model, method, n, k, lambda *_: None, spec=spec,
+            if not m.loader.startswith("weightd"):
+                b.measure(scenario, model, method, n, k, lambda *_: None, spec=spec,
                           server=servers[m.remote])
                 return
             counter += 1
@@ -474,15 +521,19 @@ def scenario_remote(b: Bench, model: Model) -> None:
                 with d.client() as c:
                     c.fetch(warm_urls[m.remote])
                 spec["source"] = urls[m.remote]
-                b.measure("remote", model, method, n, k, lambda *_: None, daemon=d,
+                b.measure(scenario, model, method, n, k, lambda *_: None, daemon=d,
                           spec=spec, server=servers[m.remote])
             finally:
                 d.stop()
                 shutil.rmtree(home, ignore_errors=True)
 
-        peers = ["s3fs+load_file", "http+load_file", "runai-s3"]
+        peers = ["weightd-stream-http", "s3fs+load_file", "http+load_file", "curl+load_file",
+                 "runai-s3"]
+        order = ["weightd-s3", "weightd-http"]
+        if rate is not None:
+            peers = ["weightd-stream-http", "http+load_file", "curl+load_file"]
+            order = ["weightd-http"]
         for k in range(b.args.runs):
-            order = ["weightd-s3", "weightd-http"]
             for method in order if k % 2 == 0 else order[::-1]:
                 for n in b.args.remote_replica_counts:
                     run(method, n, k)
@@ -684,6 +735,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "cached_source": median([r["cached_before"]["source"] for r in recs]),
             "cached_blobs": median([r["cached_before"]["blobs"] for r in recs]),
         }
+        for key in ("first_tensor_ms", "last_tensor_ms"):
+            if reps and all(key in x for x in reps):
+                row[f"{key}_median"] = median([x[key] for x in reps])
+        if recs and all("download_end_ms" in r for r in recs):
+            row["download_end_median_ms"] = median([r["download_end_ms"] for r in recs])
+            if "last_tensor_ms_median" in row:
+                row["last_tensor_over_download_end"] = median(
+                    [max(x["last_tensor_ms"] for x in r["replicas"]) / r["download_end_ms"]
+                     for r in recs])
         if all("source_bytes_read" in r for r in recs):
             row["source_read_ratio"] = median([r["source_bytes_read"] / mb for r in recs])
         gpu = [r["gpu_used_added_bytes"] for r in recs if r.get("gpu_used_added_bytes") is not None]
@@ -701,7 +761,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["speedup_ready"] = b["ready_median_ms"] / r["ready_median_ms"]
             r["speedup_touched"] = b["touched_median_ms"] / r["touched_median_ms"]
     order = {m: i for i, m in enumerate(METHODS)}
-    scen = {s: i for i, s in enumerate(["host", "disk", "remote", "gpu", "profile"])}
+    scen = {s: i for i, s in enumerate(["host", "disk", "remote", "remote-rate", "gpu",
+                                         "profile"])}
     rows.sort(key=lambda r: (scen.get(r["scenario"], 99), r["model_bytes"], r["n"],
                              order.get(r["method"], 99)))
     return rows
@@ -860,6 +921,78 @@ def goals(rows: list[dict[str, Any]], multi: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def remote_goals(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The goals of issue 16 (a model only at its source), each against its peers'
+    medians from the same run."""
+    from weightd.config import Config
+    from weightd.sources.base import chunk_plan
+
+    lines = []
+    by = {(r["scenario"], r["size"], r["n"], r["method"]): r for r in rows}
+    plan = chunk_plan("http", Config())
+
+    def peer(scenario: str, size: str, method: str) -> dict[str, Any] | None:
+        return by.get((scenario, size, 1, method))
+
+    for r in rows:
+        scen, size, n, method = r["scenario"], r["size"], r["n"], r["method"]
+        if scen == "remote-rate" and method == "weightd-http":
+            link = r["model_bytes"] / args.rate * 1e3
+            first, every = r["first_ready_median_ms"] / link, r["all_ready_median_ms"] / link
+            src = r.get("source_read_ratio", float("nan"))
+            peers = "; ".join(
+                f"{m} {p['ready_median_ms']:.0f} ms ({p['ready_median_ms'] / link:.2f}×)"
+                for m in ("http+load_file", "curl+load_file")
+                if (p := peer(scen, size, m)) is not None)
+            lines.append(
+                f"remote-rate {size} at {args.rate / 1e6:.0f} MB/s, N={n}: link time "
+                f"{link:.0f} ms; first replica ready {r['first_ready_median_ms']:.0f} ms = "
+                f"{first:.2f}× (goal ≤1.1×): {_verdict(first <= 1.1)}; every replica "
+                f"{r['all_ready_median_ms']:.0f} ms = {every:.2f}× (goal ≤1.2×): "
+                f"{_verdict(every <= 1.2)}; from the source {src:.2f}× the model (goal "
+                f"1.00×): {_verdict(src <= 1.005)}; peers (one replica): {peers}")
+        if method == "weightd-stream-http" and "first_tensor_ms_median" in r:
+            rate = args.rate if scen == "remote-rate" else None
+            line = (f"{scen} {size} streaming: first tensor {r['first_tensor_ms_median']:.0f} ms, "
+                    f"last tensor {r['last_tensor_ms_median']:.0f} ms, iterator done "
+                    f"{r['ready_median_ms']:.0f} ms")
+            if "download_end_median_ms" in r:
+                ratio = r.get("last_tensor_over_download_end", float("nan"))
+                line += (f"; the source sent the last byte at {r['download_end_median_ms']:.0f} "
+                         f"ms: last tensor {ratio:.3f}× that (goal ≤1.05×): "
+                         f"{_verdict(ratio <= 1.05)}")
+            if rate is not None:
+                chunk = plan.chunk_size / rate * 1e3
+                files = min(args.rate_files, Config().max_parallel_files)
+                shared = chunk * plan.concurrency * files
+                line += (f"; one {plan.chunk_size // MiB} MiB chunk takes {chunk:.0f} ms at the "
+                         f"whole link, {shared:.0f} ms at its share of it ({files} files × "
+                         f"{plan.concurrency} ranges in flight): first tensor within one "
+                         f"chunk's time at the whole link: "
+                         f"{_verdict(r['first_tensor_ms_median'] <= chunk)}, at its share: "
+                         f"{_verdict(r['first_tensor_ms_median'] <= shared)}")
+            lines.append(line)
+        if scen == "remote" and method == "weightd-http":
+            for m in ("curl+load_file", "http+load_file"):
+                p = peer(scen, size, m)
+                if p is not None:
+                    ok = r["first_ready_median_ms"] <= p["ready_median_ms"]
+                    lines.append(f"remote {size} http (loopback), N={n}: first replica ready "
+                                 f"{r['first_ready_median_ms']:.0f} ms vs {m} "
+                                 f"{p['ready_median_ms']:.0f} ms: {_verdict(ok)}")
+        if scen == "remote" and method == "weightd-s3":
+            ps = [p for m in ("s3fs+load_file", "runai-s3")
+                  if (p := peer(scen, size, m)) is not None]
+            if ps:
+                best = min(ps, key=lambda p: p["ready_median_ms"])
+                ok = r["first_ready_median_ms"] <= best["ready_median_ms"]
+                each = ", ".join(f"{p['method']} {p['ready_median_ms']:.0f} ms" for p in ps)
+                lines.append(f"remote {size} s3 (moto), N={n}: first replica ready "
+                             f"{r['first_ready_median_ms']:.0f} ms vs the best of {each}: "
+                             f"{_verdict(ok)}")
+    return lines
+
+
 def plot(rows: list[dict[str, Any]], outdir: Path) -> list[Path]:
     """Time to ready against replicas per method, and memory against replicas: one PNG
     per (scenario, model)."""
@@ -909,7 +1042,7 @@ def plot(rows: list[dict[str, Any]], outdir: Path) -> list[Path]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from weightd.config import parse_size
 
-    all_scenarios = ["host", "disk", "remote", "gpu", "multi", "profile"]
+    all_scenarios = ["host", "disk", "remote", "remote-rate", "gpu", "multi", "profile"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="2GiB", help="synthetic model sizes, comma-separated")
@@ -926,6 +1059,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="synthetic model size of the remote scenario (moto's server reads a "
                         "whole object for every ranged GET: keep it small)")
     p.add_argument("--remote-shard-size", default="64MiB")
+    p.add_argument("--rate", default="200MB",
+                   help="remote-rate: the HTTP origin's total rate, bytes per second")
+    p.add_argument("--rate-size", default="1GiB",
+                   help="remote-rate: the synthetic model's size")
     p.add_argument("--multi-size", default="512MiB",
                    help="size of each of the three models of the multi-model run; the "
                         "daemon's host budget is 2.5 of them")
@@ -968,6 +1105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns.remote_peer_replica_counts = counts(ns.remote_peer_replicas)
     ns.remote_size = parse_size(ns.remote_size)
     ns.remote_shard_size = parse_size(ns.remote_shard_size)
+    ns.rate = parse_size(ns.rate)
+    ns.rate_size = parse_size(ns.rate_size)
+    ns.rate_files = 1  # set once the remote-rate model is written
     ns.multi_size = parse_size(ns.multi_size)
     ns.scenario_list = [s.strip() for s in ns.scenarios.split(",") if s.strip()]
     ns.peer_list = [s.strip() for s in ns.peers.split(",") if s.strip()]
@@ -1029,6 +1169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shutil.rmtree(model.dir, ignore_errors=True)
                     shutil.rmtree(model.dir.parent / f"warmup-{model.label}",
                                   ignore_errors=True)
+        if "remote-rate" in args.scenario_list:
+            model = make_model(bench, args.rate_size, shard_size=args.remote_shard_size)
+            args.rate_files = len(model.files)
+            try:
+                scenario_remote(bench, model, rate=args.rate)
+            finally:
+                shutil.rmtree(model.dir, ignore_errors=True)
+                shutil.rmtree(model.dir.parent / f"warmup-{model.label}", ignore_errors=True)
         if "multi" in args.scenario_list:
             run_multi(bench)
     except BaseException as e:  # keep what was measured
@@ -1060,7 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["", f"Multi-model run (three models of {size_label(args.multi_size)}, host "
                   f"budget 2.5 of them, seed {args.seed}; page cache dropped before each "
                   "request):", "", multi_table(bench.multi)]
-    goal_lines = goals(rows, bench.multi)
+    goal_lines = goals(rows, bench.multi) + remote_goals(rows, args)
     if goal_lines:
         lines += ["", "Goals:", ""] + [f"- {g}" for g in goal_lines]
     if bench.notes or bench.skipped or bench.unavailable:

@@ -27,8 +27,9 @@ What it does, in one process:
      files in parallel, chunks handed in order to a writer thread per file that hashes
      them and writes nothing: the bytes into the writer), **until written** (in the whole
      fetch, until the last byte was hashed and written to its temporary file: page cache,
-     not yet fsynced; the fetch's ``on_written`` hook), and the **whole fetch** (validate,
-     fsync, rename);
+     not yet fsynced; the fetch's ``FetchEvents.written``), **until ready** (every file
+     written and verified: from here a node serves the model, ``FetchEvents.ready``), and
+     the **whole fetch** (validate, fsync, rename);
    - the share of weightd's wall time spent hashing, and raw xxh3-128 speed in memory.
 
    weightd fsyncs every blob before it becomes visible; curl, fsspec and s3fs do not.
@@ -74,6 +75,7 @@ import xxhash
 from weightd.config import Config, format_size, parse_size
 from weightd.sources.base import chunk_plan
 from weightd.store import Fetcher, Store
+from weightd.store.fetch import FetchEvents, Ready
 from weightd.testing import write_synthetic_model
 
 GB = 1e9
@@ -148,20 +150,25 @@ def weightd_fetch(url: str, dest: Path, *, run: int, method: str = "weightd",
     config = Config(cache_dir=dest, chunk_size=chunk_size, concurrency=concurrency,
                     s3_endpoint_url=s3_endpoint)
     last = [0.0]
+    ready_at = [0.0]
 
-    def on_written(rf: Any, offset: int, nbytes: int) -> None:
-        last[0] = max(last[0], time.perf_counter())  # the writer threads', in order
+    class Events(FetchEvents):
+        def written(self, rf: Any, offset: int, nbytes: int) -> None:
+            last[0] = max(last[0], time.perf_counter())  # the writer threads', in order
+
+        def ready(self, ready: Ready) -> None:
+            ready_at[0] = time.perf_counter()  # verified: a node serves it from here on
 
     with Store.open(dest) as store:
         fetcher = Fetcher(store, config)
         t0 = time.perf_counter()
-        snap = fetcher.fetch(url, on_written=on_written)
+        snap = fetcher.fetch(url, events=Events())
         seconds = time.perf_counter() - t0
     plan = chunk_plan(url.split("://", 1)[0], config)
     return Sample(method, run, snap.stats.bytes_fetched, seconds,
                   hash_seconds=snap.stats.hash_seconds, wire_seconds=last[0] - t0,
                   extra={"chunk_size": plan.chunk_size, "concurrency": plan.concurrency,
-                         "files": snap.stats.files})
+                         "files": snap.stats.files, "ready_seconds": ready_at[0] - t0})
 
 
 def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = None) -> Sample:
@@ -646,7 +653,10 @@ def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]
             print(f"  {label:5} run {r}: {s.method:16} {s.gbps:6.3f} GB/s "
                   f"({s.bytes / GB:.3f} GB in {s.seconds:.2f} s"
                   + (f", wire {s.wire_seconds:.2f} s ({s.wire_gbps:.3f} GB/s), hashing "
-                     f"{s.hash_seconds:.2f} s" if s.method.startswith("weightd") else
+                     f"{s.hash_seconds:.2f} s"
+                     + (f", ready {s.extra['ready_seconds']:.2f} s"
+                        if "ready_seconds" in s.extra else "")
+                     if s.method.startswith("weightd") else
                      f", +fsync {s.fsync_seconds:.2f} s") + ")", flush=True)
     return samples
 
@@ -803,7 +813,11 @@ def main(argv: list[str] | None = None) -> int:
                         line = f"{method}: {med:.2f} s = {med / link:.3f} x the link time"
                         if method == "weightd":
                             wmed = statistics.median(x.wire_seconds for x in group)
-                            line += f" (until written {wmed:.2f} s = {wmed / link:.3f} x)"
+                            rmed = statistics.median(x.extra.get("ready_seconds", 0.0)
+                                                     for x in group)
+                            line += (f" (until written {wmed:.2f} s = {wmed / link:.3f} x; "
+                                     f"until ready, when a node serves it, {rmed:.2f} s = "
+                                     f"{rmed / link:.3f} x)")
                         print(f"  {line}")
                         report.setdefault("link_ratios", {})[method] = med / link
                 all_samples += ss

@@ -85,6 +85,37 @@ def load_weightd(spec: dict[str, Any]) -> Loaded:
     return m, release, extra
 
 
+def load_weightd_stream(spec: dict[str, Any]) -> Loaded:
+    """``weightd_client.Client().stream(source)``: each tensor as its bytes land (views
+    of the file the daemon writes), then the lease. ``t_first_ns`` / ``t_last_ns``: when
+    the first and the last tensor came out of the iterator (CLOCK_MONOTONIC)."""
+    import weightd_client
+
+    client = weightd_client.Client()
+    out: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    weights = client.stream(spec["source"], spec.get("device", "cpu"),
+                            timeout=spec.get("timeout", 600))
+    try:
+        for name, tensor in weights:
+            now = time.monotonic_ns()
+            extra.setdefault("t_first_ns", now)
+            extra["t_last_ns"] = now
+            out[name] = tensor
+    except BaseException:
+        weights.release()
+        client.close()
+        raise
+    _sync(spec.get("device", "cpu"))
+
+    def release() -> None:
+        out.clear()
+        weights.release()
+        client.close()
+
+    return out, release, extra
+
+
 def load_file(spec: dict[str, Any]) -> Loaded:
     """``safetensors.torch.load_file(shard, device)`` for each shard."""
     from safetensors.torch import load_file as st_load_file
@@ -224,6 +255,27 @@ def load_download(spec: dict[str, Any]) -> Loaded:
     return out, out.clear, {}
 
 
+def load_curl(spec: dict[str, Any]) -> Loaded:
+    """``curl -o`` each shard into a directory of its own (one after the other), then
+    ``load_file`` each: the plainest way to load a model from an HTTP origin."""
+    import subprocess
+
+    from safetensors.torch import load_file as st_load_file
+
+    tmp = tempfile.mkdtemp(prefix="replica-", dir=spec["scratch"])
+    out: dict[str, Any] = {}
+    try:
+        local = [os.path.join(tmp, f"{i}.safetensors") for i in range(len(spec["remote_files"]))]
+        for url, path in zip(spec["remote_files"], local, strict=True):
+            subprocess.run(["curl", "-sSf", "-o", path, url], check=True, timeout=600)
+        for f in local:
+            out.update(st_load_file(f, device=spec.get("device", "cpu")))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the tensors keep their mmaps
+    _sync(spec.get("device", "cpu"))
+    return out, out.clear, {}
+
+
 def load_cuda_memcpy(spec: dict[str, Any]) -> Loaded:
     """Not a loader: the host-to-device baseline of the gpu scenario. The shards' bytes
     are read into pinned host memory first (not timed), then one ``copy_`` per shard into
@@ -259,7 +311,8 @@ IMPORTS: dict[str, list[str]] = {
 }
 
 LOADERS: dict[str, Callable[[dict[str, Any]], Loaded]] = {
-    "weightd": load_weightd, "load_file": load_file, "safe_open": load_safe_open,
+    "weightd": load_weightd, "weightd-stream": load_weightd_stream, "curl": load_curl,
+    "load_file": load_file, "safe_open": load_safe_open,
     "copy": load_copy, "seqread": load_seqread, "runai": load_runai,
     "fastsafetensors": load_fastsafetensors, "download": load_download,
     "cuda_memcpy": load_cuda_memcpy,

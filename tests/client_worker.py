@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 
 t_import = time.perf_counter()
 import torch  # noqa: E402
@@ -25,7 +26,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def compare(loaded: weightd_client.LoadedModel, reference: str) -> list[str]:
+def compare(loaded: Mapping[str, torch.Tensor], reference: str) -> list[str]:
     """Names of the tensors whose bytes differ from the reference's safetensors files (or
     that one side lacks)."""
     from pathlib import Path
@@ -45,6 +46,7 @@ def compare(loaded: weightd_client.LoadedModel, reference: str) -> list[str]:
 def main() -> None:
     client = weightd_client.Client()
     models: dict[str, weightd_client.LoadedModel] = {}
+    streams: list[weightd_client.StreamedModel] = []
     for line in sys.stdin:
         req = json.loads(line)
         cmd = req["cmd"]
@@ -74,6 +76,17 @@ def main() -> None:
                 out = {"lease_id": m.lease_id, "tensors": len(m),
                        "snapshot_path": m.snapshot_path,
                        "mismatches": compare(m, req["reference"])}
+            elif cmd == "stream":
+                # the tensors as they land, compared with the reference; the lease is
+                # kept (with its stream) when "hold" is set
+                stream = client.stream(req["source"])
+                got = dict(stream)
+                out = {"lease_id": stream.lease_id, "tensors": len(got),
+                       "mismatches": compare(got, req["reference"])}
+                if req.get("hold"):
+                    streams.append(stream)
+                else:
+                    stream.release()
             elif cmd == "read":
                 m = models[req["source"]]
                 t = m[req["name"]]

@@ -72,9 +72,17 @@ class ClientProcess:
         return self.proc.pid
 
     def call(self, cmd: str, timeout: float = 120, **args: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.send(cmd, **args)
+        return self.receive(timeout)
+
+    def send(self, cmd: str, **args: Any) -> None:
+        """Send a command without waiting for its answer (see :meth:`receive`)."""
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self, timeout: float = 120) -> dict[str, Any]:
+        """The answer to the command sent last."""
         line = _readline(self.proc, timeout)
         out = json.loads(line)
         if "error" in out:

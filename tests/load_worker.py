@@ -28,6 +28,7 @@ import grpc
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.credentials import CredentialInterceptor
+from weightd_client.tensors import open_shard
 
 
 def check_shards(resp: pb.AcquireResponse) -> int:
@@ -35,7 +36,9 @@ def check_shards(resp: pb.AcquireResponse) -> int:
     and last byte. Returns a checksum of the bytes read."""
     checksum = 0
     for i, shard in enumerate(resp.shards):
-        with open(shard.path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        # (while the blob is not durable, its temporary file: as weightd_client opens it)
+        with os.fdopen(open_shard(shard.path, shard.pending_path), "rb") as f, \
+                mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
             if len(m) != shard.size:
                 raise RuntimeError(f"{shard.path}: {len(m)} bytes, the daemon said {shard.size}")
             (header_len,) = struct.unpack("<Q", m[:8])

@@ -114,8 +114,8 @@ def mappings(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, mmap.mmap]]:
     made: list[tuple[str, mmap.mmap]] = []
     real = tensors_mod.map_shard
 
-    def recording(path: str) -> mmap.mmap:
-        mm = real(path)
+    def recording(path: str, pending: str = "") -> mmap.mmap:
+        mm = real(path, pending)
         made.append((path, mm))
         return mm
 

@@ -186,7 +186,6 @@ def test_the_disk_budget_never_deletes_the_blobs_of_a_fetch_in_progress(
         tmp_path, http_server, http_root):
     slow = http_root / "b"
     write_synthetic_model(slow, total_bytes=8 * MiB, tensors=8, shards=2)
-    first = slow / "model-00001-of-00002.safetensors"
     other = tmp_path / "c"
     write_synthetic_model(other, total_bytes=6 * MiB, tensors=4)
     gate = Gate("/b/model-00002-of-00002.safetensors")
@@ -196,11 +195,13 @@ def test_the_disk_budget_never_deletes_the_blobs_of_a_fetch_in_progress(
             loading = d.stub().Acquire.future(pb.AcquireRequest(
                 source=f"{http_server.url}/b", client=pb.ClientInfo(pid=os.getpid())),
                 timeout=120)
-            digest = hash_file(first)
+            # side files are committed as they land (shards wait in tmp/ until every
+            # file is verified: serve before durable)
+            digest = hash_file(slow / "config.json")
             wait_for(lambda: (d.cache_dir / "blobs" / digest[:2] / digest).exists(),
-                     what="the first shard's blob")
+                     what="the config's blob")
             wait_for(lambda: gate.held, what="the second shard to be held")
-            # another model's fetch runs the disk budget: the first shard of b is in no
+            # another model's fetch runs the disk budget: the config of b is in no
             # model record yet
             list(d.stub().Fetch(pb.FetchRequest(source=str(other)), timeout=60))
         finally:

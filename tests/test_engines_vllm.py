@@ -127,8 +127,9 @@ def test_the_model_is_fetched_once_for_every_engine_process(llama):
         size = sum(p.stat().st_size for p in (llama["www"] / name).iterdir())
         assert http.log.bytes_served(f"/{name}/") == size, name
     # the first engine's Acquire fetched A, every later one found it cached
+    # (the loader streams the weights: AcquireStream)
     acquires = [line for line in llama["daemon_log"].splitlines()
-                if "Acquire " in line and "/llama-a " in line]
+                if "AcquireStream " in line and "/llama-a " in line]
     # the first load, its reload, the two ranks
     assert ["fetched=True" in line for line in acquires] == [True, False, False, False]
     # the snapshot the server was given is what `weightd fetch` prints, and a fetch now
@@ -140,7 +141,7 @@ def test_the_lease_ends_once_vllm_has_its_weights(llama):
     assert llama["results"]["weightd"]["leases"] == []
     log = llama["daemon_log"]
     # the first engine (1) and its two reloads (2), and each of the server's two ranks
-    assert log.count("Acquire ") == log.count("Release ") == 5
+    assert log.count("AcquireStream ") == log.count("Release ") == 5
 
 
 def test_reload_weights_reloads_the_source_or_the_path_given(llama):
@@ -205,5 +206,5 @@ def test_minilm_through_the_pooling_runner_embeds_bit_for_bit_as_the_default(tmp
         assert daemon.stop() == 0, daemon.log()
     assert results["default"]["shape"] == [len(SENTENCES), 384]
     assert results["weightd"]["hex"] == results["default"]["hex"]
-    acquires = [line for line in daemon.log().splitlines() if "Acquire " in line]
+    acquires = [line for line in daemon.log().splitlines() if "AcquireStream " in line]
     assert len(acquires) == 1 and "outcome=OK" in acquires[0], acquires

@@ -11,6 +11,7 @@ import pytest
 from tests.daemon import DaemonProcess
 from weightd.testing import write_tiny_llama
 from weightd_client import Client
+from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client.integrations import _weights
 from weightd_client.integrations._weights import choose_device, leased_weights, resolve_source
 
@@ -83,3 +84,19 @@ def test_gpu_a_model_resident_on_the_engines_gpu_is_read_there(tmp_path, daemon)
             assert all(t.device.type == "cuda" for t in copies.values())
         assert daemon.status().leases == []
         assert all(torch.equal(copies[k].cpu(), want[k]) for k in want)
+
+
+def test_a_gpu_this_process_cannot_use_is_read_from_the_host_tier_under_one_lease(
+        tmp_path, daemon):
+    if torch.cuda.is_available():
+        pytest.skip("this process sees a GPU: nothing to fall back from")
+    model = write_tiny_llama(tmp_path / "llama")
+    want = safetensors_torch.load_file(model / "model.safetensors")
+    with Client(daemon.socket) as client:
+        with leased_weights(client, str(model), "cuda:0") as pairs:
+            got = dict(pairs)
+            leases = daemon.status().leases
+            assert [lease.tier for lease in leases] == [pb.TIER_HOST], leases
+        assert daemon.status().leases == []
+    assert all(t.device.type == "cpu" for t in got.values())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -82,6 +82,39 @@ def test_a_corrupt_residency_gets_no_new_lease_and_is_reloaded_once_free():
     assert life.plan_acquire("m", "cpu") is Step.RELOAD
 
 
+def test_a_ready_fetch_is_loaded_before_it_is_durable():
+    life = Lifecycle()
+    life.want("m", "cpu")
+    life.begin_fetch("m")
+    assert life.plan_acquire("m", "cpu") is Step.WAIT_FETCH
+    life.fetch_ready("m", "r1")  # every file verified, not yet fsynced
+    assert life.plan_acquire("m", "cpu") is Step.LOAD
+    life.begin_load("m", "cpu")
+    life.end_load("m", "cpu", revision="r1", view="v1")
+    assert not life.slots[("m", "cpu")].stale  # the revision being committed
+    assert life.plan_acquire("m", "cpu") is Step.LEASE
+    life.lease("m", "cpu", 1.0)
+    assert life.end_fetch("m", "r1") == []  # durable: nothing is stale
+    assert life.plan_acquire("m", "cpu") is Step.LEASE
+    with pytest.raises(IllegalTransition):
+        life.fetch_ready("m", "r1")  # no fetch runs
+
+
+def test_a_served_fetch_whose_commit_fails_gets_no_new_lease_and_is_refetched_once_free():
+    life = Lifecycle()
+    life.want("m", "cpu")
+    life.begin_fetch("m")
+    life.fetch_ready("m", "r1")
+    life.begin_load("m", "cpu")
+    life.end_load("m", "cpu", revision="r1", view="v1")
+    life.lease("m", "cpu", 1.0)
+    assert life.end_fetch("m", None) == ["cpu"]  # the fsync failed after serving
+    assert life.disk_of("m").state is State.ABSENT
+    assert life.plan_acquire("m", "cpu") is Step.REFUSE
+    life.unlease("m", "cpu", 2.0)
+    assert life.plan_acquire("m", "cpu") is Step.RELOAD  # its load finds no record: fetch
+
+
 def test_gc_removes_only_what_nobody_uses():
     life = Lifecycle()
     life.cached("m", "r1")
@@ -172,16 +205,28 @@ class NodeLike(RuleBasedStateMachine):
 
     @rule(m=st.sampled_from(MODELS), ok=st.booleans(), rev=st.sampled_from(["r1", "r2"]))
     def fetch_ends(self, m: str, ok: bool, rev: str) -> None:
-        if self.life.disk_of(m).state is State.FETCHING:
-            stale = self.life.end_fetch(m, rev if ok else None)
-            for d in stale:
-                assert self.life.slots[(m, d)].revision != rev
+        disk = self.life.disk_of(m)
+        if disk.state is State.FETCHING:
+            served = disk.ready
+            ended = self.life.end_fetch(m, rev if ok else None)
+            for d in ended:
+                slot = self.life.slots[(m, d)]
+                if ok:  # stale: resident in another revision
+                    assert slot.revision != rev
+                else:  # served from the fetch's bytes, never durable: no new lease
+                    assert slot.revision == served and slot.corrupt
+
+    @rule(m=st.sampled_from(MODELS), rev=st.sampled_from(["r1", "r2"]))
+    def fetch_is_ready(self, m: str, rev: str) -> None:
+        disk = self.life.disk_of(m)
+        if disk.state is State.FETCHING and not disk.ready:
+            self.life.fetch_ready(m, rev)
 
     @rule(m=st.sampled_from(MODELS), d=st.sampled_from(DEVICES), ok=st.booleans())
     def load_ends(self, m: str, d: str, ok: bool) -> None:
         slot = self.life.slots.get((m, d))
         if slot is not None and slot.state is State.LOADING:
-            rev = self.life.disk_of(m).revision or "r0"
+            rev = self.life.disk_of(m).latest or "r0"
             self.life.end_load(m, d, revision=rev if ok else None, view=object())
 
     @rule(m=st.sampled_from(MODELS), d=st.sampled_from(DEVICES))

@@ -18,6 +18,7 @@ from weightd.config import Config
 from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
 from weightd.store import Fetcher, Store, hash_file
+from weightd.store.fetch import FetchEvents, Ready
 from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
 
 MiB = 1024 * 1024
@@ -195,19 +196,33 @@ def test_a_retry_after_past_retry_max_seconds_fails_at_once(config, http_server,
 # --- what the writer reports (part B streams from it) ------------------------------------
 
 
-def test_on_written_reports_each_file_in_order_until_it_is_whole(config, http_server,
-                                                                  http_root):
+def test_the_fetch_reports_each_file_in_order_its_header_and_when_it_is_ready(
+        config, http_server, http_root):
     d = http_root / "three"
     write_synthetic_model(d, total_bytes=3 * MiB, tensors=12, shards=3, seed=9)
     seen: dict[str, list[tuple[int, int]]] = {}
+    headers: dict[str, int] = {}
+    ready: list[Ready] = []
     lock = threading.Lock()
 
-    def on_written(rf, offset: int, nbytes: int) -> None:  # type: ignore[no-untyped-def]
-        with lock:
-            seen.setdefault(rf.relpath, []).append((offset, nbytes))
+    class Events(FetchEvents):
+        def written(self, rf, offset: int, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+            with lock:
+                seen.setdefault(rf.relpath, []).append((offset, nbytes))
+
+        def header(self, rf, layout) -> None:  # type: ignore[no-untyped-def]
+            with lock:  # once per shard, before the bytes after its header are reported
+                assert rf.relpath not in headers
+                headers[rf.relpath] = len(seen.get(rf.relpath, []))
+
+        def ready(self, r: Ready) -> None:
+            # every file verified; the shards are not durable yet (their temp files)
+            assert all(not (config.cache_dir / "blobs" / dg[:2] / dg).exists()
+                       and p.exists() for dg, p in r.pending.items())
+            ready.append(r)
 
     snap = fetch(config.replace(chunk_size=128 * 1024, concurrency=4),
-                 f"{http_server.url}/three", on_written=on_written)
+                 f"{http_server.url}/three", events=Events())
     sizes = {f.relpath: f.size for f in snap.files}
     assert set(seen) == set(sizes)
     for rel, parts in seen.items():
@@ -216,7 +231,12 @@ def test_on_written_reports_each_file_in_order_until_it_is_whole(config, http_se
             assert offset == ends, (rel, parts)
             ends += nbytes
         assert ends == sizes[rel]
+    assert sorted(headers) == sorted(r for r in sizes if r.endswith(".safetensors"))
+    assert all(n == 0 for n in headers.values())  # each header sits in the first chunk
+    assert [len(r.pending) for r in ready] == [3]
+    assert ready[0].revision == Path(snap.path).resolve().name
     reported = sum(len(v) for v in seen.values())
-    again = fetch(config, f"{http_server.url}/three", on_written=on_written)
+    again = fetch(config, f"{http_server.url}/three", events=Events())
     assert again.stats.bytes_fetched == 0  # a hit downloads nothing, so reports nothing
     assert sum(len(v) for v in seen.values()) == reported
+    assert len(ready) == 2 and not ready[1].pending

@@ -33,6 +33,10 @@ Rules the decisions keep (see :meth:`Lifecycle.plan_acquire`):
   lease holds it; the first Acquire that finds it unleased reloads it. A ``corrupt``
   slot (``weightd verify`` found one of its blobs damaged) gets no new lease.
 * A model is removed from disk (gc) only when no slot of it is busy or wanted.
+* A fetch whose bytes are all written and verified is *ready* before it is durable
+  (:meth:`Lifecycle.fetch_ready`): Acquires load it then, from its temporary files. If
+  its commit then fails, the residencies made from it are marked ``corrupt`` (no new
+  lease; reloaded, so fetched again, once unleased).
 
 Blob holders (:class:`BlobHolds`) are bookkeeping of the same kind: which digests and
 which snapshot revisions a fetch, a load or a residency holds, so that gc deletes only
@@ -124,6 +128,12 @@ class Disk:
     revision: str = ""  # the revision the index records ("" until fetched)
     before_fetch: State = State.ABSENT  # where a failed fetch returns to
     before_remove: State = State.CACHED  # where a gc that kept the model returns to
+    ready: str = ""  # FETCHING: the revision whose bytes are verified, not yet durable
+
+    @property
+    def latest(self) -> str:
+        """The newest revision a load can find: the fetch's when it is ready."""
+        return self.ready or self.revision
 
 
 @dataclass
@@ -198,8 +208,10 @@ class Lifecycle:
             return Step.WAIT_REMOVAL
         if disk.state is State.FETCHING:
             # a refresh of a cached model does not hold up its loads: they load what is
-            # cached, and the refresh marks them stale when it lands
-            return Step.LOAD if disk.before_fetch is State.CACHED else Step.WAIT_FETCH
+            # cached, and the refresh marks them stale when it lands; a fetch that is
+            # ready is loaded from its verified temporary files, before it is durable
+            ready = disk.before_fetch is State.CACHED or disk.ready
+            return Step.LOAD if ready else Step.WAIT_FETCH
         return Step.LOAD if disk.state is State.CACHED else Step.FETCH
 
     # disk ---------------------------------------------------------------------------
@@ -213,18 +225,35 @@ class Lifecycle:
         before = disk.state
         disk.state = _next(disk.state, "fetch")
         disk.before_fetch = before
+        disk.ready = ""
+
+    def fetch_ready(self, model: str, revision: str) -> None:
+        """The running fetch's bytes are written and verified (``revision``), not yet
+        durable: loads may take them from now on."""
+        disk = self.disk.get(model)
+        if disk is None or disk.state is not State.FETCHING:
+            raise IllegalTransition(f"{model}: ready outside a fetch")
+        disk.ready = revision
 
     def end_fetch(self, model: str, revision: str | None) -> list[str]:
         """A fetch ended: with the revision it recorded, or None when it failed.
 
-        Returns the devices where the model is resident in another revision (now stale).
+        Returns the devices where the model is resident in another revision (now stale);
+        after a failure, the devices where it was made resident from the fetch's
+        verified bytes, which never became durable (now corrupt: no new lease).
         """
         disk = self.disk[model]
         if disk.state is not State.FETCHING:
             raise IllegalTransition(f"{model}: a fetch ended in state {disk.state.value}")
+        served, disk.ready = disk.ready, ""
         if revision is None:
             disk.state = disk.before_fetch
-            return []
+            broken = []
+            for (m, device), slot in self.slots.items():
+                if served and m == model and slot.busy and slot.revision == served:
+                    slot.corrupt = True
+                    broken.append(device)
+            return broken
         disk.state = _next(disk.state, "fetched")
         disk.revision = revision
         stale = []
@@ -291,7 +320,7 @@ class Lifecycle:
         slot.view = view
         slot.last_used = now
         # a fetch may have landed a newer revision while this one was loading
-        slot.stale = revision != self.disk_of(model).revision
+        slot.stale = revision != self.disk_of(model).latest
 
     def begin_unload(self, model: str, device: str) -> None:
         slot = self.slots[(model, device)]

@@ -21,6 +21,14 @@ How it stays fast and right under concurrency (docs/architecture.md):
   its blob waits for gc, then finds it gone and fetches it again.
 * A view names its own revision's snapshot directory (``snapshots/.revs/<model>/<rev>``),
   which stays on disk while the revision is resident.
+* Serve before durable: a fetch whose files are all written and verified is *ready*
+  (:meth:`Node._fetch_ready`); Acquires waiting for it load the model from the
+  temporary files at once (same inodes, in the page cache) while the fetch fsyncs and
+  renames them; a view names each shard's blob path and, until it is durable, its
+  temporary path (a client opens one, then the other). The index knows the model only
+  once it is durable. A commit that fails after serving keeps the leases granted (their
+  pages are verified), refuses new ones, reports it in Status, and the model is fetched
+  again once no lease holds it.
 
 Work that has to wait is written once, as a *plan*: a generator that yields the futures
 it waits for and returns its result (:meth:`Node.acquiring`, :meth:`Node.fetching`).
@@ -40,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import psutil
@@ -55,6 +64,7 @@ from weightd.errors import (
     SourceUnavailable,
 )
 from weightd.formats import ShardLayout
+from weightd.landing import Landing
 from weightd.leases import Caller, Credentials, Lease, LeaseTable
 from weightd.lifecycle import BlobHolds, IllegalTransition, Lifecycle, State, Step
 from weightd.metrics import Metrics
@@ -66,6 +76,7 @@ from weightd.sources import (
     open_source,
 )
 from weightd.store import Fetcher, GcPlan, ModelFile, ModelRecord, Snapshot, Store, VerifyReport
+from weightd.store.fetch import Ready
 from weightd.tiers import Blob, CudaTier, HostTier, ShardExport, Tier
 from weightd.tiers.base import Detached, Reservation
 from weightd.tiers.budget import parse_gpu_budget, plan_eviction
@@ -110,6 +121,20 @@ def _started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecu
     return pool
 
 
+def _record_of(ready: Ready) -> ModelRecord:
+    """The index's record-to-be of a ready fetch."""
+    now = time.time()
+    files = tuple(ready.files[rel] for rel in sorted(ready.files))
+    return ModelRecord(ready.name, ready.source, ready.revision, now, now, files)
+
+
+def _ended(future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[None]:
+    """A future done (with None) once ``future`` is, whether it succeeded or not."""
+    ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+    future.add_done_callback(lambda _: ended.set_result(None))
+    return ended
+
+
 def run_sync(plan: Plan[T]) -> T:
     """Drive a plan in this thread: wait for each future it yields; return its result."""
     try:
@@ -126,9 +151,11 @@ def run_sync(plan: Plan[T]) -> T:
 @dataclass(frozen=True)
 class ShardInfo(ShardExport):
     """One shard of a view: where a client finds it (the tier's export) and its place in
-    the model's snapshot."""
+    the model's snapshot. ``pending_path``: while the blob is not durable yet, its
+    temporary file (renamed to ``path`` once it is: open one, then the other)."""
 
     relpath: str = ""
+    pending_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +212,17 @@ class View:
     @property
     def nbytes(self) -> int:
         return sum(s.size for s in self.shards)
+
+    @property
+    def durable(self) -> bool:
+        return not any(s.pending_path for s in self.shards)
+
+    def settled(self) -> View:
+        """This view once its blobs are durable: the same, without temporary paths."""
+        if self.durable:
+            return self
+        return dataclasses.replace(self, shards=tuple(
+            dataclasses.replace(s, pending_path="") for s in self.shards))
 
 
 @dataclass(frozen=True)
@@ -251,25 +289,26 @@ class _Fanout(Callback):  # type: ignore[misc]
 class _Job:
     """Cold work in progress (a fetch, a load, an unload) and its future. A fetch also
     names the files it asked for (:func:`_globs`): only a fetch of the same files joins
-    it."""
+    it; it has its progress, its :class:`~weightd.landing.Landing` and ``ready``, a future
+    done once the model may be served (every file verified; before it is durable), or
+    with the fetch's error."""
 
     future: concurrent.futures.Future[Any]
     progress: _Fanout | None = None
     globs: tuple[Any, ...] | None = None
+    landing: Landing | None = None
+    ready: concurrent.futures.Future[None] | None = None
+
+    @property
+    def servable(self) -> concurrent.futures.Future[Any]:
+        """What an Acquire waits for: the model ready to serve (a fetch), or the end."""
+        return self.ready if self.ready is not None else self.future
 
 
 def _globs(include: Sequence[str] | None, exclude: Sequence[str]) -> tuple[Any, ...]:
     """The files a fetch asks for, as a key: two fetches with the same key list the
     same files."""
     return (tuple(include) if include else None, tuple(exclude))
-
-
-def _settled(future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[None]:
-    """A future that ends (with None) when ``future`` ends, whatever its outcome: for a
-    caller that waits for someone else's work only to start its own after it."""
-    done: concurrent.futures.Future[None] = concurrent.futures.Future()
-    future.add_done_callback(lambda _: done.set_result(None))
-    return done
 
 
 class ColdWork:
@@ -317,6 +356,9 @@ class ColdWork:
                 future.set_result(work(*args))
             except BaseException as e:  # handed to whoever waits for the future
                 future.set_exception(e)
+            # an idle worker keeps nothing of its last job alive (a fetch's landing holds
+            # its shards' layouts: tens of MiB for a model of 100,000 tensors)
+            item = future = work = args = None  # type: ignore[assignment]
 
     def shutdown(self, timeout: float) -> bool:
         """Cancel what has not started; wait up to ``timeout`` seconds for what runs.
@@ -384,6 +426,8 @@ class Node:
         self._ids = itertools.count(1)
         self._tiers: dict[str, Tier] = {HostTier.DEVICE: self.host}
         self._budgets: dict[str, int] = {HostTier.DEVICE: self.host_budget}
+        self._ready: dict[str, Ready] = {}  # model -> its fetch's verified, not durable bytes
+        self._not_durable: dict[str, str] = {}  # model -> why its served bytes are not
         self._pins: dict[tuple[str, str, str], PinState] = {}
         self._warm_queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -555,12 +599,14 @@ class Node:
     # cold work: the executor and its jobs ---------------------------------------------------
 
     def _submit(self, key: tuple[str, ...], work: Callable[..., Any], *args: Any,
-                progress: _Fanout | None = None) -> _Job:
+                progress: _Fanout | None = None, landing: Landing | None = None,
+                ready: concurrent.futures.Future[None] | None = None) -> _Job:
         """Start ``work`` as the job ``key``, on the pool of its kind (``key[0]``: "fetch"
         or "slot"). Caller holds the lock and has made the transition that says the work
         is under way; ``work`` makes the one that says it ended, and drops the job, under
         the lock, before it returns."""
-        job = _Job(self._cold[key[0]].submit(work, key, *args), progress)
+        job = _Job(self._cold[key[0]].submit(work, key, *args), progress, landing=landing,
+                   ready=ready)
         self._jobs[key] = job
         return job
 
@@ -597,7 +643,15 @@ class Node:
                 elif disk.state is State.CACHED and only_if_absent:
                     return None
                 else:
-                    wait, job = self._fetch_for(name, source, include, exclude)
+                    job = self._jobs.get(("fetch", name))
+                    if (job is not None and not only_if_absent and job.ready is not None
+                            and job.ready.done()):
+                        # it read the source's listing before it was ready (served, now
+                        # committing): a Fetch asked now wants what the source holds now,
+                        # so it waits for that one's end (whatever it was), then fetches
+                        wait, job = _ended(job.future), None
+                    else:
+                        wait, job = self._fetch_for(name, source, include, exclude)
             if job is None:
                 if wait is not None:
                     yield wait
@@ -614,48 +668,100 @@ class Node:
 
     def _fetch_for(self, name: str, source: str, include: Sequence[str] | None,
                    exclude: Sequence[str]) -> tuple[concurrent.futures.Future[Any], _Job | None]:
-        """The fetch of these files: the one running when it asks for the same files
-        (joined), a new one when none runs; when one runs for other files (other
-        include/exclude globs), nothing yet: the future to wait for before asking again
-        (its outcome is not this caller's). Caller holds the lock."""
+        """The fetch of these files and the future to wait for (the model servable): the
+        one running when it asks for the same files (joined), a new one when none runs;
+        when one runs for other files (other include/exclude globs), no job yet: the
+        future to wait for before asking again (its outcome is not this caller's). Caller
+        holds the lock."""
         job = self._jobs.get(("fetch", name))
         if job is None:
             job = self._start_fetch(name, source, include, exclude)
         elif job.globs != _globs(include, exclude):
-            return _settled(job.future), None
-        return job.future, job
+            return _ended(job.future), None
+        return job.servable, job
 
     def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
                      exclude: Sequence[str]) -> _Job:
         """Caller holds the lock."""
         self._life.begin_fetch(name)
         progress = _Fanout()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        landing = Landing(self.fetcher.layout, self.store.blob_path,
+                          lambda r: self._fetch_ready(name, r, ready))
         job = self._submit(("fetch", name), self._fetch_job, name, source, include,
-                           tuple(exclude), progress, progress=progress)
+                           tuple(exclude), progress, landing, ready, progress=progress,
+                           landing=landing, ready=ready)
         job.globs = _globs(include, exclude)
         return job
 
+    def landing(self, source: str, *, include: Sequence[str] | None = None,
+                exclude: Sequence[str] = ()) -> tuple[Landing | None, bool]:
+        """The landing of the model's download, to stream it as it lands: the running
+        fetch's (started now when the model is nowhere: then the second value is True),
+        or None when nothing lands (it is cached, resident, being refreshed or removed, or
+        the running fetch asks for other files: an Acquire serves it whole)."""
+        _, name = self.resolve(source)
+        with self._lock:
+            disk = self._life.disk_of(name)
+            if disk.state is State.ABSENT:
+                return self._start_fetch(name, source, include, exclude).landing, True
+            job = self._jobs.get(("fetch", name))
+            if (disk.state is State.FETCHING and disk.before_fetch is not State.CACHED
+                    and job is not None and job.globs == _globs(include, exclude)):
+                return job.landing, False
+        return None, False
+
+    def _fetch_ready(self, name: str, ready: Ready,
+                     future: concurrent.futures.Future[None]) -> None:
+        """Every file of the fetch is verified: it may be served from its temporary files
+        (the fetch makes them durable next). From the fetch's thread."""
+        with self._lock:
+            self._ready[name] = ready
+            self._life.fetch_ready(name, ready.revision)
+        log.info("%s: every file verified; served from %d temporary file(s) until they are "
+                 "durable", name, len(ready.pending))
+        future.set_result(None)
+
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
                    include: Sequence[str] | None, exclude: Sequence[str],
-                   progress: _Fanout) -> Snapshot:
+                   progress: _Fanout, landing: Landing,
+                   ready: concurrent.futures.Future[None]) -> Snapshot:
         holder = ("fetch", name, next(self._ids))
         try:
             snap = self.fetcher.fetch(source, include=include, exclude=exclude,
                                       callback=progress,
-                                      hold=lambda digest: self._hold(holder, [digest]))
+                                      hold=lambda digest: self._hold(holder, [digest]),
+                                      events=landing)
             record = self.store.index.model(snap.name)
             if record is None:  # pragma: no cover - a fetch records the model or raises
                 raise SourceNotFound(f"{source}: nothing was fetched")
-        except BaseException:
+        except BaseException as e:
             with self._lock:
-                self._life.end_fetch(name, None)
+                broken = self._life.end_fetch(name, None)
+                self._ready.pop(name, None)
+                if broken:
+                    self._not_durable[name] = str(e)
                 self._holds.release(holder)
                 self._end_job(key)
+            if broken:
+                log.error("%s: served on %s from verified bytes that could not be made "
+                          "durable (%s); its leases stay valid, it gets no new lease, and it "
+                          "is fetched again once none holds it", name, ", ".join(broken), e)
+            landing.failed(e)
+            if not ready.done():
+                ready.set_exception(e)
             raise
         with self._lock:
             stale = self._life.end_fetch(name, record.revision)
+            self._ready.pop(name, None)
+            self._not_durable.pop(name, None)
+            for (m, _), slot in self._life.slots.items():
+                if m == name and isinstance(slot.view, View):
+                    slot.view = slot.view.settled()  # durable: no temporary path any more
             self._holds.release(holder)
             self._end_job(key)
+        if not ready.done():  # pragma: no cover - a fetch says "ready" before it commits
+            ready.set_result(None)
         if stale:
             log.info("%s: a new revision was fetched; resident on %s in an older one (it is "
                      "reloaded once no lease holds it)", name, ", ".join(stale))
@@ -707,7 +813,8 @@ class Node:
         """The plan of an Acquire: until the model is resident on ``device``, start (or
         join) the work it needs and wait for it; then lease its view to ``caller`` (none:
         only make it resident, as a pin's warm-up does), as ``lease_id`` when the caller
-        proposed one (see :meth:`~weightd.leases.LeaseTable.add`).
+        proposed one or an AcquireStream named it first (see
+        :meth:`~weightd.leases.LeaseTable.add`).
 
         ``check(model, view)`` runs before the lease is granted (the service checks the
         answer's size there): what it raises leaves no lease.
@@ -732,7 +839,11 @@ class Node:
                     if step is Step.LEASE:
                         view = self._life.slots[(name, device)].view
                     elif step is Step.REFUSE:
+                        why = self._not_durable.get(name)
                         raise IntegrityError(
+                            f"{name}: its resident copy on {device} is not durable ({why}): "
+                            "leases granted keep its verified pages; it is fetched again "
+                            "once no lease holds it" if why else
                             f"{name}: a blob of its resident copy on {device} is damaged "
                             "(weightd verify); it is fetched again once no lease holds it")
                     elif step is Step.WAIT_SLOT:
@@ -818,19 +929,22 @@ class Node:
                 with self._lock:
                     detached = tier.detach(name, device)
                 self._finish_unload(name, device, detached, reload=True)
-            record = self.store.index.model(name)
+            record, pending = self._record_to_load(name)
             if record is None:
                 raise _NeedsFetch(name)
             self._hold(holder, [f.digest for f in record.files], (name, record.revision))
             self._drop_corrupt(holder, record)
-            if not self.store.model_complete(record):
+            if not all(f.digest in pending or self.store.has_blob(f.digest)
+                       for f in record.files):
                 raise _NeedsFetch(name)
             shards = [f for f in record.files if f.relpath.endswith(".safetensors")]
             # every shard validated before it becomes resident: the layouts its fetch
-            # parsed (the fetcher's bounded cache), else parsed now, outside the lock;
-            # kept only until the view is built
-            layouts = [self.fetcher.layout(f.digest) for f in shards]
-            blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size) for f in shards]
+            # parsed (the fetcher's bounded cache), else parsed now (from the blob, or its
+            # temporary file while it is not durable), outside the lock; kept only until
+            # the view is built
+            layouts = [self.fetcher.layout(f.digest, pending.get(f.digest)) for f in shards]
+            blobs = [Blob(f.digest, self.store.blob_path(f.digest), f.size,
+                          pending.get(f.digest)) for f in shards]
             with self._lock:
                 reservation, victims = self._make_room(tier, device, name, blobs)
             for victim, detached in victims:
@@ -839,7 +953,7 @@ class Node:
                          format_size(detached.nbytes))
             tier.fill(reservation)
             reservation = None
-            view = self._view(name, record.revision, shards, layouts, tier, device)
+            view = self._view(name, record.revision, shards, layouts, tier, device, pending)
             del layouts  # the view has what the answer needs
         except _NeedsFetch:
             with self._lock:
@@ -861,13 +975,40 @@ class Node:
             tier.free(detached)
             raise
         with self._lock:
+            lost = False
+            ready = self._ready.get(name)
+            if pending and (ready is None or ready.revision != record.revision):
+                # its fetch ended while this loaded: durable (the index has the revision),
+                # or its commit failed (verified pages, not durable: no new lease)
+                lost = self._life.disk_of(name).revision != record.revision
+                if lost:
+                    self._not_durable.setdefault(name, "its fetch failed to commit it")
+                else:
+                    view = view.settled()
             self._holds.move(holder, ("resident", name, device))
             self._life.end_load(name, device, revision=record.revision, view=view,
                                 now=time.time())
-            if self._corrupt.intersection(s.digest for s in view.shards):
+            if lost or self._corrupt.intersection(s.digest for s in view.shards):
                 self._life.mark_corrupt(name, device)
             self._end_job(key)
         self._update_resident_metric(tier, device)
+
+    def _record_to_load(self, name: str) -> tuple[ModelRecord | None, dict[str, Path]]:
+        """What a load makes resident: the running fetch's verified revision when it is
+        ready (with the temporary file of each blob not yet durable), else the index's."""
+        with self._lock:
+            ready = self._ready.get(name)
+        if ready is None:
+            return self.store.index.model(name), {}
+        return _record_of(ready), dict(ready.pending)
+
+    def not_durable(self) -> list[tuple[ModelRecord, str]]:
+        """The models whose fetch is ready and not yet durable (served from their temp
+        files; the index does not name them, or names an older revision), each with its
+        revision's snapshot directory."""
+        with self._lock:
+            readies = list(self._ready.values())
+        return [(_record_of(r), r.snapshot) for r in readies]
 
     def _drop_corrupt(self, holder: tuple[Any, ...], record: ModelRecord) -> None:
         """Quarantine the blobs of ``record`` that verify found damaged, now that only
@@ -948,11 +1089,14 @@ class Node:
         self._update_resident_metric(tier, device)
 
     def _view(self, name: str, revision: str, shards: Sequence[ModelFile],
-              layouts: Sequence[ShardLayout], tier: Tier, device: str) -> View:
+              layouts: Sequence[ShardLayout], tier: Tier, device: str,
+              pending: dict[str, Path]) -> View:
         """The answer's shards, tensors and metadata for a model just made resident
-        (``layouts``: the shards' parsed headers, in order)."""
+        (``layouts``: the shards' parsed headers, in order; ``pending``: the temporary
+        files of its blobs that are not durable yet)."""
         exports = {e.digest: e for e in tier.export(name, device)}
-        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath)
+        infos = tuple(ShardInfo(**dataclasses.asdict(exports[f.digest]), relpath=f.relpath,
+                                pending_path=str(pending.get(f.digest, "")))
                       for f in shards)
         tensors: list[TensorEntry] = []
         metadata: dict[str, str] = {}
@@ -1153,7 +1297,9 @@ class Node:
                 for m, d, last, n in resident]
 
     def problems(self) -> list[str]:
-        out = []
+        with self._lock:
+            out = [f"{name}: served from memory, not durable on disk ({why}); fetched again "
+                   "once no lease holds it" for name, why in sorted(self._not_durable.items())]
         if self.host.lock_problem:
             out.append(f"host tier: {self.host.lock_problem}")
         if not self.cuda.available:

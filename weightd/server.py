@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from weightd import testhooks
 from weightd.config import Config, ConfigError
 from weightd.metrics import Metrics, MetricsServer, start_http
 from weightd.node import Node
@@ -210,6 +211,7 @@ def serve(config: Config) -> int:
         ConfigError: the socket's path is too long for a unix socket.
     """
     check_socket_path(Path(config.socket).absolute())
+    testhooks.announce()  # loud when test-only pauses are armed
     if not return_freed_buffers():
         log.debug("mallopt is not available: freed fetch buffers may stay in the heap")
     return asyncio.run(_serve(config))

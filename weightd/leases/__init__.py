@@ -38,7 +38,7 @@ from weightd.errors import FormatError, LeaseNotFound, NotPermitted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Caller", "Credentials", "Lease", "LeaseTable", "process_start_time"]
+__all__ = ["Caller", "Credentials", "Lease", "LeaseTable", "new_lease_id", "process_start_time"]
 
 #: How many client processes may hold a token at once; a handshake beyond it is refused
 #: (each one costs a pidfd and a check every reap round).
@@ -249,6 +249,11 @@ class Lease:
         return self.owner.uid
 
 
+def new_lease_id() -> str:
+    """A lease id: 96 random bits, hex."""
+    return secrets.token_hex(12)
+
+
 class LeaseTable:
     """Thread-safe table of live leases, with a reaper thread for dead holders.
 
@@ -275,15 +280,16 @@ class LeaseTable:
 
     def add(self, model: str, tier: str, device: str, owner: Caller, client_name: str = "",
             revision: str = "", *, lease_id: str | None = None) -> Lease:
-        """Grant a lease to ``owner``; ``lease_id`` is the id its caller proposed (else a
-        random one).
+        """Grant a lease to ``owner``; ``lease_id`` is the id its caller proposed, or one
+        :func:`new_lease_id` gave (an AcquireStream names its lease before it is granted),
+        else a new one.
 
         Raises:
             FormatError: the proposed id is in use.
             LeaseNotFound: the caller released the proposed id already (it gave up).
         """
-        lease = Lease(lease_id or secrets.token_hex(12), model, tier, device, owner,
-                      client_name, revision)
+        lease = Lease(lease_id or new_lease_id(), model, tier, device, owner, client_name,
+                      revision)
         with self._lock:
             if lease.lease_id in self._leases:
                 raise FormatError("request", f"lease id {lease.lease_id} is in use")

@@ -5,14 +5,18 @@ lookup under the node's lock (a warm Acquire, Release, Status), or a wait that c
 no thread (a cold Acquire awaits the future of the node's cold work, a Fetch polls its
 progress). So Release, Status, Health and warm Acquires are answered however many cold
 Acquires and fetches are in flight: they never queue behind a thread that a download
-or a load holds. Short calls that touch SQLite or free memory (List, Pin, Unpin,
-Evict) run on a small pool of threads; Verify and Gc on one of their own.
+or a load holds. An AcquireStream awaits the events of its model's download as the
+fetch's threads queue them (:class:`~weightd.landing.Landing`), then the Acquire.
+Short calls that touch SQLite or free memory (List, Pin, Unpin, Evict) run on a small
+pool of threads; Verify and Gc on one of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -39,9 +43,10 @@ from weightd.errors import (
     Unauthenticated,
     WeightdError,
 )
-from weightd.leases import Caller
+from weightd.landing import Event, Landing, ShardLanding
+from weightd.leases import Caller, new_lease_id
 from weightd.metrics import Metrics
-from weightd.node import Node, Plan, View
+from weightd.node import Acquired, Node, Plan, View
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import (  # the names both sides read and write
@@ -201,6 +206,53 @@ class _Progress(Callback):  # type: ignore[misc]
             return int(self.value), int(self.size or 0)
 
 
+class _Landed:
+    """The messages of one AcquireStream from its landing's events: a shard's layout
+    once (numbered in the order headers land), then its bytes written, only when they
+    grew (of a batch of events, the last count of each shard)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.ended = False
+
+    def feed(self, events: list[Event]) -> list[pb.AcquireEvent]:
+        """Messages for ``events``.
+
+        Raises:
+            The fetch's error, when it failed.
+        """
+        out = []
+        written: dict[str, int] = {}
+        for event in events:
+            kind = event[0]
+            if kind == "header" and event[1].relpath not in self.index:
+                out.append(self._header(event[1]))
+            elif kind == "written":
+                written[event[1]] = max(written.get(event[1], 0), event[2])
+            elif kind == "ready":
+                self.ended = True
+            elif kind == "failed":
+                self.ended = True
+                raise event[1]
+        for rel, n in written.items():
+            if rel in self.index and n > self.sent.get(rel, 0):
+                self.sent[rel] = n
+                out.append(pb.AcquireEvent(written=pb.BytesWritten(shard=self.index[rel],
+                                                                   bytes=n)))
+        return out
+
+    def _header(self, landed: ShardLanding) -> pb.AcquireEvent:
+        i = self.index[landed.relpath] = len(self.index)
+        layout = landed.layout
+        return pb.AcquireEvent(shard=pb.ShardLanded(
+            shard=i, relpath=landed.relpath, size=landed.size, path=landed.path,
+            metadata=layout.metadata,
+            tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape, shard=i,
+                                     offset=t.offset, length=t.nbytes)
+                     for t in layout.tensors]))
+
+
 class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
     def __init__(self, node: Node, *, max_message: int = MAX_MESSAGE) -> None:
         self.node = node
@@ -270,7 +322,7 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 model=model, snapshot_path=view.snapshot_path, metadata=view.metadata,
                 shards=[pb.Shard(relpath=s.relpath, digest=s.digest, size=s.size, path=s.path,
                                  ipc_handle=s.ipc_handle, device_uuid=s.device_uuid,
-                                 device_offset=0)
+                                 device_offset=0, pending_path=s.pending_path)
                         for s in view.shards],
                 tensors=[pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape,
                                          shard=t.shard, offset=t.offset, length=t.length)
@@ -313,46 +365,41 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                model=snap.name, snapshot_path=snap.path, files=s.files,
                                hits=s.hits, bytes_fetched=s.bytes_fetched, seconds=s.seconds)
 
-    async def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
-                      context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
-        t0 = time.perf_counter()
-        calls = _Calls(context, "Acquire", self.node.metrics, source=request.source,
-                       device=request.device or "cpu")
-        try:
-            caller = self._required(context)
-            calls.fields["pid"] = caller.pid
-            _check_source(request.source)
-            _check_globs(request.include, request.exclude)
-            if request.client.pid < 0:
-                raise _BadRequest("request", "client.pid cannot be negative")
-            lease_id = self._proposed_lease(context)
+    def _checked_caller(self, request: pb.AcquireRequest,
+                        context: grpc.aio.ServicerContext, calls: _Calls) -> Caller:
+        """The caller of an Acquire (or AcquireStream), once its request is checked."""
+        caller = self._required(context)
+        calls.fields["pid"] = caller.pid
+        _check_source(request.source)
+        _check_globs(request.include, request.exclude)
+        if request.client.pid < 0:
+            raise _BadRequest("request", "client.pid cannot be negative")
+        return caller
 
-            def deliverable(model: str, view: View) -> None:
-                """What would leave a lease nobody can use is refused before leasing."""
-                size = self._answer_template(model, view)[1] + _ANSWER_OVERHEAD
-                if size > self.max_message:
-                    raise FormatError(model, f"its Acquire answer would be {size} bytes, over "
-                                             f"the {self.max_message}-byte message limit "
-                                             "(too many tensors, or too much metadata)")
-                left = context.time_remaining()
-                if left is not None and left < MIN_TIME_LEFT + size / ANSWER_RATE:
-                    raise _Expired(f"{model}: the caller's deadline passes before its answer "
-                                   f"of {size} bytes could reach it")
+    def _deliverable(self, context: grpc.aio.ServicerContext) -> Callable[[str, View], None]:
+        def deliverable(model: str, view: View) -> None:
+            """What would leave a lease nobody can use is refused before leasing."""
+            size = self._answer_template(model, view)[1] + _ANSWER_OVERHEAD
+            if size > self.max_message:
+                raise FormatError(model, f"its Acquire answer would be {size} bytes, over "
+                                         f"the {self.max_message}-byte message limit "
+                                         "(too many tensors, or too much metadata)")
+            left = context.time_remaining()
+            if left is not None and left < MIN_TIME_LEFT + size / ANSWER_RATE:
+                raise _Expired(f"{model}: the caller's deadline passes before its answer "
+                               f"of {size} bytes could reach it")
 
-            got = await drive(self.node.acquiring(
-                request.source, device=request.device or "cpu", caller=caller,
-                client_name=request.client.name, include=list(request.include) or None,
-                exclude=list(request.exclude), check=deliverable, lease_id=lease_id))
-            if got is None:  # pragma: no cover - a caller always gets a lease or an error
-                raise RuntimeError("no lease")
-        except Exception as e:
-            await calls.fail(e)
-        # an answer the call did not deliver (cancelled: the caller or its connection went
-        # away) leaves no lease; the caller's own deadline passing after the answer was
-        # sent is the client's to clean up (it releases the id it proposed)
-        context.add_done_callback(lambda ctx: self._undelivered(ctx, got.lease.lease_id, caller))
-        calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
-                 lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
+        return deliverable
+
+    def _acquiring(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext,
+                   caller: Caller, lease_id: str | None = None) -> Plan[Acquired | None]:
+        return self.node.acquiring(
+            request.source, device=request.device or "cpu", caller=caller,
+            client_name=request.client.name, include=list(request.include) or None,
+            exclude=list(request.exclude), check=self._deliverable(context),
+            lease_id=lease_id)
+
+    def _answer(self, got: Acquired, t0: float) -> pb.AcquireResponse:
         answer = pb.AcquireResponse()
         answer.CopyFrom(self._answer_template(got.model, got.view)[0])
         answer.lease_id = got.lease.lease_id
@@ -375,6 +422,81 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         log.warning("Acquire lease=%s pid=%d: the call was cancelled before its answer was "
                     "delivered: lease released", lease_id, caller.pid)
 
+    async def Acquire(self, request: pb.AcquireRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
+        t0 = time.perf_counter()
+        calls = _Calls(context, "Acquire", self.node.metrics, source=request.source,
+                       device=request.device or "cpu")
+        try:
+            caller = self._checked_caller(request, context, calls)
+            lease_id = self._proposed_lease(context)
+            got = await drive(self._acquiring(request, context, caller, lease_id))
+            if got is None:  # pragma: no cover - a caller always gets a lease or an error
+                raise RuntimeError("no lease")
+        except Exception as e:
+            await calls.fail(e)
+        # an answer the call did not deliver (cancelled: the caller or its connection went
+        # away) leaves no lease; the caller's own deadline passing after the answer was
+        # sent is the client's to clean up (it releases the id it proposed)
+        context.add_done_callback(lambda ctx: self._undelivered(ctx, got.lease.lease_id, caller))
+        calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
+                 lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
+        return self._answer(got, t0)
+
+    async def AcquireStream(self, request: pb.AcquireRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext,
+                            ) -> AsyncIterator[pb.AcquireEvent]:
+        """The lease's id; then, while the model lands (host tier), its shards' layouts
+        and bytes written; then the Acquire answer (see the proto)."""
+        t0 = time.perf_counter()
+        calls = _Calls(context, "AcquireStream", self.node.metrics, source=request.source,
+                       device=request.device or "cpu")
+        landing: Landing | None = None
+        started = False
+        listener = None
+        try:
+            caller = self._checked_caller(request, context, calls)
+            lease_id = new_lease_id()
+            _, model = self.node.resolve(request.source)
+            if (request.device or "cpu") == "cpu":
+                landing, started = self.node.landing(request.source,
+                                                     include=list(request.include) or None,
+                                                     exclude=list(request.exclude))
+            yield pb.AcquireEvent(start=pb.StreamStart(lease_id=lease_id, model=model))
+            if landing is not None:
+                loop = asyncio.get_running_loop()
+                events: asyncio.Queue[Event] = asyncio.Queue()
+
+                def listener(event: Event) -> None:  # from the fetch's threads
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                        loop.call_soon_threadsafe(events.put_nowait, event)
+
+                stream = _Landed()
+                for message in stream.feed(landing.subscribe(listener)):
+                    yield message
+                while not stream.ended:
+                    batch = [await events.get()]
+                    while not events.empty():  # what queued meanwhile, in one go
+                        batch.append(events.get_nowait())
+                    for message in stream.feed(batch):
+                        yield message
+                calls.fields["streamed"] = len(stream.index)
+            got = await drive(self._acquiring(request, context, caller, lease_id))
+            if got is None:  # pragma: no cover - a caller always gets a lease or an error
+                raise RuntimeError("no lease")
+            if started:  # this stream started the fetch its Acquire then waited for
+                got = dataclasses.replace(got, fetched=True)
+        except Exception as e:
+            await calls.fail(e)
+        finally:
+            if landing is not None and listener is not None:
+                landing.unsubscribe(listener)
+        # as for Acquire: a stream cancelled before its end was delivered leaves no lease
+        context.add_done_callback(lambda ctx: self._undelivered(ctx, got.lease.lease_id, caller))
+        calls.ok(model=got.model, tier=got.lease.tier, bytes=got.view.nbytes,
+                 lease=got.lease.lease_id, fetched=got.fetched, loaded=got.loaded)
+        yield pb.AcquireEvent(end=self._answer(got, t0))
+
     async def Release(self, request: pb.ReleaseRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         calls = _Calls(context, "Release", self.node.metrics, lease=request.lease_id[:128])
@@ -394,11 +516,15 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
             resident.setdefault(r.model, []).append(pb.Residency(
                 tier=_TIERS[r.tier], device=r.device, bytes=r.bytes, last_used=r.last_used,
                 leases=r.leases))
+        models = [(m, str(self.node.store.snapshot_path(m.name)))
+                  for m in self.node.store.index.models()]
+        known = {m.name for m, _ in models}
+        # served before it is durable: listed from its fetch until the index has it
+        models += [(m, path) for m, path in self.node.not_durable() if m.name not in known]
         return pb.ListResponse(models=[pb.ModelInfo(
-            model=m.name, source=m.source,
-            snapshot_path=str(self.node.store.snapshot_path(m.name)), bytes=m.size,
+            model=m.name, source=m.source, snapshot_path=path, bytes=m.size,
             files=len(m.files), resident=resident.get(m.name, []))
-            for m in self.node.store.index.models()])
+            for m, path in sorted(models, key=lambda x: x[0].name)])
 
     async def List(self, request: pb.ListRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext) -> pb.ListResponse:

@@ -11,13 +11,15 @@ Layout under ``cache_dir``::
     index.sqlite3                    the index (WAL)
     .lock                            the cache lock (the daemon holds it exclusively)
 
-A blob becomes visible only by ``rename`` from ``tmp/`` after fsync; a snapshot switches
-revisions by an atomic ``rename`` of its link. Locks only avoid duplicate work:
+A blob becomes visible only by ``rename`` from ``tmp/`` after fsync (:class:`TempBlob`);
+a snapshot switches revisions by an atomic ``rename`` of its link. Locks only avoid duplicate work:
 correctness comes from the rename.
 
-Modes, whatever the umask: directories 0750, blobs 0440, the index, manifests and lock
-files 0640, temp files 0600; the group is the daemon's (its files' default). Members of
-that group (model servers) read the cache, nobody else can. An exclusive open tightens
+Modes, whatever the umask: directories 0750, blobs and temp files 0440 (a download in
+progress is read by the replicas that stream it; its writer's descriptor was opened
+before the mode applied, nobody can open it for writing), the index, manifests and lock
+files 0640; the group is the daemon's (its files' default). Members of that group (model
+servers) read the cache, nobody else can. An exclusive open tightens
 the top-level entries of a cache made with wider modes; ``verify`` fixes every entry.
 """
 
@@ -55,6 +57,13 @@ HASH_BLOCK = 8 * 1024 * 1024
 DIR_MODE = 0o750
 BLOB_MODE = 0o440
 FILE_MODE = 0o640
+TEMP_MODE = 0o440
+
+
+def revision_of(files: Mapping[str, ModelFile]) -> str:
+    """The revision of a snapshot: a hash of its manifest (relpath -> digest)."""
+    manifest = "\n".join(f"{rel}\0{f.digest}" for rel, f in sorted(files.items()))
+    return xxhash.xxh3_64_hexdigest(manifest.encode())
 
 
 def hash_file(path: str | os.PathLike[str], *, block: int = HASH_BLOCK) -> str:
@@ -133,6 +142,65 @@ def _always(digest: str) -> Iterator[bool]:
     yield True
 
 
+def _links(directory: Path) -> Iterator[Path]:
+    for dirpath, _, filenames in os.walk(directory):
+        for f in filenames:
+            yield Path(dirpath) / f
+
+
+class TempBlob:
+    """A download's temporary file in ``tmp/``: preallocated, flock'ed by its writer (so
+    that a start-up never removes a live writer's file), :data:`TEMP_MODE`. It ends in one
+    of two ways: :meth:`commit` (fsync, rename into ``blobs/``, fsync of the directory:
+    the blob is visible, complete and durable) or :meth:`discard` (closed and removed).
+    Until then its path is where its bytes are, for whoever reads them before the blob is
+    durable (the node serves a verified one from here).
+
+    A commit is two steps, :meth:`sync` then :meth:`publish`, so that a test can stop
+    between them (weightd/testhooks.py).
+    """
+
+    def __init__(self, store: Store, fd: int, path: Path) -> None:
+        self.store = store
+        self.fd = fd
+        self.path = path
+        self.closed = False
+
+    def sync(self) -> None:
+        """fsync the file's data (the disk has it once this returns)."""
+        os.fsync(self.fd)
+
+    def publish(self, digest: str) -> Path:
+        """Rename the (synced) file to its blob path and fsync the directory; when the
+        blob is there already (same content), the file is only removed. Closes it."""
+        dest = self.store.blob_path(digest)
+        try:
+            if not dest.exists():
+                _mkdirs(dest.parent)
+                os.fchmod(self.fd, BLOB_MODE)
+                os.rename(self.path, dest)
+                _fsync_dir(dest.parent)
+        finally:
+            self.discard()
+        return dest
+
+    def commit(self, digest: str) -> Path:
+        """:meth:`sync`, then :meth:`publish`."""
+        self.sync()
+        return self.publish(digest)
+
+    def discard(self) -> None:
+        """Close the file and remove it if it was not renamed (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            # after a rename this name is gone (temp names carry pid, thread and a
+            # clock: never another writer's)
+            os.unlink(self.path)
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     checked: int
@@ -191,6 +259,8 @@ class Store:
         self._flight: dict[str, threading.Lock] = {}
         self._flight_guard = threading.Lock()
         self.clean_tmp()
+        if exclusive:
+            self._drop_uncommitted()
 
     def _top_entries(self) -> list[tuple[Path, int]]:
         """The cache's own directories and files, with the widest mode each may have."""
@@ -383,16 +453,18 @@ class Store:
             log.info("removed %d leftover temp file(s) in %s", removed, self.root / "tmp")
         return removed
 
-    @contextlib.contextmanager
-    def temp_file(self, size: int, *, hint: str = "") -> Iterator[tuple[int, Path]]:
-        """A new preallocated file in tmp/, locked by this process, removed unless renamed.
+    def temp_blob(self, size: int, *, hint: str = "") -> TempBlob:
+        """A new preallocated file in tmp/ (:data:`TEMP_MODE`), locked by this process
+        until it is committed or discarded (see :class:`TempBlob`).
 
-        Yields ``(fd, path)``. The caller commits it with :meth:`commit_blob`.
+        Raises:
+            BudgetExceeded: the disk has no room for ``size`` bytes (nothing is left).
         """
         name = f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}-{hint[:40]}"
         path = self.root / "tmp" / (name.replace("/", "_") + ".incomplete")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, TEMP_MODE)
         try:
+            os.fchmod(fd, TEMP_MODE)  # whatever the umask
             fcntl.flock(fd, fcntl.LOCK_EX)
             if size:
                 try:
@@ -404,23 +476,12 @@ class Store:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
                     os.ftruncate(fd, size)
-            yield fd, path
-        finally:
+        except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-    def commit_blob(self, fd: int, tmp: Path, digest: str) -> Path:
-        """fsync a finished temp file and rename it to its blob path (dedup if present)."""
-        os.fsync(fd)
-        dest = self.blob_path(digest)
-        if dest.exists():
-            return dest  # same content already there; the temp file is removed by the caller
-        _mkdirs(dest.parent)
-        os.fchmod(fd, BLOB_MODE)
-        os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
-        return dest
+            raise
+        return TempBlob(self, fd, path)
 
     # single flight ----------------------------------------------------------------------
 
@@ -441,8 +502,14 @@ class Store:
 
     # snapshots --------------------------------------------------------------------------
 
-    def commit_snapshot(self, name: str, source: str, files: Mapping[str, ModelFile]) -> Path:
-        """Build a revision directory of links and switch the model's link to it atomically.
+    def stage_snapshot(self, name: str, source: str, files: Mapping[str, ModelFile]) -> str:
+        """Build the revision directory of links for ``files`` (nothing else changes: the
+        model's link and the index still name what they named); return the revision.
+
+        The links name blob paths: a blob not yet committed (served before it is durable)
+        is a link that resolves once its rename is done. A revision that never commits
+        (the process died first) has no manifest, and the next exclusive open removes it
+        when one of its links still resolves to nothing (:meth:`_drop_uncommitted`).
 
         Raises:
             FormatError: one relpath is a directory of another (``x.json`` and
@@ -454,8 +521,7 @@ class Store:
         known = self.index.model(name)
         if known is not None and known.source != source:
             raise IntegrityError(f"{source}: its model name {name} belongs to {known.source}")
-        manifest = "\n".join(f"{rel}\0{f.digest}" for rel, f in sorted(files.items()))
-        rev = xxhash.xxh3_64_hexdigest(manifest.encode())
+        rev = revision_of(files)
         revs = self.root / "snapshots" / ".revs" / name
         rev_dir = revs / rev
         _mkdirs(revs)
@@ -472,6 +538,19 @@ class Store:
                 shutil.rmtree(staging, ignore_errors=True)
                 if not rev_dir.is_dir():  # not another process that won the race
                     raise
+        return rev
+
+    def commit_snapshot(self, name: str, source: str, files: Mapping[str, ModelFile]) -> Path:
+        """Build a revision directory of links (:meth:`stage_snapshot`, unless it is there),
+        write its manifest and switch the model's link to it atomically; every blob it
+        names is committed by now.
+
+        Raises:
+            FormatError, IntegrityError: see :meth:`stage_snapshot`.
+        """
+        rev = self.stage_snapshot(name, source, files)
+        revs = self.root / "snapshots" / ".revs" / name
+        rev_dir = revs / rev
         # beside the revision (not in it: the snapshot stays a plain directory of the model's
         # files): what the index needs to be rebuilt if it is ever lost
         record = {"source": source, "name": name, "revision": rev,
@@ -487,6 +566,30 @@ class Store:
         link = self._switch_link(name, rev_dir)
         self.index.record_model(name, source, rev, files)
         return link
+
+    def _drop_uncommitted(self) -> int:
+        """Remove what a fetch that died before its commit left in ``snapshots/.revs``:
+        staging directories, and revision directories without a manifest one of whose
+        links resolves to nothing (their blobs never became durable). Only under the
+        exclusive lock: nobody else is fetching."""
+        removed = 0
+        revs = self.root / "snapshots" / ".revs"
+        for model_dir in revs.iterdir():
+            if not model_dir.is_dir() or model_dir.is_symlink():
+                continue
+            for entry in model_dir.iterdir():
+                if not entry.is_dir() or entry.is_symlink():
+                    continue
+                staging = entry.name.startswith(".") and entry.name.endswith(".tmp")
+                if not staging and (entry.name.startswith(".")
+                                    or (model_dir / f"{entry.name}.manifest.json").exists()
+                                    or all(os.path.exists(p) for p in _links(entry))):
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("removed %d revision(s) of fetches that never committed", removed)
+        return removed
 
     def _switch_link(self, name: str, rev_dir: Path) -> Path:
         """Point ``snapshots/<name>`` at ``rev_dir`` (atomically; nothing when it does)."""

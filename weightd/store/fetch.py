@@ -5,11 +5,17 @@ file at this identity and its blob is present (no data is read); otherwise the f
 opened once (:meth:`~weightd.sources.Source.open_file`), read in concurrent ranged reads
 into a preallocated temp file, hashed with xxh3-128 in order as the chunks land (and with
 the origin's own digest, where it gives one, on a thread of its own), validated
-(safetensors header: the layout is kept for the node), fsynced and renamed into
-``blobs/``. Transient errors are retried per chunk; a permanent error leaves nothing
-visible. The same source file fetched twice at once, in one process or in two, is
-downloaded once. A model whose Acquire answer would not fit in a gRPC message is refused
-before its snapshot is made.
+(safetensors header, parsed as soon as its bytes have landed: the layout is kept for the
+node), fsynced and renamed into ``blobs/``. Transient errors are retried per chunk; a
+permanent error leaves nothing visible. The same source file fetched twice at once, in
+one process or in two, is downloaded once. A model whose Acquire answer would not fit in
+a gRPC message is refused before its snapshot is made.
+
+Serve before durable: side files are committed as each lands; a shard is verified, then
+waits in its temp file; when every file is verified the fetch says so
+(:meth:`FetchEvents.ready`, with where each shard's bytes are) and only then fsyncs and
+renames the shards and records the model, so that a node serves the model from the page
+cache while the disk catches up. The index names a blob only once it is durable.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from pathlib import Path
 
 import fsspec.asyn
 import xxhash
@@ -35,7 +42,7 @@ from fsspec.callbacks import Callback, NoOpCallback
 
 from weightd.config import Config
 from weightd.errors import BudgetExceeded, FormatError, IntegrityError, WeightdError
-from weightd.formats import LayoutCache, ShardLayout, read_layout
+from weightd.formats import LayoutCache, ShardLayout, header_length, parse_header, read_layout
 from weightd.retry import RetryPolicy, retry_async
 from weightd.sources import (
     Buffer,
@@ -47,26 +54,73 @@ from weightd.sources import (
     model_name,
     open_source,
 )
-from weightd.store.cas import Store
+from weightd.store.cas import Store, TempBlob
 from weightd.store.index import ModelFile
+from weightd.testhooks import pause_at
 
 log = logging.getLogger(__name__)
 
-#: ``on_written(rf, offset, nbytes)``: bytes ``[offset, offset + nbytes)`` of the source
-#: file ``rf`` were hashed and written to its temporary file. Called from the file's writer
-#: thread, in order: ``offset + nbytes`` is how many leading bytes of the file are written.
-OnWritten: TypeAlias = Callable[[RemoteFile, int, int], None]
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A model whose every file is written and verified (xxh3, the origin's digest, the
+    safetensors header), before its shards are durable: what a node may serve.
+
+    Attributes:
+        name: the model's name; ``source`` its canonical URL.
+        revision: the revision its snapshot will have; ``snapshot`` that revision's
+            directory (side files are there; a shard's link resolves once its blob is
+            committed).
+        files: every file, by relpath.
+        pending: digest -> the temporary file (0440) of each shard not yet committed;
+            it is renamed to its blob path once it is fsynced.
+    """
+
+    name: str
+    source: str
+    revision: str
+    snapshot: str
+    files: Mapping[str, ModelFile]
+    pending: Mapping[str, Path]
+
+
+class FetchEvents:
+    """What a fetch tells whoever follows its files as they land (the node, for streaming
+    replicas and for serving before durable). Called from the fetch's threads; each
+    method does nothing here, override what you need and return quickly."""
+
+    def listed(self, hits: Sequence[tuple[RemoteFile, str]], todo: Sequence[RemoteFile],
+               ) -> None:
+        """The model's files: ``hits`` are in the cache already (with their digest, no
+        byte is read), ``todo`` are downloaded."""
+
+    def opened(self, rf: RemoteFile, path: Path) -> None:
+        """``rf``'s bytes land in ``path`` (its temporary file, 0440), from now on."""
+
+    def header(self, rf: RemoteFile, layout: ShardLayout) -> None:
+        """A shard's header has landed and is valid (parsed from the temporary file)."""
+
+    def written(self, rf: RemoteFile, offset: int, nbytes: int) -> None:
+        """Bytes ``[offset, offset + nbytes)`` of ``rf`` were hashed and written. From the
+        file's writer thread, in order: ``offset + nbytes`` leading bytes are written."""
+
+    def ready(self, ready: Ready) -> None:
+        """Every file is written and verified; the shards are committed after this
+        returns (see :class:`Ready`)."""
+
+
+@dataclass(eq=False)
+class _Landed:
+    """A downloaded, verified shard, not committed yet: its temp file."""
+
+    file: RemoteFile
+    digest: str
+    temp: TempBlob
 
 #: The largest Acquire answer a model may need: the daemon's and the client's gRPC
 #: message limit (64 MiB, weightd/server.py), less 1 MiB for what is not counted.
 MAX_ANSWER_BYTES = 63 * 1024 * 1024
-
-
-def answer_bytes(layouts: Sequence[ShardLayout]) -> int:
-    """An upper bound of the Acquire answer's size for a model of these shards: each
-    tensor is one ``TensorLayout`` message (its name and dtype, at most 11 bytes per
-    dimension, 48 for the fields, tags and lengths), each metadata pair its two strings."""
-    return sum(_shard_bytes(len(layout.path)) + entries_bytes(layout) for layout in layouts)
 
 
 def _shard_bytes(path_len: int) -> int:
@@ -248,6 +302,25 @@ class _Buffers:
             self.free.append(buf)
 
 
+def _flight_key(f: RemoteFile) -> str:
+    return f"{f.url}\0{f.identity}"
+
+
+def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | None:
+    """The layout of shard ``f`` once its first ``written`` bytes hold its whole header
+    (read back from its temp file, validated against its size), else None.
+
+    Raises:
+        FormatError: the header is malformed (or larger than the file).
+    """
+    if written < 8:
+        return None
+    n = header_length(os.pread(fd, 8, 0), path=f.url, file_size=f.size)
+    if written < 8 + n:
+        return None
+    return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
+
+
 class Fetcher:
     """Fetches models into a :class:`Store` under a :class:`Config`."""
 
@@ -268,7 +341,7 @@ class Fetcher:
         exclude: Sequence[str] = (),
         callback: Callback | None = None,
         hold: Callable[[str], None] | None = None,
-        on_written: OnWritten | None = None,
+        events: FetchEvents | None = None,
     ) -> Snapshot:
         """Fetch a model and switch its snapshot to what the source holds now.
 
@@ -282,56 +355,59 @@ class Fetcher:
             hold: called with each blob's digest before the fetch relies on it (a hit,
                 or a download about to become visible): the daemon's gc then keeps it
                 until the snapshot names it (see weightd/node.py).
-            on_written: told of each chunk of each downloaded file once it is hashed and
-                written, in file order (see :data:`OnWritten`); files that were already
-                in the cache are not downloaded, so not reported.
+            events: told of the files as they land, and when the model is verified
+                but not yet durable (see :class:`FetchEvents`).
 
         Returns:
             The model's :class:`Snapshot`.
 
         Raises:
             SourceNotFound, SourceUnavailable, NotPermitted, FormatError, IntegrityError,
-            BudgetExceeded.
+            BudgetExceeded: also when the disk cannot hold a blob (full, or failing: then
+                after :meth:`FetchEvents.ready`, the bytes were served and are not
+                durable; nothing is recorded).
         """
         start = time.monotonic()
         with open_source(ref, self.config) as source:
-            return self._fetch(source, start, include, exclude, callback, hold, on_written)
+            return self._fetch(source, start, include, exclude, callback, hold,
+                               events or FetchEvents())
 
     def _fetch(self, source: Source, start: float, include: Sequence[str] | None,
                exclude: Sequence[str], callback: Callback | None,
-               hold: Callable[[str], None] | None, on_written: OnWritten | None) -> Snapshot:
+               hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
         files = source.list_files(include, exclude)
         stats = FetchStats()
         cb = callback or NoOpCallback()
         results: dict[str, ModelFile] = {}
-        todo = []
-        for f in files:
-            digest = self._hit(f, hold)
-            if digest is None:
-                todo.append(f)
-            else:  # in the cache already: no data read, no thread
-                stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
-                results[f.relpath] = ModelFile(f.relpath, f.url, digest, f.size, f.identity)
-        cb.set_size(sum(f.size for f in todo))
-        progress = _LockedCallback(cb)
-        buffers = _Buffers(source.plan.chunk_size)
-        with concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.config.max_parallel_files,
-                thread_name_prefix="weightd-fetch") as pool:
-            futures = {pool.submit(self.fetch_file, source, f, progress, stats, hold=hold,
-                                   on_written=on_written, buffers=buffers): f for f in todo}
+        todo = [f for f in files if not self._found(f, hold, stats, results)]
+        with ExitStack() as flights:
+            # Single flight: the lock of every file to download, in one order (their
+            # keys sorted) so that fetches that share files never wait for each other in
+            # a cycle; held until the blobs are durable and recorded, so that a second
+            # fetch of a file, here or in another process, waits for the first one's
+            # commit and then finds it (and reads nothing). The lock only avoids
+            # duplicate work: correctness comes from the rename.
+            for f in sorted(todo, key=_flight_key):
+                flights.enter_context(self.store.single_flight(_flight_key(f)))
+            todo = [f for f in todo if not self._found(f, hold, stats, results)]
+            events.listed([(f, results[f.relpath].digest) for f in files
+                           if f.relpath in results], todo)
+            cb.set_size(sum(f.size for f in todo))
+            name = model_name(source.url)
+            landed = self._download_all(source, todo, stats, _LockedCallback(cb), hold,
+                                        events, results)
             try:
-                for fut in concurrent.futures.as_completed(futures):
-                    f = futures[fut]
-                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
-                                                   f.identity)
-            except BaseException:
-                for other in futures:
-                    other.cancel()
-                source.close()  # the other files' reads end now, not when their bytes do
-                raise
-        self._check_answer(source.url, results)
-        name = model_name(source.url)
+                pending = {x.digest: x.temp.path for x in landed}
+                self._check_answer(source.url, results, pending)
+                rev = self.store.stage_snapshot(name, source.url, results)
+                events.ready(Ready(name, source.url, rev,
+                                   str(self.store.revision_path(name, rev)), dict(results),
+                                   pending))
+                pause_at("ready")
+                self._commit(landed)
+            finally:
+                for x in landed:
+                    x.temp.discard()  # (those committed are closed already)
         path = self.store.commit_snapshot(name, source.url, results)
         stats.seconds = time.monotonic() - start
         log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source in %.2fs",
@@ -340,30 +416,107 @@ class Fetcher:
         return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
                         stats)
 
-    def layout(self, digest: str) -> ShardLayout:
+    def _found(self, f: RemoteFile, hold: Callable[[str], None] | None, stats: FetchStats,
+               results: dict[str, ModelFile]) -> bool:
+        """Whether ``f`` is in the cache already (then it is counted and in ``results``)."""
+        digest = self._hit(f, hold)
+        if digest is None:
+            return False
+        stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
+        results[f.relpath] = ModelFile(f.relpath, f.url, digest, f.size, f.identity)
+        return True
+
+    def _download_all(self, source: Source, todo: Sequence[RemoteFile], stats: FetchStats,
+                      progress: _LockedCallback, hold: Callable[[str], None] | None,
+                      events: FetchEvents, results: dict[str, ModelFile]) -> list[_Landed]:
+        """Download ``todo``, ``max_parallel_files`` at once; side files are committed as
+        they land, verified shards are returned uncommitted. A failure stops the other
+        files at once and commits nothing more (what was verified goes with them)."""
+        buffers = _Buffers(source.plan.chunk_size)
+        landed: list[_Landed] = []
+        futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
+        try:
+            with concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.config.max_parallel_files,
+                    thread_name_prefix="weightd-fetch") as pool:
+                futures = {pool.submit(self.fetch_file, source, f, progress, stats,
+                                       hold=hold, events=events, buffers=buffers): f
+                           for f in todo}
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        f = futures[fut]
+                        got = fut.result()
+                        if isinstance(got, _Landed):
+                            landed.append(got)
+                            got = got.digest
+                        results[f.relpath] = ModelFile(f.relpath, f.url, got, f.size,
+                                                       f.identity)
+                except BaseException:
+                    for other in futures:
+                        other.cancel()
+                    source.close()  # the other files' reads end now, not when their bytes do
+                    raise
+        except BaseException:
+            # every future is done here (the pool was joined)
+            for fut in futures:
+                if not fut.cancelled() and fut.exception() is None:
+                    got = fut.result()
+                    if isinstance(got, _Landed):
+                        got.temp.discard()
+            raise
+        return landed
+
+    def _commit(self, landed: Sequence[_Landed]) -> None:
+        """Make verified shards durable: fsync each, then rename it into ``blobs/``; then
+        record them in the index.
+
+        Raises:
+            BudgetExceeded: the disk is full (ENOSPC, EDQUOT).
+            IntegrityError: the disk failed (EIO, ...): the bytes are not durable.
+        """
+        for x in landed:
+            try:
+                x.temp.sync()
+                pause_at("fsynced")
+                x.temp.publish(x.digest)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise BudgetExceeded(f"{self.store.root}: disk full while committing "
+                                         f"{x.file.url}") from e
+                raise IntegrityError(f"{x.file.url}: its verified bytes are not durable: the "
+                                     f"disk failed the commit of {x.temp.path.name} ({e}); "
+                                     "fetch again") from e
+        pause_at("renamed")
+        for x in landed:  # durable now: the index may name them
+            self.store.index.record_file(x.file.url, x.file.identity, x.file.size, x.digest)
+
+    def layout(self, digest: str, path: Path | None = None) -> ShardLayout:
         """The layout of the shard blob ``digest``: the one its fetch parsed, while the
-        cache keeps it, else read from the blob (and kept)."""
+        cache keeps it, else read from the blob (or from ``path``, where it is while it is
+        not committed yet), and kept."""
         layout = self.layouts.get(digest)
         if layout is None:
-            layout = read_layout(self.store.blob_path(digest))
+            layout = read_layout(path if path is not None else self.store.blob_path(digest))
             self.layouts.put(digest, layout)
         return layout
 
-    def _check_answer(self, url: str, files: dict[str, ModelFile]) -> None:
+    def _check_answer(self, url: str, files: dict[str, ModelFile],
+                      pending: Mapping[str, Path]) -> None:
         """Refuse a model whose Acquire answer would not fit in a gRPC message, or whose
         shards share a tensor name (every client refuses such a model).
 
         A warm fetch parses no header: each shard's share of the answer is in the index
         (recorded the first time a fetch checks the blob), and the names are compared
         only when the shards differ from those the model's snapshot has now (which were
-        compared when it was made)."""
+        compared when it was made). ``pending``: the temporary file of each shard not yet
+        committed (read there, see :meth:`layout`)."""
         rels = [rel for rel in sorted(files) if rel.endswith(".safetensors")]
         digests = [files[rel].digest for rel in rels]
         known = self.store.index.shard_answers(digests)
         learned: dict[str, tuple[int, int]] = {}
         for d in digests:
             if d not in known:
-                layout = self.layout(d)
+                layout = self.layout(d, pending.get(d))
                 learned[d] = (len(layout.tensors), entries_bytes(layout))
         if learned:
             self.store.index.record_shard_answers(learned)
@@ -372,7 +525,7 @@ class Fetcher:
         if recorded is None or {f.relpath: f.digest for f in recorded.files
                                 if f.relpath.endswith(".safetensors")} != dict(
                                     zip(rels, digests, strict=True)):
-            self._check_names(url, rels, digests)
+            self._check_names(url, rels, digests, pending)
         need = sum(_shard_bytes(len(str(self.store.blob_path(d)))) + known[d][1]
                    for d in digests)
         if need > MAX_ANSWER_BYTES:
@@ -382,11 +535,12 @@ class Fetcher:
                                    f"{MAX_ANSWER_BYTES // (1024 * 1024)} MiB a gRPC message "
                                    "may hold")
 
-    def _check_names(self, url: str, rels: Sequence[str], digests: Sequence[str]) -> None:
+    def _check_names(self, url: str, rels: Sequence[str], digests: Sequence[str],
+                     pending: Mapping[str, Path]) -> None:
         """Refuse shards that share a tensor name (naming the tensor and both shards)."""
         seen: dict[str, str] = {}
         for rel, digest in zip(rels, digests, strict=True):
-            for t in self.layout(digest).tensors:
+            for t in self.layout(digest, pending.get(digest)).tensors:
                 first = seen.setdefault(t.name, rel)
                 if first != rel:
                     raise FormatError(url, f"tensor {t.name!r} appears in both {first} and "
@@ -400,84 +554,99 @@ class Fetcher:
 
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                    stats: FetchStats, *, hold: Callable[[str], None] | None = None,
-                   on_written: OnWritten | None = None,
-                   buffers: _Buffers | None = None) -> str:
-        """Bring one file that was not in the store into it; return its digest."""
-        with self.store.single_flight(f"{f.url}\0{f.identity}"):
-            digest = self._hit(f, hold)  # another thread or process may have just done it
-            if digest is None:
-                digest, hash_s = self._download(source, f, progress, on_written,
-                                                buffers or _Buffers(source.plan.chunk_size),
-                                                hold)
-                stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
-                return digest
-        stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
+                   events: FetchEvents | None = None,
+                   buffers: _Buffers | None = None) -> str | _Landed:
+        """Download one file that is not in the store (the caller holds its single-flight
+        lock). A side file is committed and recorded: its digest is returned. A shard is
+        returned verified and uncommitted (:class:`_Landed`): the caller commits it."""
+        temp, digest, hash_s = self._download(source, f, progress, events or FetchEvents(),
+                                              buffers or _Buffers(source.plan.chunk_size),
+                                              hold)
+        stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
+        if f.relpath.endswith(".safetensors"):
+            return _Landed(f, digest, temp)
+        try:
+            temp.commit(digest)
+        finally:
+            temp.discard()
+        self.store.index.record_file(f.url, f.identity, f.size, digest)
         return digest
 
     def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
-                  on_written: OnWritten | None, buffers: _Buffers,
-                  hold: Callable[[str], None] | None = None) -> tuple[str, float]:
+                  events: FetchEvents, buffers: _Buffers,
+                  hold: Callable[[str], None] | None = None) -> tuple[TempBlob, str, float]:
+        """Download, hash and validate ``f`` into a temp file; return it uncommitted (the
+        caller commits or discards it), with the digest and the seconds spent hashing."""
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
-        with source.open_file(f) as reader, self.store.temp_file(
-                f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
-            side = _SideHash(reader.digest) if reader.digest is not None else None
+        shard = f.relpath.endswith(".safetensors")
+        layout: ShardLayout | None = None
+        temp = self.store.temp_blob(f.size, hint=f.relpath.rsplit("/", 1)[-1])
+        try:
+            fd = temp.fd
+            events.opened(f, temp.path)
+            with source.open_file(f) as reader:
+                side = _SideHash(reader.digest) if reader.digest is not None else None
 
-            def sink(offset: int, blocks: Sequence[Buffer]) -> None:
-                """Hash and write one chunk; its buffers are free when it returns."""
-                nonlocal hash_seconds
-                if side is not None:
-                    side.add(blocks)
-                t0 = time.perf_counter()
-                for b in blocks:
-                    hasher.update(b)
-                hash_seconds += time.perf_counter() - t0
-                nbytes = sum(len(b) for b in blocks)
-                try:
-                    _pwritev_all(fd, blocks, offset)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise BudgetExceeded(f"{self.store.root}: disk full while writing "
-                                             f"{f.url}") from e
-                    raise
-                if _start_writeback is not None:
-                    _start_writeback(fd, offset, nbytes)
-                if side is not None:
-                    side.wait()
-                if on_written is not None:
-                    on_written(f, offset, nbytes)
-                progress.update(nbytes)
+                def sink(offset: int, blocks: Sequence[Buffer]) -> None:
+                    """Hash and write one chunk; its buffers are free when it returns."""
+                    nonlocal hash_seconds, layout
+                    if side is not None:
+                        side.add(blocks)
+                    t0 = time.perf_counter()
+                    for b in blocks:
+                        hasher.update(b)
+                    hash_seconds += time.perf_counter() - t0
+                    nbytes = sum(len(b) for b in blocks)
+                    try:
+                        _pwritev_all(fd, blocks, offset)
+                    except OSError as e:
+                        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise BudgetExceeded(f"{self.store.root}: disk full while writing "
+                                                 f"{f.url}") from e
+                        raise
+                    if _start_writeback is not None:
+                        _start_writeback(fd, offset, nbytes)
+                    if side is not None:
+                        side.wait()
+                    if shard and layout is None:
+                        # a malformed header fails the download now, not at its end
+                        layout = _header_if_landed(fd, f, offset + nbytes)
+                        if layout is not None:
+                            events.header(f, layout)
+                    events.written(f, offset, nbytes)
+                    progress.update(nbytes)
+                    pause_at("downloading")
 
-            try:
                 try:
-                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f, sink,
-                                     buffers)
-                except WeightdError:
-                    raise
-                except Exception as e:
-                    raise source.error(e, f.url) from e
-                digest = hasher.hexdigest()
-                if side is not None:
-                    side.check(f.url)
-            finally:
-                if side is not None:
-                    side.close()
-            layout = None
-            if f.relpath.endswith(".safetensors"):
-                # a malformed shard never becomes visible (raises FormatError)
-                with os.fdopen(os.dup(fd), "rb") as fobj:
-                    layout = read_layout(f.url, fileobj=fobj)
-            again = reader.identity()
+                    try:
+                        fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f,
+                                         sink, buffers)
+                    except WeightdError:
+                        raise
+                    except Exception as e:
+                        raise source.error(e, f.url) from e
+                    digest = hasher.hexdigest()
+                    if side is not None:
+                        side.check(f.url)
+                finally:
+                    if side is not None:
+                        side.close()
+                if shard and layout is None:  # (an empty file: no chunk was written)
+                    with os.fdopen(os.dup(fd), "rb") as fobj:
+                        layout = read_layout(f.url, fileobj=fobj)
+                again = reader.identity()
             if again != f.identity:
                 raise IntegrityError(f"{f.url}: the source changed during the download "
                                      f"({f.identity} -> {again}); fetch again")
             if hold is not None:
                 hold(digest)
-            self.store.commit_blob(fd, tmp, digest)
-        self.store.index.record_file(f.url, f.identity, f.size, digest)
+        except BaseException:
+            temp.discard()
+            raise
         if layout is not None:
             self.layouts.put(digest, layout)
-        return digest, hash_seconds
+        return temp, digest, hash_seconds
 
     async def _read_all(self, reader: FileReader, f: RemoteFile,
                         sink: Callable[[int, Sequence[Buffer]], None], pool: _Buffers) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from weightd.store import hash_file
+from weightd_client.tensors import open_shard
 
 __all__ = ["answer_mismatches", "references"]
 
@@ -41,8 +42,8 @@ def answer_mismatches(answer: Any, refs: Mapping[str, str]) -> list[str]:
         if ref is None:
             wrong.append(f"{shard.relpath}: digest {shard.digest} is no revision's")
             continue
-        try:
-            f = open(shard.path, "rb")  # noqa: SIM115 - closed below
+        try:  # (its temporary file while it is not durable, as a client opens it)
+            f = os.fdopen(open_shard(shard.path, shard.pending_path), "rb")
         except FileNotFoundError:
             wrong.append(f"{shard.path}: held blob missing")
             continue

@@ -33,17 +33,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from weightd_client.tensors import open_shard
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Blob", "BlobTier", "Detached", "Reservation", "ShardExport", "Tier"]
+__all__ = ["Blob", "BlobTier", "Detached", "Reservation", "ShardExport", "Tier", "open_blob"]
 
 
 class Blob(NamedTuple):
-    """A shard blob to make resident: its digest, its file in the cache, its size."""
+    """A shard blob to make resident: its digest, its file in the cache, its size, and,
+    while it is not durable yet, the temporary file its bytes are in (``pending``: renamed
+    to ``path`` at any moment)."""
 
     digest: str
     path: Path
     size: int
+    pending: Path | None = None
+
+
+def open_blob(blob: Blob) -> int:
+    """Open a blob's file read-only: its path in the cache, else (not durable yet) its
+    temporary file, else its path again (the rename happened in between); one inode
+    whichever name opened it.
+
+    Raises:
+        FileNotFoundError: none of them exists.
+    """
+    return open_shard(str(blob.path), str(blob.pending or ""))  # as a client opens it
 
 
 @dataclass(frozen=True)

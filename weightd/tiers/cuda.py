@@ -60,7 +60,7 @@ import numpy as np
 
 from weightd.config import format_size
 from weightd.errors import BudgetExceeded, FormatError, GpuUnavailable, IntegrityError
-from weightd.tiers.base import Blob, BlobTier, ShardExport
+from weightd.tiers.base import Blob, BlobTier, ShardExport, open_blob
 from weightd.tiers.staging import (
     DEFAULT_STAGING_BUFFER_SIZE,
     DEFAULT_STAGING_BUFFERS,
@@ -408,8 +408,24 @@ class CudaTier(BlobTier):
         """
         uuid = device_uuid(device)
         index = self.resolve(uuid)
+        self._require_driver()
+        path = Path(blob.path)
+        opened = None
+        if blob.pending is not None:
+            # not durable yet: read the inode its temporary file or its blob names now,
+            # whatever a rename does meanwhile
+            opened = open_blob(blob)
+            path = Path(f"/proc/self/fd/{opened}")
+        try:
+            return self._make_from(device, index, uuid, blob, path)
+        finally:
+            if opened is not None:
+                os.close(opened)
+
+    def _make_from(self, device: str, index: int, uuid: str, blob: Blob,
+                   path: Path) -> _DeviceBlob:
         driver = self._require_driver()
-        size, path = blob.size, Path(blob.path)
+        size = blob.size
         try:
             ptr = driver.malloc(index, self._charge(device, size))
         except DeviceOutOfMemory as e:

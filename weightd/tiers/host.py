@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from weightd.errors import IntegrityError
-from weightd.tiers.base import Blob, BlobTier, ShardExport
+from weightd.tiers.base import Blob, BlobTier, ShardExport, open_blob
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class HostTier(BlobTier):
             raise ValueError(f"the host tier serves device 'cpu', not {device!r}")
 
     def _make(self, device: str, blob: Blob) -> _Mapped:
-        path = Path(blob.path)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        path = Path(blob.path)  # (what clients are told; the bytes may be in blob.pending)
+        fd = open_blob(blob)
         try:
             size = os.fstat(fd).st_size
             if size != blob.size:

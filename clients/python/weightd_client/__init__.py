@@ -18,20 +18,38 @@ With an explicit client (its own socket, deadline and name in the daemon's statu
 ...     client.fetch("hf://org/model")                                 # warm the cache
 ...     weights = client.load("hf://org/model")
 
+Tensors as they land, while the model is still being downloaded (what an engine's
+weight iterator wants):
+
+>>> with weightd_client.stream("hf://org/model") as weights:           # doctest: +SKIP
+...     for name, tensor in weights:
+...         params[name].copy_(tensor)
+
 torch is needed only to build tensors: ``pip install 'weightd-client[torch]'``.
 """
 
 from weightd_client import errors
-from weightd_client.client import Client, LoadedModel, default_socket, device_to_wire, fetch, load
+from weightd_client.client import (
+    Client,
+    LoadedModel,
+    default_socket,
+    device_to_wire,
+    fetch,
+    load,
+    stream,
+)
+from weightd_client.streaming import StreamedModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client",
     "LoadedModel",
+    "StreamedModel",
     "default_socket",
     "device_to_wire",
     "errors",
     "fetch",
     "load",
+    "stream",
 ]

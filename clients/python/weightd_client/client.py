@@ -41,6 +41,8 @@ from weightd_client.tensors import build_tensors, require_torch
 if TYPE_CHECKING:
     import torch
 
+    from weightd_client.streaming import StreamedModel
+
 __all__ = [
     "ERROR_KEY",
     "Client",
@@ -50,6 +52,7 @@ __all__ = [
     "error_from_rpc",
     "fetch",
     "load",
+    "stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,8 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[WeightdError]] = {
 
 #: The calls that need this process's credentials (see :mod:`weightd_client.credentials`);
 #: the others carry them when the handshake works, and go without when it does not.
-_NEED_TOKEN = frozenset({"Acquire", "Release", "Verify", "Gc", "Pin", "Unpin", "Evict"})
+_NEED_TOKEN = frozenset({"Acquire", "AcquireStream", "Release", "Verify", "Gc", "Pin", "Unpin",
+                         "Evict"})
 
 #: The tiers as the API names them, and back: one table for the client, the daemon's
 #: service and its CLI.
@@ -631,6 +635,12 @@ class Client:
                 # granted the lease whose answer never arrived
                 self._withdraw(proposed)
             raise
+        return self._leased(response, src, target)
+
+    def _leased(self, response: pb.AcquireResponse, src: str,
+                target: torch.device) -> LoadedModel:
+        """The tensors of an Acquire answer, and its lease (released if they cannot be
+        built)."""
         with self._lock:
             self._leases.add(response.lease_id)
         try:
@@ -708,6 +718,69 @@ class Client:
         except grpc.RpcError as e:
             raise error_from_rpc(e, socket=self.socket, method="Fetch") from e
         raise SourceUnavailable(f"{src}: weightd ended the fetch before it was done")
+
+    def stream(
+        self,
+        source: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> StreamedModel:
+        """Lease a model and iterate over its tensors as their bytes land.
+
+        While the daemon downloads the model (on the host tier), each ``(name, tensor)``
+        is yielded as soon as its whole byte range is written, in the order their bytes
+        complete, so that an engine copies tensor k while tensor k+1 is on the wire. The
+        whole-file digests are known only at the end: if one does not match, the
+        iterator raises :class:`~weightd_client.errors.IntegrityError` instead of
+        finishing, so a model with a bad byte never finishes loading (the tensors yielded
+        before it are unverified: drop them). A model already resident (or cached, or
+        asked for on a GPU) is yielded whole at once. Replicas streaming one model share
+        its download.
+
+        Args:
+            source: as for :meth:`load`.
+            device: ``"cpu"`` (tensors as they land: views of the file the daemon writes,
+                then of the blob it becomes) or a CUDA device (whole, at the end).
+            include: globs of files to take from a directory source.
+            exclude: globs of files to leave out.
+            timeout: the deadline of the whole stream, in seconds (default: the
+                client's).
+
+        Returns:
+            A :class:`~weightd_client.streaming.StreamedModel`: iterate it once, use it
+            as a context manager (its lease, granted with the last tensor, ends at the
+            block's exit).
+
+        Raises:
+            DaemonUnavailable: the daemon is unreachable (no fallback).
+            IntegrityError: (while iterating) a digest did not match.
+            SourceNotFound, SourceUnavailable, NotPermitted, FormatError,
+            BudgetExceeded, GpuUnavailable: as the daemon reports, while iterating.
+
+        Example:
+            >>> from weightd_client import Client
+            >>> with Client() as client:                                # doctest: +SKIP
+            ...     with client.stream("s3://models/llama-3-8b") as weights:
+            ...         for name, tensor in weights:
+            ...             params[name].copy_(tensor)
+        """
+        from weightd_client.streaming import StreamedModel
+
+        src = _source_text(source)
+        wire = device_to_wire(device)
+        request = pb.AcquireRequest(source=src, device=wire, client=self._client_info(),
+                                    include=list(include or ()), exclude=list(exclude or ()))
+        return StreamedModel(self, request, _local_device(device, wire),
+                             timeout=timeout or self.timeout)
+
+    def _stream_call(self, request: pb.AcquireRequest, timeout: float) -> Any:
+        """The AcquireStream call (an iterator of events), with this process's credentials."""
+        rpc = self._rpc("AcquireStream")
+        return rpc(request, timeout=timeout, wait_for_ready=False,
+                   metadata=self._metadata("AcquireStream"))
 
     def release(self, lease_id: str) -> None:
         """End a lease.
@@ -917,6 +990,27 @@ def load(
     """
     return _shared_client().load(source, device, fallback=fallback, include=include,
                                  exclude=exclude, timeout=timeout)
+
+
+def stream(
+    source: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    timeout: float | None = None,
+) -> StreamedModel:
+    """Stream a model's tensors as they land, with the shared default :class:`Client`.
+
+    See :meth:`Client.stream` for the arguments, the result and the errors.
+
+    Example:
+        >>> import weightd_client
+        >>> with weightd_client.stream("hf://org/model") as weights:    # doctest: +SKIP
+        ...     state = {name: tensor.clone() for name, tensor in weights}
+    """
+    return _shared_client().stream(source, device, include=include, exclude=exclude,
+                                   timeout=timeout)
 
 
 def fetch(

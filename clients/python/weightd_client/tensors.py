@@ -62,7 +62,10 @@ __all__ = [
     "TORCH_INSTALL_HINT",
     "build_host_tensors",
     "build_tensors",
+    "checked_tensors",
+    "host_tensor",
     "map_shard",
+    "open_shard",
     "require_torch",
     "torch_dtype",
 ]
@@ -135,11 +138,30 @@ def torch_dtype(dtype: str, *, path: str) -> torch.dtype:
     return result  # type: ignore[no-any-return]
 
 
-def map_shard(path: str) -> mmap.mmap:
+def open_shard(path: str, pending: str = "") -> int:
+    """Open a shard file the daemon named, read-only: ``path``; while the blob is not
+    durable yet, ``pending`` (its temporary file, the same inode) when ``path`` is not
+    there yet, then ``path`` once more (the rename may happen between two tries).
+
+    Raises:
+        OSError: none of them can be opened (FileNotFoundError: none exists).
+    """
+    for name in [path, pending] if pending else []:
+        try:
+            return os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def map_shard(path: str, pending: str = "") -> mmap.mmap:
     """Map a shard file privately (copy-on-write), see Note [lifetime of host tensors].
 
     Args:
         path: the blob file the daemon named.
+        pending: while the blob is not durable yet, the temporary file its bytes are in
+            (the same inode, renamed to ``path`` at any moment): tried when ``path`` is
+            not there yet, then ``path`` once more.
 
     Returns:
         A ``MAP_PRIVATE`` mapping of the whole file, readable and writable.
@@ -148,7 +170,7 @@ def map_shard(path: str) -> mmap.mmap:
         OSError: the file cannot be opened or mapped.
         FormatError: the file is empty.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_shard(path, pending)
     try:
         if os.fstat(fd).st_size == 0:
             raise FormatError(path, "the shard file is empty")
@@ -211,22 +233,26 @@ def build_host_tensors(response: pb.AcquireResponse) -> dict[str, torch.Tensor]:
                               "the daemon named no host file for this shard")
         mm = mappings.get(shard.path)
         if mm is None:
-            mm = mappings[shard.path] = map_shard(shard.path)
+            mm = mappings[shard.path] = map_shard(shard.path, shard.pending_path)
         shard_maps.append(mm)
 
     out: dict[str, torch.Tensor] = {}
     names = [shard.path for shard in response.shards]
     for t, dtype, shape, numel in checked_tensors(response, [len(m) for m in shard_maps], names,
                                                    unit="file"):
-        if numel == 0:
-            # torch.frombuffer refuses count=0; an empty tensor has no bytes to share.
-            out[t.name] = th.empty(shape, dtype=dtype)
-            continue
-        # An offset that is not a multiple of the element size (files from old writers)
-        # still gives a valid CPU tensor over an unaligned pointer: no copy either.
-        out[t.name] = th.frombuffer(shard_maps[t.shard], dtype=dtype, count=numel,
-                                    offset=t.offset).view(shape)
+        out[t.name] = host_tensor(th, shard_maps[t.shard], dtype, shape, numel, t.offset)
     return out
+
+
+def host_tensor(th: ModuleType, mm: mmap.mmap, dtype: torch.dtype, shape: tuple[int, ...],
+                numel: int, offset: int) -> torch.Tensor:
+    """A view of ``numel`` elements at ``offset`` of a shard's mapping: no copy."""
+    if numel == 0:
+        # torch.frombuffer refuses count=0; an empty tensor has no bytes to share.
+        return th.empty(shape, dtype=dtype)
+    # An offset that is not a multiple of the element size (files from old writers)
+    # still gives a valid CPU tensor over an unaligned pointer: no copy either.
+    return th.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 def checked_tensors(

@@ -1,5 +1,6 @@
 """What an engine's loader asks of the daemon, without the engine: which source a model
-directory stands for, which tier to read from, and the leased ``(name, tensor)`` pairs.
+directory stands for, which tier to read from, and the leased ``(name, tensor)`` pairs,
+streamed as they land.
 
 The vLLM loader (:mod:`._vllm_loader`) is built on these; they import no engine, so they
 are tested on their own (tests/test_engines_weights.py, and on a GPU the CUDA tier).
@@ -11,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from weightd_client.client import TIER_NAMES, Client, device_to_wire
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
+    from weightd_client.streaming import StreamedModel
 
 __all__ = ["choose_device", "leased_weights", "resolve_source"]
 
@@ -96,14 +98,17 @@ def choose_device(info: pb.ModelInfo | None, cuda_index: int | None) -> str:
 def leased_weights(client: Client, source: str, device: str = "cpu", *,
                    names: Collection[str] | None = None,
                    ) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
-    """The model's ``(name, tensor)`` pairs while a lease holds them.
+    """The model's ``(name, tensor)`` pairs as they land, then while a lease holds them.
 
-    The tensors are views of the daemon's memory (host pages, or CUDA IPC buffers);
-    consume and copy them inside the block: the lease ends when it exits, and CUDA views
-    are invalid after that (host views stay readable, but may be evicted from RAM).
-
-    This is the one place an engine's weights come from: a streaming iterator in
-    weightd_client replaces the load built here without changing the loaders.
+    The pairs come from :meth:`Client.stream`: while the daemon downloads the model,
+    each tensor as soon as its bytes are written (the engine copies one while the next
+    is on the wire); a model the daemon has is yielded at once. The tensors are views
+    of the daemon's memory (host pages, or CUDA IPC buffers); consume and copy them
+    inside the block: the lease ends when it exits, and CUDA views are invalid after
+    that (host views stay readable, but may be evicted from RAM). A digest that does
+    not match at the end raises IntegrityError from the iterator: the engine's load
+    fails (see Note [streamed tensors are verified at the end] in
+    :mod:`weightd_client.streaming`).
 
     Args:
         client: the daemon's client.
@@ -113,22 +118,41 @@ def leased_weights(client: Client, source: str, device: str = "cpu", *,
         names: only these tensors (None: all).
 
     Yields:
-        An iterator of ``(name, tensor)``, in the model's order.
+        An iterator of ``(name, tensor)``, in the order their bytes land.
 
     Raises:
-        DaemonUnavailable, SourceNotFound, ...: as :meth:`Client.load` raises.
+        DaemonUnavailable, SourceNotFound, ...: as :meth:`Client.stream` raises (the
+        daemon's errors while iterating).
     """
+    wanted: Callable[[str], bool] = (lambda _: True) if names is None else names.__contains__
+    # On release the client synchronizes the device before it closes the IPC handles,
+    # so copies the engine queued out of the daemon's buffers finish first.
     try:
-        weights = client.load(source, device, fallback=False)
+        weights = client.stream(source, device)
+    except GpuUnavailable as e:  # this process sees no such GPU
+        if device == "cpu":
+            raise
+        log.info("weightd cannot serve %s on %s (%s): reading the host tier", source, device, e)
+        weights, device = client.stream(source, "cpu"), "cpu"
+    with ExitStack() as leases:  # the stream's lease, and the host tier's if it falls back
+        leases.enter_context(weights)
+        log.info("%s from the weightd daemon, streamed to %s", source, device)
+        yield _host_if_no_gpu(client, source, device, weights, wanted, leases)
+
+
+def _host_if_no_gpu(client: Client, source: str, device: str, weights: StreamedModel,
+                    wanted: Callable[[str], bool], leases: ExitStack,
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The wanted pairs; a CUDA device the daemon cannot serve is read from the host tier
+    instead (before any pair: the daemon answers a GPU whole, at the end), under a lease
+    that ends with ``leases``."""
+    try:
+        for name, tensor in weights:
+            if wanted(name):
+                yield name, tensor
     except GpuUnavailable as e:
         if device == "cpu":
             raise
         log.info("weightd cannot serve %s on %s (%s): reading the host tier", source, device, e)
-        weights = client.load(source, "cpu", fallback=False)
-    log.info("%s from the weightd daemon: lease %s, %s, %d tensors", source, weights.lease_id,
-             weights.device, len(weights))
-    wanted: Callable[[str], bool] = (lambda _: True) if names is None else names.__contains__
-    # On release the client synchronizes the device before it closes the IPC handles,
-    # so copies the engine queued out of the daemon's buffers finish first.
-    with weights:
-        yield ((n, t) for n, t in weights.items() if wanted(n))
+        host = leases.enter_context(client.stream(source, "cpu"))
+        yield from ((n, t) for n, t in host if wanted(n))

@@ -91,7 +91,7 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Shard(_message.Message):
-    __slots__ = ("relpath", "digest", "size", "path", "ipc_handle", "device_uuid", "device_offset")
+    __slots__ = ("relpath", "digest", "size", "path", "ipc_handle", "device_uuid", "device_offset", "pending_path")
     RELPATH_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Shard(_message.Message):
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PENDING_PATH_FIELD_NUMBER: _ClassVar[int]
     relpath: str
     digest: str
     size: int
@@ -106,7 +107,8 @@ class Shard(_message.Message):
     ipc_handle: bytes
     device_uuid: str
     device_offset: int
-    def __init__(self, relpath: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., device_uuid: _Optional[str] = ..., device_offset: _Optional[int] = ...) -> None: ...
+    pending_path: str
+    def __init__(self, relpath: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., device_uuid: _Optional[str] = ..., device_offset: _Optional[int] = ..., pending_path: _Optional[str] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease_id", "model", "tier", "device", "shards", "tensors", "snapshot_path", "metadata", "fetched", "loaded", "server_ms")
@@ -140,6 +142,57 @@ class AcquireResponse(_message.Message):
     loaded: bool
     server_ms: float
     def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., snapshot_path: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., fetched: _Optional[bool] = ..., loaded: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class AcquireEvent(_message.Message):
+    __slots__ = ("start", "shard", "written", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: StreamStart
+    shard: ShardLanded
+    written: BytesWritten
+    end: AcquireResponse
+    def __init__(self, start: _Optional[_Union[StreamStart, _Mapping]] = ..., shard: _Optional[_Union[ShardLanded, _Mapping]] = ..., written: _Optional[_Union[BytesWritten, _Mapping]] = ..., end: _Optional[_Union[AcquireResponse, _Mapping]] = ...) -> None: ...
+
+class StreamStart(_message.Message):
+    __slots__ = ("lease_id", "model")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    model: str
+    def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ShardLanded(_message.Message):
+    __slots__ = ("shard", "relpath", "size", "path", "tensors", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    RELPATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    relpath: str
+    size: int
+    path: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, shard: _Optional[int] = ..., relpath: _Optional[str] = ..., size: _Optional[int] = ..., path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class BytesWritten(_message.Message):
+    __slots__ = ("shard", "bytes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    bytes: int
+    def __init__(self, shard: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)

@@ -44,6 +44,11 @@ class WeightdStub:
                 request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.SerializeToString,
                 response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireResponse.FromString,
                 _registered_method=True)
+        self.AcquireStream = channel.unary_stream(
+                '/weightd.v1.Weightd/AcquireStream',
+                request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireEvent.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/weightd.v1.Weightd/Release',
                 request_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.ReleaseRequest.SerializeToString,
@@ -98,6 +103,18 @@ class WeightdServicer:
 
     def Acquire(self, request, context):
         """Make a model resident on a tier and lease it to the calling process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireStream(self, request, context):
+        """Acquire, as the model lands: the lease's id first; then, while the model is being
+        fetched (host tier), each shard's layout once its header has landed and the bytes
+        written to it as they are; the end is the Acquire answer, once every file is written
+        and every digest checked (a digest that does not match ends the stream with
+        DATA_LOSS). A model already resident (or cached, or asked on a GPU) streams only its
+        start and its end. The lease is granted with the end, under the id of the start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +191,11 @@ def add_WeightdServicer_to_server(servicer, server):
                     servicer.Acquire,
                     request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.FromString,
                     response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireResponse.SerializeToString,
+            ),
+            'AcquireStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AcquireStream,
+                    request_deserializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.FromString,
+                    response_serializer=weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireEvent.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -270,6 +292,33 @@ class Weightd:
             '/weightd.v1.Weightd/Acquire',
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.SerializeToString,
             weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weightd.v1.Weightd/AcquireStream',
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireRequest.SerializeToString,
+            weightd__client_dot___proto_dot_weightd_dot_v1_dot_weightd__pb2.AcquireEvent.FromString,
             options,
             channel_credentials,
             insecure,
