@@ -415,6 +415,11 @@ class Source:
         return {}
 
     @classmethod
+    def url_options(cls, url: str, config: Config) -> dict[str, Any]:
+        """More keyword arguments for the filesystem, that depend on the URL (a proxy)."""
+        return {}
+
+    @classmethod
     def canonical(cls, url: str) -> str:
         """The one spelling of a reference of this protocol (``hf://org/m@main`` is
         ``hf://org/m``); ``url`` has its protocol and no traversal segments."""
@@ -435,7 +440,8 @@ class Source:
         """
         protocol = url.split("://", 1)[0]
         try:
-            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
+            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config),
+                                             **cls.url_options(url, config))
         except ImportError as e:
             extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
             hint = f": pip install '{extra}'" if extra else f": {e}"

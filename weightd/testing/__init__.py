@@ -6,6 +6,7 @@ development dependency and is imported only when an S3 server is started.
 
 from weightd.testing.hub import FakeHub
 from weightd.testing.models import write_synthetic_model
+from weightd.testing.proxy import ForwardProxy
 from weightd.testing.servers import (
     Fault,
     Lie,
@@ -15,5 +16,5 @@ from weightd.testing.servers import (
     TokenBucket,
 )
 
-__all__ = ["FakeHub", "Fault", "Lie", "MotoS3Server", "RangeHTTPServer", "RequestLog",
-           "TokenBucket", "write_synthetic_model"]
+__all__ = ["FakeHub", "Fault", "ForwardProxy", "Lie", "MotoS3Server", "RangeHTTPServer",
+           "RequestLog", "TokenBucket", "write_synthetic_model"]

@@ -18,6 +18,7 @@ import html
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -294,7 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
             n = min(end - start - sent, piece)
             for bucket in buckets:
                 bucket.take(n)
-            n = os.sendfile(self.connection.fileno(), fd, start + sent, n)
+            if isinstance(self.connection, ssl.SSLSocket):  # TLS: no sendfile
+                data = os.pread(fd, n, start + sent)
+                self.connection.sendall(data)
+                n = len(data)
+            else:
+                n = os.sendfile(self.connection.fileno(), fd, start + sent, n)
             if n == 0:
                 break
             sent += n
@@ -343,6 +349,8 @@ class RangeHTTPServer:
         rate: bytes per second for all bodies together (a token bucket every connection
             shares), or None for as fast as loopback goes.
         conn_rate: bytes per second for each connection's bodies, or None.
+        tls: serve HTTPS with this server context (see :func:`weightd.testing.tls.
+            make_tls`), or None for plain HTTP.
 
     Example
     -------
@@ -353,8 +361,12 @@ class RangeHTTPServer:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fault: FaultHook | None = None,
-                 rate: float | None = None, conn_rate: float | None = None) -> None:
+                 rate: float | None = None, conn_rate: float | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._scheme = "https" if tls is not None else "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.root = Path(root).resolve()
         self._server.log = RequestLog()
         self._server.fault = fault
@@ -365,7 +377,7 @@ class RangeHTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     @property
     def log(self) -> RequestLog:
