@@ -28,6 +28,7 @@ from weightd.errors import (
     WeightdError,
 )
 from weightd.formats import MAX_INDEX_BYTES, parse_index_json
+from weightd.retry import RetryPolicy
 from weightd.sources.digests import OriginDigest, parse_origin_digest
 
 log = logging.getLogger(__name__)
@@ -350,9 +351,12 @@ class FileReader:
         fills_buffer: whether :meth:`read` fills the buffer it is given (then the fetch
             hands it one per chunk, reused once the chunk is written); otherwise it
             returns the blocks as they arrived.
+        policy: how its chunks are retried, when not as the fetch's (``retry_*``
+            settings) say: a mirror's reads fail fast, since the origin is behind them.
     """
 
     fills_buffer = False
+    policy: RetryPolicy | None = None
 
     def __init__(self, source: Source, rf: RemoteFile, digest: OriginDigest | None) -> None:
         self.source = source

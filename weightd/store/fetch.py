@@ -10,6 +10,11 @@ the origin's own digest, where it gives one, on a thread of its own), validated
 visible. The same source file fetched twice at once, in one process or in two, is
 downloaded once. A model whose Acquire answer would not fit in a gRPC message is refused
 before its snapshot is made.
+
+With a mirror (weightd/store/mirror.py), the files that miss the cache are read from the
+mirror's blobs where its manifest names them (through the same download path, the xxh3
+checked against the manifest), from the origin otherwise or when the mirror fails; what
+came from the origin is written back in the background.
 """
 
 from __future__ import annotations
@@ -49,12 +54,15 @@ from weightd.sources import (
 )
 from weightd.store.cas import Store
 from weightd.store.index import ModelFile
+from weightd.store.mirror import Mirror, MirrorPull, Via
 
 log = logging.getLogger(__name__)
 
 #: ``on_written(rf, offset, nbytes)``: bytes ``[offset, offset + nbytes)`` of the source
 #: file ``rf`` were hashed and written to its temporary file. Called from the file's writer
 #: thread, in order: ``offset + nbytes`` is how many leading bytes of the file are written.
+#: A file whose read from the mirror failed is read again from the origin into a new
+#: temporary file: its reports then start again at offset 0.
 OnWritten: TypeAlias = Callable[[RemoteFile, int, int], None]
 
 #: The largest Acquire answer a model may need: the daemon's and the client's gRPC
@@ -77,7 +85,9 @@ def answer_bytes(layouts: Sequence[ShardLayout]) -> int:
 
 @dataclass
 class FetchStats:
-    """What one model fetch did (bytes pulled from the source, hits, time)."""
+    """What one model fetch did: bytes downloaded (``bytes_fetched``: from the origin,
+    ``bytes_origin``, and from the cluster's mirror, ``bytes_mirror``), hits (files
+    already in the cache: ``bytes_total - bytes_fetched`` bytes), time."""
 
     files: int = 0
     hits: int = 0
@@ -85,15 +95,22 @@ class FetchStats:
     bytes_fetched: int = 0
     seconds: float = 0.0
     hash_seconds: float = 0.0
+    bytes_origin: int = 0
+    bytes_mirror: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float) -> None:
+    def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float,
+            mirror: bool = False) -> None:
         with self._lock:
             self.files += 1
             self.hits += hit
             self.bytes_total += size
             self.bytes_fetched += fetched
             self.hash_seconds += hash_seconds
+            if mirror:
+                self.bytes_mirror += fetched
+            else:
+                self.bytes_origin += fetched
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,22 @@ class _LockedCallback:
     def update(self, n: int) -> None:
         with self.lock:
             self.cb.relative_update(n)
+
+
+class _Attempt(_LockedCallback):
+    """The progress of one try at a file (from the mirror), taken back if it fails."""
+
+    def __init__(self, inner: _LockedCallback) -> None:
+        self.inner = inner
+        self.n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n  # one writer thread per file
+        self.inner.update(n)
+
+    def undo(self) -> None:
+        self.inner.update(-self.n)
+        self.n = 0
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -252,6 +285,13 @@ class Fetcher:
                                   max_seconds=config.retry_max_seconds)
         #: Shard layouts by digest, filled as shards are validated (the node reuses them)
         self.layouts = layouts if layouts is not None else LayoutCache()
+        #: The cluster's mirror (the ``mirrors`` setting), or None
+        self.mirror = Mirror(config.mirrors[0], config) if config.mirrors else None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the mirror's write-backs in progress (see :meth:`Mirror.close`)."""
+        if self.mirror is not None:
+            self.mirror.close(timeout)
 
     def fetch(
         self,
@@ -304,27 +344,38 @@ class Fetcher:
         cb.set_size(sum(f.size for f in todo))
         progress = _LockedCallback(cb)
         buffers = _Buffers(source.plan.chunk_size)
-        with concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.config.max_parallel_files,
-                thread_name_prefix="weightd-fetch") as pool:
-            futures = {pool.submit(self.fetch_file, source, f, progress, stats,
-                                   on_written=on_written, buffers=buffers): f for f in todo}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    f = futures[fut]
-                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
-                                                   f.identity)
-            except BaseException:
-                for other in futures:
-                    other.cancel()
-                source.close()  # the other files' reads end now, not when their bytes do
-                raise
-        self._check_answer(source.url, results)
-        name = model_name(source.url)
-        path = self.store.commit_snapshot(name, source.url, results)
+        # the mirror, after the listing and the hits: which files it gives, who pulls
+        pull = (self.mirror.begin(source.url, files, todo, self.store.blob_path)
+                if self.mirror is not None and todo and source.protocol != "file" else None)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.config.max_parallel_files,
+                    thread_name_prefix="weightd-fetch") as pool:
+                futures = {pool.submit(self._fetch_one, source, f, progress, stats,
+                                       on_written, buffers, pull): f for f in todo}
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        f = futures[fut]
+                        results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
+                                                       f.identity)
+                except BaseException:
+                    for other in futures:
+                        other.cancel()
+                    source.close()  # the other files' reads end now, not when their bytes do
+                    raise
+            self._check_answer(source.url, results)
+            name = model_name(source.url)
+            path = self.store.commit_snapshot(name, source.url, results)
+        except BaseException:
+            if pull is not None:
+                pull.abort()
+            raise
+        if pull is not None:
+            pull.commit(results)  # the rest of the write-back, in the background
         stats.seconds = time.monotonic() - start
-        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source in %.2fs",
-                 source.url, stats.files, stats.hits, stats.bytes_fetched, stats.bytes_total,
+        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source%s in %.2fs",
+                 source.url, stats.files, stats.hits, stats.bytes_origin, stats.bytes_total,
+                 f" and {stats.bytes_mirror} from the mirror" if stats.bytes_mirror else "",
                  stats.seconds)
         return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
                         stats)
@@ -354,25 +405,52 @@ class Fetcher:
         digest = self.store.index.lookup_file(f.url, f.identity)
         return digest if digest is not None and self.store.has_blob(digest) else None
 
+    def _fetch_one(self, source: Source, f: RemoteFile, progress: _LockedCallback,
+                   stats: FetchStats, on_written: OnWritten | None, buffers: _Buffers,
+                   pull: MirrorPull | None) -> str:
+        """One file that missed the cache: from the mirror when it has it, else (or when
+        that fails) from the origin, then handed to the write-back."""
+        via = pull.via(f) if pull is not None else None
+        if pull is not None and via is not None:
+            attempt = _Attempt(progress)
+            try:
+                return self.fetch_file(source, f, attempt, stats, on_written=on_written,
+                                       buffers=buffers, via=via)
+            except BudgetExceeded:
+                raise  # the disk is full: the origin's bytes would not fit either
+            except Exception as e:  # the mirror costs a warning, never the load
+                attempt.undo()
+                pull.failed(f, e)
+        digest = self.fetch_file(source, f, progress, stats, on_written=on_written,
+                                 buffers=buffers)
+        if pull is not None:
+            pull.verified(f, digest)
+        return digest
+
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                    stats: FetchStats, *, on_written: OnWritten | None = None,
-                   buffers: _Buffers | None = None) -> str:
-        """Bring one file that was not in the store into it; return its digest."""
+                   buffers: _Buffers | None = None, via: Via | None = None) -> str:
+        """Bring one file that was not in the store into it; return its digest. ``via``:
+        read it from there (the mirror) instead of from ``source``."""
         with self.store.single_flight(f"{f.url}\0{f.identity}"):
             digest = self._hit(f)  # another thread or process may have just done it
             if digest is None:
                 digest, hash_s = self._download(source, f, progress, on_written,
-                                                buffers or _Buffers(source.plan.chunk_size))
-                stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
+                                                buffers or _Buffers(source.plan.chunk_size),
+                                                via)
+                stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s,
+                          mirror=via is not None)
                 return digest
         stats.add(hit=True, size=f.size, fetched=0, hash_seconds=0.0)
         return digest
 
     def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
-                  on_written: OnWritten | None, buffers: _Buffers) -> tuple[str, float]:
+                  on_written: OnWritten | None, buffers: _Buffers,
+                  via: Via | None = None) -> tuple[str, float]:
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
-        with source.open_file(f) as reader, self.store.temp_file(
+        opened = via.open() if via is not None else source.open_file(f)
+        with opened as reader, self.store.temp_file(
                 f.size, hint=f.relpath.rsplit("/", 1)[-1]) as (fd, tmp):
             side = _SideHash(reader.digest) if reader.digest is not None else None
 
@@ -403,13 +481,17 @@ class Fetcher:
 
             try:
                 try:
-                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f, sink,
-                                     buffers)
+                    fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, reader.rf,
+                                     sink, buffers)
                 except WeightdError:
                     raise
                 except Exception as e:
-                    raise source.error(e, f.url) from e
+                    raise reader.source.error(e, reader.rf.url) from e
                 digest = hasher.hexdigest()
+                if via is not None and digest != via.digest:
+                    raise IntegrityError(f"{reader.rf.url}: its bytes hash to {digest}, not "
+                                         f"to {via.digest} as the {via.what}'s manifest says "
+                                         f"for {f.url}")
                 if side is not None:
                     side.check(f.url)
             finally:
@@ -421,9 +503,9 @@ class Fetcher:
                 with os.fdopen(os.dup(fd), "rb") as fobj:
                     layout = read_layout(f.url, fileobj=fobj)
             again = reader.identity()
-            if again != f.identity:
-                raise IntegrityError(f"{f.url}: the source changed during the download "
-                                     f"({f.identity} -> {again}); fetch again")
+            if again != reader.rf.identity:
+                raise IntegrityError(f"{reader.rf.url}: the source changed during the download "
+                                     f"({reader.rf.identity} -> {again}); fetch again")
             self.store.commit_blob(fd, tmp, digest)
         self.store.index.record_file(f.url, f.identity, f.size, digest)
         if layout is not None:
@@ -441,6 +523,7 @@ class Fetcher:
         starts, taken back once the chunk is written.
         """
         plan = reader.source.plan
+        policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
         chunks = deque((o, min(o + plan.chunk_size, f.size))
                        for o in range(0, f.size, plan.chunk_size))
@@ -452,7 +535,7 @@ class Fetcher:
                 buf = buffers.take() if buffers is not None else None
                 into = memoryview(buf)[:end - start] if buf is not None else None
                 data = await retry_async(
-                    lambda: reader.read(start, end, into), policy=self.policy,
+                    lambda: reader.read(start, end, into), policy=policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
                 return buf, data  # (a failed or cancelled read's buffer is dropped)
 
