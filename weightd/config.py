@@ -370,8 +370,6 @@ class Config:
                               "set both, or neither")
         if self.mirror_access_key_id is not None and self.mirror_profile is not None:
             raise ConfigError("set mirror_access_key_id or mirror_profile, not both")
-        if self.http_ca_bundle is not None and not os.access(self.http_ca_bundle, os.R_OK):
-            raise ConfigError(f"http_ca_bundle {self.http_ca_bundle}: no readable file there")
         if self.mirror_timeout <= 0 or self.mirror_lock_timeout <= 0:
             raise ConfigError("mirror_timeout and mirror_lock_timeout must be more than 0")
 

@@ -32,6 +32,10 @@ from weightd.tiers.cuda import CudaTier, device_uuid
 
 log = logging.getLogger(__name__)
 
+#: How long a stopping daemon waits for each write-back to the mirror in progress (its
+#: lock is then left to go stale and be taken over).
+MIRROR_CLOSE_SECONDS = 10.0
+
 #: Seconds between writes of the models' last-used times to the index (see
 #: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
 TOUCH_FLUSH_INTERVAL = 5.0
@@ -161,6 +165,7 @@ class Node:
         if self._warmer is not None:
             self._warmer.join(timeout=5)
         self.leases.stop()
+        self.fetcher.close(timeout=MIRROR_CLOSE_SECONDS)
         self.flush_touches()
         self.cuda.close()
         self.host.close()
@@ -271,8 +276,10 @@ class Node:
                callback: Callback | None = None) -> Snapshot:
         snap = self.fetcher.fetch(source, include=include, exclude=exclude, callback=callback)
         self._mark_stale(snap.name)
-        self.metrics.fetched(snap.source.split("://", 1)[0], snap.stats.bytes_fetched,
-                             snap.stats.seconds)
+        s = snap.stats
+        self.metrics.fetched(snap.source.split("://", 1)[0], s.bytes_origin, s.seconds)
+        self.metrics.model_fetched(snap.name, origin=s.bytes_origin, mirror=s.bytes_mirror,
+                                   cache=s.bytes_total - s.bytes_fetched)
         self._enforce_disk_budget(snap.name)
         self.metrics.set_resident("disk", "disk", self.store.blob_bytes())
         return snap
@@ -292,6 +299,7 @@ class Node:
                        exclude: Sequence[str]) -> tuple[ModelRecord, bool]:
         record = self.store.index.model(name)
         if record is not None and self.store.model_complete(record):
+            self.metrics.model_fetched(name, cache=record.size)
             return record, False
         self._fetch(source, include, exclude)
         record = self.store.index.model(name)

@@ -30,6 +30,7 @@ from weightd.errors import (
 )
 from weightd.metrics import Metrics
 from weightd.node import Node, View
+from weightd.store.mirror import Mirror
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import ERROR_KEY  # the one name both sides read and write
@@ -64,6 +65,17 @@ def status_for(e: BaseException) -> grpc.StatusCode:
         if cls in ERROR_CODES:
             return ERROR_CODES[cls]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL
+
+
+def _mirror_status(mirror: Mirror | None) -> pb.MirrorStatus | None:
+    if mirror is None:
+        return None
+    return pb.MirrorStatus(
+        url=mirror.url, endpoint=mirror.endpoint(), conditional_writes=mirror.conditional_text(),
+        locks=[pb.MirrorLock(source=a.source, state=a.state, holder=a.holder, since=a.since)
+               for a in mirror.activity()],
+        write_backs=mirror.pending_write_backs(), problems=mirror.problems,
+        last_problem=mirror.last_problem)
 
 
 class _BadRequest(FormatError):
@@ -293,13 +305,18 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                                    tier=_TIERS[lease.tier], device=lease.device, pid=lease.pid,
                                    client_name=lease.client_name, since=lease.since)
                       for lease in node.leases.all()]
+            model_bytes = [pb.ModelBytes(model=m, origin=c["origin"], mirror=c["mirror"],
+                                         cache=c["cache"])
+                           for m, c in node.metrics.bytes_by_model().items()]
+            mirror = _mirror_status(node.fetcher.mirror)
         except Exception as e:
             calls.fail(e)
         calls.ok()
         return pb.StatusResponse(version=__version__, pid=os.getpid(),
                                  uptime_seconds=time.time() - node.started,
                                  cache_dir=str(node.store.root), tiers=tiers, leases=leases,
-                                 problems=problems, pins=pins)
+                                 problems=problems, pins=pins, model_bytes=model_bytes,
+                                 mirror=mirror)
 
     def Evict(self, request: pb.EvictRequest,  # noqa: N802
               context: grpc.ServicerContext) -> pb.EvictResponse:

@@ -57,7 +57,7 @@ from typing import Any
 import fsspec.asyn
 
 from weightd.config import Config, format_size
-from weightd.errors import SourceUnavailable
+from weightd.errors import NotPermitted, SourceUnavailable
 from weightd.retry import RetryPolicy
 from weightd.sources import FileReader, RemoteFile
 from weightd.sources.digests import parse_origin_digest
@@ -261,6 +261,7 @@ class Mirror:
         self._conditional: tuple[bool, str] | None = None
         #: False once the store refused a write (read-only credentials): no write-back
         self.writable = True
+        self._endpoint: str | None = None
         self._activity: dict[str, Activity] = {}
         self._write_backs: list[_WriteBack] = []
         self._slots = threading.BoundedSemaphore(MAX_WRITE_BACKS)
@@ -308,14 +309,15 @@ class Mirror:
     # --- the client ----------------------------------------------------------------------------
 
     def endpoint(self) -> str:
-        """The endpoint the mirror's client talks to."""
+        """The endpoint the mirror's client talks to (no request is sent to know it)."""
+        if self._endpoint is None:
+            async def get() -> str:
+                await self.fs.set_session()
+                s3 = await self.fs.get_s3(self.bucket)
+                return str(s3.meta.endpoint_url)
 
-        async def get() -> str:
-            await self.fs.set_session()
-            s3 = await self.fs.get_s3(self.bucket)
-            return str(s3.meta.endpoint_url)
-
-        return str(fsspec.asyn.sync(self.fs.loop, get))
+            self._endpoint = str(fsspec.asyn.sync(self.fs.loop, get))
+        return self._endpoint
 
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         """One S3 call on the mirror's client (``Bucket`` is the mirror's); a body is read
@@ -686,6 +688,31 @@ class Mirror:
                 log.warning("mirror %s: the write-back of %s did not end in %.0fs: its lock "
                             "is left for the other nodes to take over", self.url, job.pull.source,
                             timeout or 0)
+
+
+def snapshot_files(snapshot: str | os.PathLike[str]
+                   ) -> tuple[str, list[ModelFile], Callable[[str], Path]]:
+    """The source, files and blob paths of a model's snapshot in a cache this process
+    cannot open (the daemon's), from the manifest beside its revision directory.
+
+    Raises:
+        NotPermitted: the cache is not readable by this user (not in the daemon's group).
+    """
+    rev = Path(os.path.realpath(snapshot))
+    manifest = rev.with_name(f"{rev.name}.manifest.json")
+    try:
+        doc = json.loads(manifest.read_bytes())
+        files = [ModelFile(f["relpath"], f["url"], f["digest"], int(f["size"]),
+                           f["identity"]) for f in doc["files"]]
+    except PermissionError as e:
+        raise NotPermitted(f"{manifest}: cannot read the daemon's cache (run as a member of "
+                           "its group)") from e
+    paths = {f.digest: Path(os.path.realpath(rev / f.relpath)) for f in files}
+    for f in files:
+        if not os.access(paths[f.digest], os.R_OK):
+            raise NotPermitted(f"{paths[f.digest]}: cannot read the daemon's cache (run as a "
+                               "member of its group)")
+    return str(doc["source"]), files, paths.__getitem__
 
 
 def _holder_name() -> str:

@@ -51,6 +51,7 @@ class DaemonProcess:
                  args: tuple[str, ...] = (), timeout: float = 60.0,
                  socket: str | Path | None = None) -> None:
         home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
         self.socket = Path(socket) if socket is not None else home / "run" / "weightd.sock"
         self.cache_dir = home / "cache"
         self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
