@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.test_mirror import model_bytes
 from weightd.store import hash_file
 from weightd.testing import MotoS3Server, RangeHTTPServer, write_synthetic_model
 
@@ -28,10 +29,6 @@ def model(http_root: Path) -> Path:
     d = http_root / "org" / "m"
     write_synthetic_model(d, total_bytes=4 * MiB, tensors=8, shards=2, seed=11)
     return d
-
-
-def model_bytes(model: Path) -> int:
-    return sum(p.stat().st_size for p in model.iterdir())
 
 
 @pytest.fixture

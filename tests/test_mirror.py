@@ -262,7 +262,7 @@ def test_a_write_back_that_fails_writes_no_manifest_and_releases_the_lock(
 # one pull per cluster -------------------------------------------------------------------
 
 
-def test_a_node_waits_for_the_one_that_pulls_and_shows_who_holds_the_lock(
+def test_a_node_follows_the_one_that_pulls_and_shows_who_holds_the_lock(
         cluster, http_root, model, s3_server, mirror_bucket):
     with RangeHTTPServer(http_root, rate=4 * MiB) as origin:  # about 0.8 s for the model
         url = f"{origin.url}/org/m"
@@ -285,6 +285,12 @@ def test_a_node_waits_for_the_one_that_pulls_and_shows_who_holds_the_lock(
         assert origin.log.bytes_served() == model_bytes(model)  # once, for the cluster
         assert out["b"].stats.bytes_mirror == model_bytes(model)  # type: ignore[attr-defined]
         assert_same_model(out["b"].path, model)  # type: ignore[attr-defined]
+        # b read the first blobs while a still pulled the others (the lock lists each blob
+        # once it is in the mirror): before the manifest was written
+        order = s3_server.log.order
+        manifest_put = next(i for i, (m, p) in enumerate(order)
+                            if m == "PUT" and "/manifests/" in p)
+        assert any(m == "GET" and "/blobs/" in p for m, p in order[:manifest_put])
 
 
 def manifest_id_of(node: Node, url: str) -> str:
@@ -377,3 +383,46 @@ def test_an_s3_origin_and_the_mirror_each_sign_with_their_own_credentials(
     signers = s3_server.log.signers
     assert {k for k, p in signers if p.startswith("/origin-creds/")} == {"testing"}
     assert {k for k, p in signers if p.startswith(f"/{mirror_bucket}/")} == {"mirror-key"}
+
+
+def test_a_mirror_that_lies_consistently_is_caught_by_the_hubs_own_digest(
+        cluster, tmp_path, s3_server, mirror_bucket, caplog):
+    # whoever can write to the mirror writes other bytes for a shard AND a manifest that
+    # names their xxh3: the xxh3 then matches, but an hf:// file's sha256 (from the hub's
+    # listing, not from the mirror) does not, and the origin's bytes are served
+    import xxhash
+
+    from weightd.testing import FakeHub
+
+    src = tmp_path / "src"
+    write_synthetic_model(src, total_bytes=2 * MiB, tensors=8, shards=2, seed=21)
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.commit("org/model", {p.name: p for p in src.iterdir()})
+        hf = dict(hf_endpoint=hub.url, hf_download_hosts=(hub.cdn_host,))
+        digests = seed(lambda name, **kw: cluster(name, **hf, **kw), "hf://org/model")
+        shard = "model-00001-of-00002.safetensors"
+        fake = bytes(reversed((src / shard).read_bytes()))
+        fake_digest = xxhash.xxh3_128_hexdigest(fake)
+        s3c = s3_server.client()
+        s3c.put_object(Bucket=mirror_bucket, Key=f"cluster/blobs/{fake_digest}", Body=fake)
+        [key] = [k for k in mirror_keys(s3_server, mirror_bucket) if "/manifests/" in k]
+        doc = json.loads(s3c.get_object(Bucket=mirror_bucket, Key=key)["Body"].read())
+        for f in doc["files"]:
+            if f["relpath"] == shard:
+                assert f["digest"] == digests[shard]
+                f["digest"] = fake_digest
+        s3c.put_object(Bucket=mirror_bucket, Key=key, Body=json.dumps(doc).encode())
+        caplog.set_level(logging.WARNING, logger="weightd.store.mirror")
+        node = cluster("node", **hf)
+        snap = node.fetch("hf://org/model")
+        assert_same_model(snap.path, src)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("sha256" in w and f"hf://org/model/{shard}" in w for w in warnings), warnings
+        # the node found the manifest wrong (the origin's bytes have another xxh3) and
+        # wrote it again, with their blob: the next node reads the right bytes from it
+        node.fetcher.close()
+        hub.log.reset()
+        snap = cluster("third", **hf).fetch("hf://org/model")
+        assert_same_model(snap.path, src)
+        assert snap.stats.bytes_mirror == snap.stats.bytes_total
+

@@ -19,14 +19,17 @@ against the bytes, where the listing gives one: ``hf://``). A file the mirror ca
 
 On a miss, one node takes the manifest's lock with a conditional write (``PutObject``
 with ``If-None-Match: *``), pulls from the origin, and writes back in the background:
-each blob once it is verified and in the cache, the manifest once every blob is there
-(so a manifest never names a blob the mirror lacks), then deletes the lock (``If-Match``
-its own ETag). The others wait for the manifest (bounded by ``mirror_wait``), polling
-with backoff and jitter; a lock that its holder stopped refreshing for
+each blob once it is verified and in the cache (the lock then lists it: the holder's
+progress), the manifest once every blob is there (so a manifest never names a blob the
+mirror lacks), then deletes the lock (``If-Match`` its own ETag). The others follow that
+pull (bounded by ``mirror_wait``), polling the lock and the manifest with backoff and
+jitter, and read each file from the mirror as soon as the lock lists its blob, while
+the holder still pulls the rest; a lock that its holder stopped refreshing for
 ``mirror_lock_timeout`` is taken over (``PutObject`` with ``If-Match`` the stale lock's
-ETag, so two nodes cannot both take it over where the store honours ``If-Match``). A
-store without conditional writes (a 501, or the header ignored: probed once) is said so
-in the log and in Status, and then each node that misses may pull.
+ETag, so two nodes cannot both take it over where the store honours ``If-Match``), and
+the files the mirror does not have by then come from the origin. A store without
+conditional writes (a 501, or the header ignored: probed once) is said so in the log and
+in Status, and then each node that misses may pull.
 
 The mirror's client is its own: its endpoint (``mirror_endpoint_url``, never
 ``s3_endpoint_url`` or ``AWS_ENDPOINT_URL``), its credentials (``mirror_access_key_id`` +
@@ -81,6 +84,13 @@ MAX_POLL = 1.0
 
 #: Consecutive failed looks at the mirror after which a waiting node gives up.
 MAX_POLL_ERRORS = 3
+
+#: Files whose blobs a lock lists as they land (its holder's progress); beyond, the
+#: waiting nodes wait for the manifest.
+MAX_PROGRESS_FILES = 10_000
+
+#: The least time between two writes of a lock by its holder.
+PROGRESS_GAP = 0.1
 
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
 
@@ -144,12 +154,15 @@ class LockState:
         idle: seconds since the holder last wrote it (the store's clock: its
             ``Last-Modified`` against its ``Date``), what staleness is judged on.
         etag: the lock object's ETag (for ``If-Match``).
+        files: the blobs its holder has put in the mirror so far (``relpath``, ``size``,
+            ``identity``, ``digest``), as it wrote them.
     """
 
     holder: str
     since: float
     idle: float
     etag: str
+    files: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -174,37 +187,59 @@ class MirrorSource(S3Source):
     """The mirror's bucket read as an S3 source (ranged reads, ``Content-Range`` checked)
     through the mirror's own filesystem object."""
 
-    def open_file(self, rf: RemoteFile) -> FileReader:
-        reader = _BlobReader(self, rf, parse_origin_digest(rf.origin_digest, rf.url, rf.size))
+    def open_blob(self, rf: RemoteFile, origin: RemoteFile) -> FileReader:
+        """A reader of the blob ``rf`` that holds the bytes of ``origin``: the digest the
+        origin's listing states for it (if any) is checked against them too."""
+        reader = _BlobReader(self, rf, parse_origin_digest(origin.origin_digest, origin.url,
+                                                           origin.size))
         reader.policy = RetryPolicy(attempts=2, max_seconds=self.config.mirror_timeout)
         return reader
 
 
 class _Held:
-    """A lock this node holds: refreshed by a thread of its own until released."""
+    """A lock this node holds. A thread of its own writes it (``If-Match`` its ETag):
+    every quarter of ``mirror_lock_timeout`` (a refresh), and soon after each blob the
+    write-back put in the mirror (its progress: the waiting nodes read those blobs while
+    the pull goes on), until it is released."""
 
-    def __init__(self, mirror: Mirror, key: str, holder: str, source: str, etag: str) -> None:
+    def __init__(self, mirror: Mirror, key: str, holder: str, source: str, etag: str,
+                 since: float) -> None:
         self.mirror = mirror
         self.key = key
         self.holder = holder
         self.source = source
-        self.since = time.time()
+        self.since = since
         self.etag = etag
         self.lost = False
+        self._files: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh, name="weightd-mirror-lock",
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weightd-mirror-lock",
                                         daemon=True)
         self._thread.start()
 
-    def body(self) -> bytes:
-        return json.dumps({"holder": self.holder, "source": self.source, "since": self.since,
-                           "refreshed": time.time()}).encode()
+    def publish(self, f: ModelFile) -> None:
+        """``f``'s blob is in the mirror now: say so in the lock (soon, coalesced)."""
+        with self._lock:
+            if len(self._files) >= MAX_PROGRESS_FILES:
+                return  # a model of that many files: the others wait for the manifest
+            self._files.append({"relpath": f.relpath, "size": f.size,
+                                "identity": f.identity, "digest": f.digest})
+        self._wake.set()
 
-    def _refresh(self) -> None:
+    def _run(self) -> None:
         interval = max(0.2, self.mirror.config.mirror_lock_timeout / 4)
-        while not self._stop.wait(interval):
+        due = time.monotonic() + interval
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            with self._lock:
+                body = _lock_body(self.holder, self.source, self.since, self._files)
             try:
-                resp = self.mirror._call("put_object", Key=self.key, Body=self.body(),
+                resp = self.mirror._call("put_object", Key=self.key, Body=body,
                                          IfMatch=self.etag)
                 self.etag = str(resp.get("ETag", self.etag))
             except MirrorUnavailable as e:
@@ -214,13 +249,16 @@ class _Held:
                                 "refreshes were late): its pull goes on, another may pull "
                                 "too", self.mirror.url, self.source)
                     return
-                log.info("mirror %s: the lock on %s was not refreshed: %s", self.mirror.url,
+                log.info("mirror %s: the lock on %s was not written: %s", self.mirror.url,
                          self.source, e)
+            due = time.monotonic() + interval
+            time.sleep(PROGRESS_GAP)  # at most a few writes a second
 
     def release(self) -> None:
-        """Stop refreshing and delete the lock, unless another node took it over."""
+        """Stop writing and delete the lock, unless another node took it over."""
         self._stop.set()
-        self._thread.join(timeout=self.mirror.config.mirror_timeout + 1)
+        self._wake.set()
+        self._thread.join(timeout=self.mirror.config.mirror_timeout * 3 + 1)
         if self.lost:
             return
         try:
@@ -233,6 +271,12 @@ class _Held:
                 log.warning("mirror %s: the lock on %s could not be deleted (%s): the other "
                             "nodes take it over once it is %gs old", self.mirror.url,
                             self.source, e, self.mirror.config.mirror_lock_timeout)
+
+
+def _lock_body(holder: str, source: str, since: float, files: Sequence[dict[str, Any]]
+               ) -> bytes:
+    return json.dumps({"holder": holder, "source": source, "since": since,
+                       "refreshed": time.time(), "files": list(files)}).encode()
 
 
 def _status_of(e: BaseException) -> tuple[int | None, str]:
@@ -358,6 +402,19 @@ class Mirror:
             raise MirrorUnavailable(f"mirror {self.url}: {method} {kwargs.get('Key', '')}: "
                                     f"{why}", status=status) from e
 
+    def _get(self, key: str, *, head: bool = False) -> dict[str, Any] | None:
+        """``GetObject`` of a small object (its body in ``"Data"``, at most
+        :data:`MAX_MANIFEST_BYTES` + 1 bytes), or ``HeadObject``; None when it is not
+        there (404)."""
+        try:
+            if head:
+                return self._call("head_object", Key=key)
+            return self._call("get_object", Key=key, limit=MAX_MANIFEST_BYTES)
+        except MirrorUnavailable as e:
+            if e.status == 404:
+                return None
+            raise
+
     # --- conditional writes -----------------------------------------------------------------
 
     def conditional_writes(self) -> tuple[bool, str]:
@@ -410,12 +467,9 @@ class Mirror:
             MirrorUnavailable: the mirror cannot be asked.
         """
         key = self.manifest_key(manifest_id(source, files))
-        try:
-            resp = self._call("get_object", Key=key, limit=MAX_MANIFEST_BYTES)
-        except MirrorUnavailable as e:
-            if e.status == 404:
-                return None
-            raise
+        resp = self._get(key)
+        if resp is None:
+            return None
         data = resp["Data"]
         try:
             if len(data) > MAX_MANIFEST_BYTES:
@@ -453,13 +507,8 @@ class Mirror:
     # --- blobs --------------------------------------------------------------------------------
 
     def has_blob(self, digest: str, size: int) -> bool:
-        try:
-            head = self._call("head_object", Key=self.blob_key(digest))
-        except MirrorUnavailable as e:
-            if e.status == 404:
-                return False
-            raise
-        return int(head.get("ContentLength", -1)) == size
+        head = self._get(self.blob_key(digest), head=True)
+        return head is not None and int(head.get("ContentLength", -1)) == size
 
     def upload_blob(self, digest: str, path: Path) -> None:
         """Upload a blob of the cache (multipart when large: s3fs's ``put_file``); the
@@ -476,22 +525,20 @@ class Mirror:
         """How to read ``f`` from the mirror's blob ``entry.digest``."""
         key = self.blob_key(entry.digest)
         rf = RemoteFile(url=f"s3://{self.bucket}/{key}", path=f"{self.bucket}/{key}",
-                        relpath=f.relpath, size=f.size, identity=f"{f.size}:xxh3={entry.digest}",
-                        origin_digest=f.origin_digest)
-        return Via(lambda: self.source.open_file(rf), entry.digest, f"mirror {self.url}")
+                        relpath=f.relpath, size=f.size, identity=f"{f.size}:xxh3={entry.digest}")
+        return Via(lambda: self.source.open_blob(rf, f), entry.digest, f"mirror {self.url}")
 
     # --- locks --------------------------------------------------------------------------------
 
     def _read_lock(self, key: str) -> LockState | None:
-        try:
-            resp = self._call("get_object", Key=key, limit=64 * 1024)
-        except MirrorUnavailable as e:
-            if e.status == 404:
-                return None
-            raise
+        resp = self._get(key)
+        if resp is None:
+            return None
+        files: list[Any] = []
         try:
             body = json.loads(resp["Data"])
             holder, since = str(body["holder"]), float(body["since"])
+            files = list(body.get("files") or [])
         except (ValueError, KeyError, TypeError):
             holder, since = "unknown (unreadable lock)", 0.0
         modified = resp.get("LastModified")
@@ -501,123 +548,139 @@ class Mirror:
             if date:
                 now = email.utils.parsedate_to_datetime(date).timestamp()
         idle = max(0.0, now - modified.timestamp()) if modified is not None else 0.0
-        return LockState(holder, since, idle, str(resp.get("ETag", "")))
+        return LockState(holder, since, idle, str(resp.get("ETag", "")), files)
 
     def _take(self, key: str, source: str, *, stale: LockState | None = None) -> _Held | None:
         """Create the lock (``If-None-Match: *``), or replace a stale one (``If-Match``
         its ETag); None when another node got there first."""
-        holder = _holder_name()
-        body = json.dumps({"holder": holder, "source": source, "since": time.time(),
-                           "refreshed": time.time()}).encode()
+        holder, since = _holder_name(), time.time()
         condition = {"IfNoneMatch": "*"} if stale is None else {"IfMatch": stale.etag}
         try:
-            resp = self._call("put_object", Key=key, Body=body, **condition)
+            resp = self._call("put_object", Key=key, Body=_lock_body(holder, source, since, []),
+                              **condition)
         except MirrorUnavailable as e:
             if e.status in (404, 409, 412):
                 return None
             raise
-        return _Held(self, key, holder, source, str(resp.get("ETag", "")))
+        return _Held(self, key, holder, source, str(resp.get("ETag", "")), since)
 
-    def _claim(self, source: str, files: Sequence[RemoteFile], mid: str
-               ) -> _Held | dict[str, ManifestEntry] | None:
-        """Take the manifest's lock, or wait for the node that holds it to write the
-        manifest: the lock this node now holds, the manifest, or None when it gave up
-        waiting (``mirror_wait``) or the mirror failed while it waited."""
-        key = self.lock_key(mid)
+    def _step(self, pull: MirrorPull) -> bool:
+        """One look at the manifest and its lock for a fetch that wants the model: take
+        the lock when nobody holds it (or its holder went stale), use the manifest once
+        it is there, else note the holder's progress (the blobs it has put so far).
+        Whether the pull is settled (it holds the lock, or has the manifest)."""
+        c, source, key = self.config, pull.source, pull.lock_key
+        held = self._take(key, source)
+        state: LockState | None = None
+        if held is None:
+            state = self._read_lock(key)
+            if state is not None and state.idle > c.mirror_lock_timeout:
+                held = self._take(key, source, stale=state)
+                if held is not None:
+                    log.warning("mirror %s: took over the lock on %s from %s, not refreshed "
+                                "for %.0fs (over mirror_lock_timeout, %gs)", self.url, source,
+                                state.holder, state.idle, c.mirror_lock_timeout)
+        try:
+            entries = self.manifest(source, pull.files)  # it may have come meanwhile
+        except MirrorUnavailable:
+            if held is not None:
+                held.release()
+            raise
+        if entries is not None:
+            if held is not None:
+                held.release()
+            pull.settle(entries)
+            return True
+        if held is not None:
+            pull.hold(held)
+            return True
+        if state is not None:
+            pull.progress(state.files)
+            if pull.seen != state.holder:
+                pull.seen = state.holder
+                log.info("mirror %s: waiting for %s: %s is pulling it from the origin (lock "
+                         "taken %.0fs ago)", self.url, source, state.holder,
+                         max(0.0, time.time() - state.since))
+            self._set_activity(source, "waiting", state.holder, state.since)
+        return False
+
+    def _follow(self, pull: MirrorPull) -> None:
+        """Look again and again (full-jitter backoff, up to :data:`MAX_POLL`) until the
+        pull is settled, the wait is over (``mirror_wait``) or the mirror keeps failing;
+        the files not in the mirror by then come from the origin."""
         c = self.config
         deadline = time.monotonic() + c.mirror_wait
         pause = RetryPolicy(base_delay=0.1, max_delay=min(MAX_POLL, c.mirror_lock_timeout / 4))
         attempt = errors = 0
-        seen: str | None = None
         try:
-            while True:
-                state: LockState | None = None
+            while not pull.stopped.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    who = pull.seen or "the node that pulls it"
+                    self._problem(f"waited {c.mirror_wait:g}s (mirror_wait) for {who} to put "
+                                  f"{pull.source} in the mirror: the rest from the origin")
+                    return
+                attempt += 1
+                if pull.stopped.wait(min(pause.delay(min(attempt, 8)) + 0.05, left)):
+                    return
                 try:
-                    held = self._take(key, source)
-                    if held is None:
-                        state = self._read_lock(key)
-                        if state is not None and state.idle > c.mirror_lock_timeout:
-                            held = self._take(key, source, stale=state)
-                            if held is not None:
-                                log.warning("mirror %s: took over the lock on %s from %s, "
-                                            "not refreshed for %.0fs (over mirror_lock_"
-                                            "timeout, %gs)", self.url, source, state.holder,
-                                            state.idle, c.mirror_lock_timeout)
-                    if held is not None:  # the manifest may have come meanwhile
-                        entries = self.manifest(source, files)
-                        if entries is None:
-                            return held
-                        held.release()
-                        return entries
-                    entries = self.manifest(source, files)
-                    if entries is not None:
-                        return entries
+                    if self._step(pull):
+                        return
                     errors = 0
                 except MirrorUnavailable as e:
                     errors += 1
                     if errors >= MAX_POLL_ERRORS:
-                        self._problem(f"{e}; pulling {source} from the origin")
-                        return None
-                    state = None
-                if state is not None:
-                    if seen != state.holder:
-                        seen = state.holder
-                        log.info("mirror %s: waiting for %s: %s is pulling it from the "
-                                 "origin (lock taken %.0fs ago)", self.url, source,
-                                 state.holder, max(0.0, time.time() - state.since))
-                    self._set_activity(source, "waiting", state.holder, state.since)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    who = seen or "the node that pulls it"
-                    self._problem(f"waited {c.mirror_wait:g}s (mirror_wait) for {who} to put "
-                                  f"{source} in the mirror: pulling it from the origin")
-                    return None
-                attempt += 1
-                time.sleep(min(pause.delay(min(attempt, 8)) + 0.05, left))
+                        self._problem(f"{e}; the rest of {pull.source} from the origin")
+                        return
+        except Exception:  # never leave the fetch's files waiting
+            log.exception("mirror %s: waiting for %s failed", self.url, pull.source)
         finally:
-            self._clear_activity(source, "waiting")
+            self._clear_activity(pull.source, "waiting")
+            pull.settle({})
 
     # --- one model fetch ---------------------------------------------------------------------
 
     def begin(self, source: str, files: Sequence[RemoteFile], todo: Sequence[RemoteFile],
               blob_path: Callable[[str], Path]) -> MirrorPull:
         """What the mirror does for a fetch of ``source`` (listed as ``files``) whose
-        ``todo`` files miss the node's cache: the files to read from it, and whether this
-        node writes the model back (it then holds the lock, when the store has
-        conditional writes). Never raises: a mirror that fails is a warning."""
+        ``todo`` files miss the node's cache, decided before any file is read:
+
+        - the manifest is there: its files come from the mirror;
+        - nobody holds its lock (or its holder went stale): this node takes it, pulls from
+          the origin and writes back;
+        - another node holds it: this node follows that pull (a thread looks at the lock
+          and the manifest): each file comes from the mirror once its blob is there
+          (:meth:`MirrorPull.via` waits for it), from the origin once the wait is over;
+        - no conditional writes: this node pulls and writes back, as every other may.
+
+        Never raises: a mirror that fails is a warning, and the origin."""
         pull = MirrorPull(self, source, files, blob_path)
         if not todo:
+            pull.settle({})
             return pull
-        mid = manifest_id(source, files)
         try:
             entries = self.manifest(source, files)
             if entries is not None:
-                pull.entries = entries
+                pull.settle(entries)
                 return pull
             if not self._slots.acquire(blocking=False):
                 log.info("mirror %s: %d write-backs in progress: %s is pulled from the "
                          "origin without one", self.url, MAX_WRITE_BACKS, source)
+                pull.settle({})
                 return pull
             pull.slot = True
             ok, _ = self.conditional_writes()
             if not self.writable:
-                pull.free_slot()
-                return pull
-            if ok:
-                claim = self._claim(source, files, mid)
-                if isinstance(claim, dict):
-                    pull.entries = claim
-                    pull.free_slot()
-                    return pull
-                if claim is None:
-                    pull.free_slot()
-                    return pull
-                pull.held = claim
-                self._set_activity(source, "pulling from the origin", claim.holder, claim.since)
-            pull.start_write_back()
+                pull.settle({})
+            elif not ok:
+                pull.start_write_back()
+                pull.settle({})
+            elif not self._step(pull):
+                threading.Thread(target=self._follow, args=(pull,), daemon=True,
+                                 name="weightd-mirror-wait").start()
         except MirrorUnavailable as e:
             self._problem(f"{e}; pulling {source} from the origin")
-            pull.free_slot()
+            pull.settle({})
         return pull
 
     # --- seeding ------------------------------------------------------------------------------
@@ -721,14 +784,16 @@ def _holder_name() -> str:
 
 class MirrorPull:
     """The mirror's part in one model fetch (see :meth:`Mirror.begin`): which files it
-    gives (:meth:`via`), what failed (:meth:`failed`), and the write-back of what this
-    node pulled from the origin (:meth:`verified`, :meth:`commit`, :meth:`abort`)."""
+    gives (:meth:`via`, which waits while another node's pull is followed), what failed
+    (:meth:`failed`), and the write-back of what this node pulled from the origin
+    (:meth:`verified`, :meth:`commit`, :meth:`abort`)."""
 
     def __init__(self, mirror: Mirror, source: str, files: Sequence[RemoteFile],
                  blob_path: Callable[[str], Path]) -> None:
         self.mirror = mirror
         self.source = source
         self.files = list(files)
+        self.lock_key = mirror.lock_key(manifest_id(source, files))
         self.blob_path = blob_path
         self.entries: dict[str, ManifestEntry] = {}
         self.held: _Held | None = None
@@ -736,16 +801,64 @@ class MirrorPull:
         self.job: _WriteBack | None = None
         self.repairs: set[str] = set()
         self.rewrite = False
-        self._lock = threading.Lock()
+        self.seen: str | None = None  # the holder being waited for
+        self.stopped = threading.Event()
+        self._listed = {f.relpath: f for f in files}
+        self._settled = False
+        self._cond = threading.Condition()
 
     def free_slot(self) -> None:
         if self.slot:
             self.slot = False
             self.mirror._slots.release()
 
+    # --- what the mirror gives ----------------------------------------------------------
+
+    def progress(self, files: Sequence[Any]) -> None:
+        """Blobs the holder of the lock says it has put in the mirror: those that are
+        files of this listing (same relpath, size and identity) can be read now."""
+        found = {}
+        for item in files:
+            try:
+                e = ManifestEntry(str(item["relpath"]), int(item["size"]),
+                                  str(item["identity"]), str(item["digest"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            f = self._listed.get(e.relpath)
+            if f is not None and (f.size, f.identity) == (e.size, e.identity) and \
+                    _DIGEST.match(e.digest):
+                found[e.relpath] = e
+        if found:
+            with self._cond:
+                self.entries.update(found)
+                self._cond.notify_all()
+
+    def settle(self, entries: Mapping[str, ManifestEntry]) -> None:
+        """No more files will come from the mirror than ``entries`` (and those known)."""
+        with self._cond:
+            self.entries.update(entries)
+            self._settled = True
+            self._cond.notify_all()
+        if self.held is None and self.job is None:
+            self.free_slot()
+
+    def hold(self, held: _Held) -> None:
+        """This node took the lock: it pulls from the origin what the mirror lacks, and
+        writes it back."""
+        self.held = held
+        self.mirror._set_activity(self.source, "pulling from the origin", held.holder,
+                                  held.since)
+        self.start_write_back()
+        self.settle({})
+
     def via(self, f: RemoteFile) -> Via | None:
-        """Where to read ``f`` from, when the mirror has it."""
-        entry = self.entries.get(f.relpath)
+        """Where to read ``f`` from, when the mirror has it; while another node's pull is
+        followed, wait until its blob is there or the wait is over (then None: the
+        origin)."""
+        with self._cond:
+            while f.relpath not in self.entries and not self._settled:
+                self._cond.wait(1.0)
+            entry = self.entries.get(f.relpath)
         return self.mirror.via(f, entry) if entry is not None else None
 
     def failed(self, f: RemoteFile, e: BaseException) -> None:
@@ -753,11 +866,13 @@ class MirrorPull:
         blob is put in the mirror again once verified (a repair)."""
         self.mirror._problem(f"mirror {self.mirror.url}: {f.relpath} of {self.source}: {e}; "
                              "reading it from the origin")
-        with self._lock:
+        with self._cond:
             self.repairs.add(f.relpath)
             if self.job is None and self.mirror._slots.acquire(blocking=False):
                 self.slot = True
                 self.start_write_back(repair=True)
+
+    # --- the write-back ------------------------------------------------------------------
 
     def verified(self, f: RemoteFile, digest: str) -> None:
         """``f`` came from the origin, was verified and is in the cache as ``digest``:
@@ -770,7 +885,7 @@ class MirrorPull:
             self.rewrite = True
         job = self.job
         if job is not None and (not job.repair or f.relpath in self.repairs):
-            job.q.put(("blob", digest, f.size))
+            job.q.put(("blob", ModelFile(f.relpath, f.url, digest, f.size, f.identity)))
 
     def start_write_back(self, *, repair: bool = False) -> None:
         self.job = _WriteBack(self, repair=repair)
@@ -781,21 +896,25 @@ class MirrorPull:
     def commit(self, files: Mapping[str, ModelFile]) -> None:
         """The model is in the cache as ``files``: write the rest back (its blobs that
         came from the cache, then the manifest) in the background."""
+        self.stopped.set()
         if self.job is not None:
             self.job.q.put(("commit", list(files.values())))
 
     def abort(self) -> None:
-        """The fetch failed: write no manifest, release the lock."""
+        """The fetch failed: stop waiting, write no manifest, release the lock."""
+        self.stopped.set()
+        self.settle({})
         if self.job is not None:
             self.job.q.put(("abort",))
 
 
 class _WriteBack(threading.Thread):
     """The write-back of one model, on a daemon thread: each blob as the fetch verifies
-    it (the upload overlaps the rest of the pull), then on commit the blobs that came
-    from the cache and the manifest, last; then the lock is released. A repair (the
-    manifest was there, some of its blobs were not readable) uploads those blobs only,
-    and the manifest only when the origin's bytes disagreed with it."""
+    it (the upload overlaps the rest of the pull, and the lock says it is there, for the
+    nodes that wait), then on commit the blobs that came from the cache or the mirror and
+    the manifest, last; then the lock is released. A repair (the manifest was there, some
+    of its blobs were not readable) uploads those blobs only, and the manifest only when
+    the origin's bytes disagreed with it."""
 
     def __init__(self, pull: MirrorPull, *, repair: bool) -> None:
         super().__init__(name="weightd-mirror-write", daemon=True)
@@ -806,16 +925,18 @@ class _WriteBack(threading.Thread):
         self.nbytes = 0
         self._done: set[str] = set()
 
-    def _blob(self, digest: str, size: int) -> None:
+    def _blob(self, f: ModelFile) -> None:
         mirror = self.pull.mirror
-        if digest in self._done:
+        if f.digest in self._done:
             return
         # a repair overwrites what the mirror has (its size may be right, its bytes not)
-        if self.repair or not mirror.has_blob(digest, size):
-            mirror.upload_blob(digest, self.pull.blob_path(digest))
+        if self.repair or not mirror.has_blob(f.digest, f.size):
+            mirror.upload_blob(f.digest, self.pull.blob_path(f.digest))
             self.uploaded += 1
-            self.nbytes += size
-        self._done.add(digest)
+            self.nbytes += f.size
+        self._done.add(f.digest)
+        if self.pull.held is not None:
+            self.pull.held.publish(f)
 
     def _commit(self, files: list[ModelFile]) -> bool:
         """Upload what is left, then the manifest; whether a manifest was written."""
@@ -825,7 +946,7 @@ class _WriteBack(threading.Thread):
                                  pull.held.since)
         for f in files:
             if not self.repair or f.relpath in pull.repairs:
-                self._blob(f.digest, f.size)
+                self._blob(f)
         if self.repair and not pull.rewrite:
             return False
         if (pull.held is None and not pull.rewrite
@@ -844,7 +965,7 @@ class _WriteBack(threading.Thread):
                 if item[0] == "abort":
                     return
                 if item[0] == "blob":
-                    self._blob(item[1], item[2])
+                    self._blob(item[1])
                     continue
                 wrote = self._commit(item[1])
                 log.info("mirror %s: wrote back %s: %d blobs (%s) uploaded%s in %.2fs",
