@@ -426,3 +426,28 @@ def test_a_mirror_that_lies_consistently_is_caught_by_the_hubs_own_digest(
         assert_same_model(snap.path, src)
         assert snap.stats.bytes_mirror == snap.stats.bytes_total
 
+
+def test_a_follower_whose_fetch_fails_stops_waiting_for_the_others_files(
+        cluster, http_server, model, s3_server, mirror_bucket):
+    # another node holds the lock (fresh) and says it put the first shard in the mirror:
+    # the follower reads it, the mirror lacks it, the origin refuses it; the fetch fails
+    # then, not when mirror_wait is over for the files still waiting for their blobs
+    url = f"{http_server.url}/org/m"
+    n = cluster("a", mirror_lock_timeout=60.0, mirror_wait=30.0)
+    from weightd.sources import open_source
+
+    with open_source(url, n.config) as source:
+        listed = source.list_files()
+        mid = manifest_id(source.url, listed)
+    first = next(f for f in listed if f.relpath.endswith("00001-of-00003.safetensors"))
+    lock = {"holder": "other-node pid 7", "source": url, "since": time.time(),
+            "files": [{"relpath": first.relpath, "size": first.size,
+                       "identity": first.identity, "digest": hash_file(model / first.relpath)}]}
+    s3_server.client().put_object(Bucket=mirror_bucket, Key=f"cluster/locks/{mid}.lock",
+                                  Body=json.dumps(lock).encode())
+    http_server.set_fault(lambda m, p: 404 if m == "GET" and p.endswith(first.relpath)
+                          else None)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="not found|404"):
+        n.fetch(url)
+    assert time.monotonic() - t0 < 10  # not mirror_wait (30 s)

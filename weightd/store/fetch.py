@@ -362,6 +362,8 @@ class Fetcher:
                     for other in futures:
                         other.cancel()
                     source.close()  # the other files' reads end now, not when their bytes do
+                    if pull is not None:
+                        pull.abort()  # and those waiting for another node's blobs
                     raise
             self._check_answer(source.url, results)
             name = model_name(source.url)

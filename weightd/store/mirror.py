@@ -805,6 +805,7 @@ class MirrorPull:
         self.stopped = threading.Event()
         self._listed = {f.relpath: f for f in files}
         self._settled = False
+        self._aborted = False
         self._cond = threading.Condition()
 
     def free_slot(self) -> None:
@@ -901,7 +902,12 @@ class MirrorPull:
             self.job.q.put(("commit", list(files.values())))
 
     def abort(self) -> None:
-        """The fetch failed: stop waiting, write no manifest, release the lock."""
+        """The fetch failed: stop waiting, write no manifest, release the lock (once,
+        however often it is called)."""
+        with self._cond:
+            if self._aborted:
+                return
+            self._aborted = True
         self.stopped.set()
         self.settle({})
         if self.job is not None:
