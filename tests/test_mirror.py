@@ -451,3 +451,29 @@ def test_a_follower_whose_fetch_fails_stops_waiting_for_the_others_files(
     with pytest.raises(Exception, match="not found|404"):
         n.fetch(url)
     assert time.monotonic() - t0 < 10  # not mirror_wait (30 s)
+
+
+def test_two_nodes_finding_one_stale_lock_pull_from_the_origin_once(
+        cluster, http_root, model, s3_server, mirror_bucket, caplog):
+    # both see the ghost's lock go stale at about the same moment; the takeover is a
+    # PutObject with If-Match the stale lock's ETag: one wins, the other follows it
+    with RangeHTTPServer(http_root, rate=8 * MiB) as origin:
+        url = f"{origin.url}/org/m"
+        a, b = cluster("a", mirror_lock_timeout=1.0), cluster("b", mirror_lock_timeout=1.0)
+        lock_key = f"cluster/locks/{manifest_id_of(a, url)}.lock"
+        s3_server.client().put_object(Bucket=mirror_bucket, Key=lock_key, Body=json.dumps(
+            {"holder": "ghost pid 1 dead", "source": url, "since": time.time()}).encode())
+        caplog.set_level(logging.INFO, logger="weightd.store.mirror")
+        out: dict[str, object] = {}
+        threads = [threading.Thread(target=lambda n=n, k=k: out.setdefault(k, n.fetch(url)))
+                   for k, n in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(out) == {"a", "b"}
+        assert origin.log.bytes_served() == model_bytes(model)
+        for snap in out.values():
+            assert_same_model(snap.path, model)  # type: ignore[attr-defined]
+        takeovers = [r for r in caplog.records if "took over the lock" in r.getMessage()]
+        assert len(takeovers) == 1, [r.getMessage() for r in takeovers]
