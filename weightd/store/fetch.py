@@ -347,30 +347,30 @@ class Fetcher:
         # the mirror, after the listing and the hits: which files it gives, who pulls
         pull = (self.mirror.begin(source.url, files, todo, self.store.blob_path)
                 if self.mirror is not None and todo and source.protocol != "file" else None)
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.config.max_parallel_files,
+                thread_name_prefix="weightd-fetch") as pool:
+            futures = {pool.submit(self._fetch_one, source, f, progress, stats,
+                                   on_written, buffers, pull): f for f in todo}
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    f = futures[fut]
+                    results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
+                                                   f.identity)
+            except BaseException:
+                for other in futures:
+                    other.cancel()
+                source.close()  # the other files' reads end now, not when their bytes do
+                if pull is not None:
+                    pull.abort()  # and those waiting for another node's blobs
+                raise
         try:
-            with concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.config.max_parallel_files,
-                    thread_name_prefix="weightd-fetch") as pool:
-                futures = {pool.submit(self._fetch_one, source, f, progress, stats,
-                                       on_written, buffers, pull): f for f in todo}
-                try:
-                    for fut in concurrent.futures.as_completed(futures):
-                        f = futures[fut]
-                        results[f.relpath] = ModelFile(f.relpath, f.url, fut.result(), f.size,
-                                                       f.identity)
-                except BaseException:
-                    for other in futures:
-                        other.cancel()
-                    source.close()  # the other files' reads end now, not when their bytes do
-                    if pull is not None:
-                        pull.abort()  # and those waiting for another node's blobs
-                    raise
             self._check_answer(source.url, results)
             name = model_name(source.url)
             path = self.store.commit_snapshot(name, source.url, results)
         except BaseException:
             if pull is not None:
-                pull.abort()
+                pull.abort()  # no manifest for a model that is not in the cache
             raise
         if pull is not None:
             pull.commit(results)  # the rest of the write-back, in the background
