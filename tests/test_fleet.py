@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -151,3 +152,22 @@ def test_mirror_push_without_a_mirror_is_one_line_and_exit_2(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
     assert "no mirror is configured" in run.stderr
+
+
+def test_mirror_push_to_a_mirror_that_is_down_is_one_line_and_exit_1(
+        tmp_path, http_server, model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: refuses connections
+        port = s.getsockname()[1]
+        env = {**os.environ, "WEIGHTD_CACHE_DIR": str(tmp_path / "c"),
+               "WEIGHTD_SOCKET": str(tmp_path / "none.sock"),
+               "WEIGHTD_MIRRORS": "s3://mirror/cluster",
+               "WEIGHTD_MIRROR_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+               "WEIGHTD_MIRROR_ACCESS_KEY_ID": "k", "WEIGHTD_MIRROR_SECRET_ACCESS_KEY": "s",
+               "WEIGHTD_MIRROR_TIMEOUT": "2s"}
+        run = subprocess.run([sys.executable, "-m", "weightd.cli", "mirror", "push",
+                              f"{http_server.url}/org/m"], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert "mirror s3://mirror/cluster" in run.stderr
