@@ -264,7 +264,11 @@ def test_a_write_back_that_fails_writes_no_manifest_and_releases_the_lock(
 
 def test_a_node_follows_the_one_that_pulls_and_shows_who_holds_the_lock(
         cluster, http_root, model, s3_server, mirror_bucket):
-    with RangeHTTPServer(http_root, rate=4 * MiB) as origin:  # about 0.8 s for the model
+    # the origin holds back the shards' bytes until b is seen waiting (whatever the load
+    # on the machine: a timed origin let a finish before b started); the json files come
+    gate = threading.Event()
+    with RangeHTTPServer(http_root, fault=lambda m, p: gate.wait(30) and None if m == "GET"
+                         and p.endswith(".safetensors") else None) as origin:
         url = f"{origin.url}/org/m"
         a, b = cluster("a"), cluster("b")
         out: dict[str, object] = {}
@@ -275,9 +279,12 @@ def test_a_node_follows_the_one_that_pulls_and_shows_who_holds_the_lock(
         tb = threading.Thread(target=lambda: out.setdefault("b", b.fetch(url)))
         tb.start()
         assert b.fetcher.mirror is not None and a.fetcher.mirror is not None
-        wait_until(lambda: any(x.state == "waiting" for x in b.fetcher.mirror.activity()))
-        [waiting] = b.fetcher.mirror.activity()
-        [pulling] = a.fetcher.mirror.activity()
+        try:
+            wait_until(lambda: any(x.state == "waiting" for x in b.fetcher.mirror.activity()))
+            [waiting] = b.fetcher.mirror.activity()
+            [pulling] = a.fetcher.mirror.activity()
+        finally:
+            gate.set()
         assert waiting.holder == pulling.holder and pulling.state == "pulling from the origin"
         assert socket.gethostname() in waiting.holder
         ta.join(60)
