@@ -85,3 +85,34 @@ def test_cli_flag_env_and_file_use_one_name(tmp_path):
     assert (tmp_path / "flag-cache" / "index.sqlite3").exists()
     bad = run_cli("--cache-dir", str(tmp_path), "--concurrency", "999", "ls")
     assert bad.returncode == 2 and "concurrency must be 1..256" in bad.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WEIGHTD_MIRRORS": "http://minio:9000/b"}, "not an s3://bucket/prefix URL"),
+    ({"WEIGHTD_MIRRORS": "s3://a/x,s3://b/y"}, "one mirror is supported"),
+    ({"WEIGHTD_MIRROR_ACCESS_KEY_ID": "k"}, "go together"),
+    ({"WEIGHTD_MIRROR_ACCESS_KEY_ID": "k", "WEIGHTD_MIRROR_SECRET_ACCESS_KEY": "s",
+      "WEIGHTD_MIRROR_PROFILE": "p"}, "not both"),
+    ({"WEIGHTD_MIRROR_WAIT": "soon"}, "not a duration"),
+    ({"WEIGHTD_HTTP_PROXY": "https://proxy:3128"}, "not a proxy URL"),
+    ({"WEIGHTD_HTTP_PROXY": "socks5://proxy:1080"}, "not a proxy URL"),
+])
+def test_bad_mirror_and_proxy_settings_are_refused(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ=env)
+
+
+def test_mirror_and_proxy_settings_have_one_name_and_keep_their_secrets(tmp_path):
+    toml = tmp_path / "w.toml"
+    toml.write_text('mirrors = ["s3://weights/cluster-a/"]\nmirror_wait = "2m"\n')
+    cfg = load_config(toml, environ={
+        "WEIGHTD_MIRROR_ENDPOINT_URL": "http://minio:9000",
+        "WEIGHTD_MIRROR_ACCESS_KEY_ID": "AKIDMIRROR", "WEIGHTD_MIRROR_SECRET_ACCESS_KEY": "sec",
+        "WEIGHTD_HTTP_PROXY": "http://node:pw@127.0.0.1:65001"},
+        overrides={"mirror_lock_timeout": "30s"})
+    assert cfg.mirrors == ("s3://weights/cluster-a",) and cfg.mirror_wait == 120.0
+    assert cfg.mirror_endpoint_url == "http://minio:9000" and cfg.mirror_lock_timeout == 30.0
+    text = repr(cfg)
+    assert "AKIDMIRROR" in text and "sec'" not in text and "pw@" not in text
+    bad = run_cli("--mirror-timeout", "never", "ls")
+    assert bad.returncode == 2 and "mirror-timeout" in bad.stderr and "not a duration" in bad.stderr

@@ -100,12 +100,59 @@ def cmd_fetch(cfg: Config, ns: argparse.Namespace) -> int:
             close = getattr(cb, "close", None)
             if close:
                 close()
+            fetcher.close()  # the write-back to the mirror, if there is one, ends first
     s = snap.stats
     rate = s.bytes_fetched / s.seconds if s.seconds else 0.0
+    mirrored = f" ({format_size(s.bytes_mirror)} from the mirror)" if s.bytes_mirror else ""
     print(f"{snap.source}: {s.files} files, {format_size(s.bytes_total)}; {s.hits} already "
-          f"cached; fetched {format_size(s.bytes_fetched)} in {s.seconds:.2f}s "
+          f"cached; fetched {format_size(s.bytes_fetched)}{mirrored} in {s.seconds:.2f}s "
           f"({format_size(rate)}/s)", file=sys.stderr)
     print(snap.path)
+    return 0
+
+
+def cmd_mirror_push(cfg: Config, ns: argparse.Namespace) -> int:
+    """Put a model in the cluster's mirror ahead of a launch: fetched into the node's
+    cache (through the daemon when one serves), then each blob the mirror lacks is
+    uploaded and the manifest written; one line per file, a summary."""
+    from weightd.sources import open_source
+    from weightd.store import Fetcher, Store
+    from weightd.store.mirror import Mirror, snapshot_files
+
+    if not cfg.mirrors:
+        raise ConfigError("no mirror is configured: set mirrors = [\"s3://bucket/prefix\"] "
+                          "(WEIGHTD_MIRRORS, --mirrors) and its mirror_* settings")
+    mirror = Mirror(cfg.mirrors[0], cfg)
+    include, exclude = ns.include or None, ns.exclude or ()
+    with open_source(ns.source, cfg) as source:
+        url, listed = source.url, source.list_files(include, exclude)
+    entries = mirror.manifest(url, listed)
+    if entries is not None and all(mirror.has_blob(e.digest, e.size) for e in entries.values()):
+        for e in sorted(entries.values(), key=lambda x: x.relpath):
+            print(f"in the mirror  {e.relpath}  {format_size(e.size)}")
+        print(f"{url}: {len(entries)} files, already in {mirror.url}", file=sys.stderr)
+        return 0
+
+    def report(f: Any, what: str) -> None:
+        print(f"{what:<13}  {f.relpath}  {format_size(f.size)}", flush=True)
+
+    client = _daemon(cfg)
+    if client is not None:  # the daemon owns the cache: it fetches, we read its blobs
+        with client:
+            path = client.fetch(ns.source, include=ns.include, exclude=ns.exclude)
+        source_url, files, blob_path = snapshot_files(path)
+        uploaded, nbytes = mirror.push(source_url, files, blob_path, report)
+    else:
+        with Store.open(cfg.cache_dir) as store:
+            # the push writes the model to the mirror itself (and says so, file by file)
+            fetcher = Fetcher(store, cfg.replace(mirrors=()))
+            snap = fetcher.fetch(ns.source, include=include, exclude=exclude)
+            files = list(snap.files)
+            uploaded, nbytes = mirror.push(snap.source, files, store.blob_path, report)
+    total = sum(f.size for f in files)
+    print(f"{url}: {len(files)} files, {format_size(total)} in {mirror.url}: {uploaded} "
+          f"uploaded ({format_size(nbytes)}), {len(files) - uploaded} already there; "
+          "manifest written", file=sys.stderr)
     return 0
 
 
@@ -295,7 +342,34 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
     for problem in st.problems:
         if not any(reason in problem for reason in shown):  # already in the tiers' table
             print(f"problem: {problem}")
+    _print_traffic(st, now)
     return 0
+
+
+def _print_traffic(st: Any, now: float) -> None:
+    """Bytes by where they came from per model, and the mirror's state (locks held or
+    waited for, with their holder and age)."""
+    if st.model_bytes:
+        rows = [(m.model, format_size(m.origin), format_size(m.mirror), format_size(m.cache))
+                for m in st.model_bytes]
+        print()
+        for line in _table(("MODEL", "ORIGIN", "MIRROR", "CACHE"), rows,
+                           right=("ORIGIN", "MIRROR", "CACHE")):
+            print(line)
+    if not st.HasField("mirror"):
+        return
+    m = st.mirror
+    print(f"\nmirror {m.url} (endpoint {m.endpoint}): conditional writes {m.conditional_writes}; "
+          f"{_plural(m.write_backs, 'write-back')} in progress, "
+          f"{_plural(m.problems, 'problem')}")
+    for lock in m.locks:
+        who = f"{lock.holder}, lock taken {_age(now - lock.since)} ago"
+        if lock.state == "waiting":
+            print(f"  waiting for {lock.source}: {who}")
+        else:
+            print(f"  {lock.state}: {lock.source} ({who})")
+    if m.last_problem:
+        print(f"  last problem: {m.last_problem}")
 
 
 def _source_of(client: Any, ref: str) -> str:
@@ -481,6 +555,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("stats", "the daemon's metrics (from metrics_address) as a table")
     p.set_defaults(func=cmd_stats)
+
+    p = command("mirror", "the cluster's mirror (the mirrors setting)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    push = actions.add_parser(
+        "push", prog="weightd mirror push", parents=[common],
+        help="put a model in the mirror ahead of a launch",
+        description=textwrap.fill(
+            "Put a model in the cluster's mirror ahead of a launch: it is fetched into this "
+            "node's cache (through the daemon when one serves), then each file the mirror "
+            "lacks is uploaded and its manifest written. One line per file on stdout, a "
+            "summary on stderr. Takes every --SETTING that `weightd --help` lists.", 80),
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("source", help="s3://, gs://, hf://, http(s):// URL")
+    push.add_argument("--include", action="append", metavar="GLOB",
+                      help="files to bring from a directory (repeatable)")
+    push.add_argument("--exclude", action="append", metavar="GLOB", help="files to leave out")
+    push.set_defaults(func=cmd_mirror_push)
 
     p = command("ls", "list cached models (through the daemon when one answers)")
     p.set_defaults(func=cmd_ls)

@@ -202,6 +202,10 @@ def _opt_str(v: Any) -> str | None:
     return None if v in (None, "") else str(v)
 
 
+def _opt_path(v: Any) -> Path | None:
+    return None if v in (None, "") else _path(v)
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         return tuple(s.strip() for s in v.split(",") if s.strip())
@@ -210,10 +214,38 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ConfigError(f"not a list of strings: {v!r}")
 
 
-def _setting(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
+def _mirror_urls(v: Any) -> tuple[str, ...]:
+    urls = _str_list(v)
+    for url in urls:
+        bucket = url.split("://", 1)[1].split("/", 1)[0] if url.startswith("s3://") else ""
+        if not bucket:
+            raise ConfigError(f"{url!r} is not an s3://bucket/prefix URL (a mirror is an "
+                              "S3-compatible store; its endpoint is mirror_endpoint_url)")
+    if len(urls) > 1:
+        raise ConfigError(f"one mirror is supported, got {len(urls)} ({', '.join(urls)}): its "
+                          "endpoint and credentials are the mirror_* settings")
+    return tuple(u.rstrip("/") for u in urls)
+
+
+def _proxy_url(v: Any) -> str | None:
+    text = _opt_str(v)
+    if text is None:
+        return None
+    m = re.match(r"^http://(?:[^@/]*@)?(\[[0-9a-fA-F:.]+\]|[^:/@\[\]]+)(?::(\d+))?/?$",
+                 text.strip())
+    if not m or (m.group(2) is not None and int(m.group(2)) > 65535):
+        raise ConfigError(f"{text!r} is not a proxy URL http://[user:password@]host[:port] "
+                          "(https:// to the proxy itself is not supported)")
+    return text.strip()
+
+
+def _setting(default: Any, parse: Callable[[Any], Any], doc: str, *,
+             secret: bool = False) -> Any:
+    # a secret (a key, a proxy URL with a password) never shows in the config's repr
+    meta = {"parse": parse, "doc": doc}
     if callable(default):
-        return dataclasses.field(default_factory=default, metadata={"parse": parse, "doc": doc})
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+        return dataclasses.field(default_factory=default, metadata=meta, repr=not secret)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +267,56 @@ class Config:
     hf_download_hosts: tuple[str, ...] = _setting(
         ("hf.co", "*.hf.co", "huggingface.co", "*.huggingface.co"), _str_list,
         "hosts (host, *.domain, host:port) the hub may redirect a download to, besides its own"
+    )
+    http_proxy: str | None = _setting(
+        None, _proxy_url,
+        "proxy for http(s):// and hf:// sources, http://[user:password@]host:port, e.g. "
+        "Dragonfly's dfdaemon; hosts in NO_PROXY go direct (default: HTTP_PROXY / "
+        "HTTPS_PROXY / NO_PROXY from the environment, else none)", secret=True
+    )
+    http_ca_bundle: Path | None = _setting(
+        None, _opt_path,
+        "PEM file of CA certificates trusted for https:// and hf:// sources besides the "
+        "system's (a proxy that re-signs TLS)"
+    )
+    mirrors: tuple[str, ...] = _setting(
+        tuple, _mirror_urls,
+        "S3-compatible mirror shared by the cluster's nodes, s3://bucket/prefix (default: none)"
+    )
+    mirror_endpoint_url: str | None = _setting(
+        None, _opt_str,
+        "the mirror's S3 endpoint (MinIO, Ceph RGW...); never s3_endpoint_url or "
+        "AWS_ENDPOINT_URL (default: AWS S3)"
+    )
+    mirror_region: str | None = _setting(
+        None, _opt_str, "the mirror's region (default: the AWS configuration's)"
+    )
+    mirror_access_key_id: str | None = _setting(
+        None, _opt_str,
+        "the mirror's access key id, with mirror_secret_access_key (default: "
+        "mirror_profile, else the AWS default chain)"
+    )
+    mirror_secret_access_key: str | None = _setting(
+        None, _opt_str, "the mirror's secret key (prefer the environment to a flag)",
+        secret=True
+    )
+    mirror_profile: str | None = _setting(
+        None, _opt_str, "a profile of ~/.aws/config for the mirror's credentials"
+    )
+    mirror_timeout: float = _setting(
+        10.0, parse_duration,
+        "connect and read timeout of each mirror request: a slower mirror is skipped for "
+        "the origin"
+    )
+    mirror_wait: float = _setting(
+        3600.0, parse_duration,
+        "at most this long a node waits for the node that pulls a model from the origin "
+        "to put it in the mirror, before it pulls it itself"
+    )
+    mirror_lock_timeout: float = _setting(
+        60.0, parse_duration,
+        "a mirror lock not refreshed for this long is stale (its holder died) and is "
+        "taken over"
     )
     chunk_size: int | None = _setting(
         None, _opt_size, "bytes per ranged read (default: chosen per protocol)"
@@ -293,6 +375,13 @@ class Config:
                 raise ConfigError(f"{name} must be 1..256, got {getattr(self, name)}")
         if self.retry_attempts < 1:
             raise ConfigError(f"retry_attempts must be at least 1, got {self.retry_attempts}")
+        if (self.mirror_access_key_id is None) != (self.mirror_secret_access_key is None):
+            raise ConfigError("mirror_access_key_id and mirror_secret_access_key go together: "
+                              "set both, or neither")
+        if self.mirror_access_key_id is not None and self.mirror_profile is not None:
+            raise ConfigError("set mirror_access_key_id or mirror_profile, not both")
+        if self.mirror_timeout <= 0 or self.mirror_lock_timeout <= 0:
+            raise ConfigError("mirror_timeout and mirror_lock_timeout must be more than 0")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -403,6 +492,7 @@ _METAVARS: dict[Callable[[Any], Any], str] = {
     _size: "SIZE", _opt_size: "SIZE", _int: "N", _opt_int: "N", _float: "NUMBER",
     parse_duration: "DURATION", _bool: "BOOL", _path: "PATH", _opt_budget: "SIZE|SHARE",
     _str_list: "LIST", _opt_str: "TEXT", _opt_address: "HOST:PORT", _log_level: "LEVEL",
+    _opt_path: "PATH", _mirror_urls: "LIST", _proxy_url: "URL",
 }
 
 

@@ -19,6 +19,12 @@ Labels
     the source's protocol: ``s3``, ``gs``, ``hf``, ``http``, ``https``, ``file``.
 ``method``, ``code``
     the gRPC method (``Acquire``) and the status code's name (``NOT_FOUND``).
+``model``, ``fetched_from``
+    a model's name (as ``weightd ls`` prints it) and where its bytes came from:
+    ``origin`` (its source), ``mirror`` (the cluster's mirror) or ``cache`` (this node's
+    disk: nothing downloaded). There is no ``peer``: the cluster's nodes share bytes
+    through the mirror, and bytes that a P2P proxy (Dragonfly) relays for an HTTP source
+    count as the origin's (the proxy's own metrics say which of its peers served them).
 
 This module must not know about the node, the store or gRPC: it only counts.
 """
@@ -98,8 +104,14 @@ class Metrics:
             "weightd_misses", "Requests a tier had to fill from the tier below (or the source).",
             ("tier",), registry=r)
         self.fetched_bytes = Counter(
-            "weightd_fetched_bytes", "Bytes downloaded from model sources.",
+            "weightd_fetched_bytes", "Bytes downloaded from model sources (not the mirror).",
             ("protocol",), registry=r)
+        self.model_bytes = Counter(
+            "weightd_model_bytes",
+            "Bytes of a model's files by where they came from, each time a fetch needed "
+            "them: origin, mirror or cache.", ("model", "fetched_from"), registry=r)
+        self._by_model: dict[str, dict[str, int]] = {}
+        self._by_model_lock = threading.Lock()
         self.fetch_seconds = Histogram(
             "weightd_fetch_seconds", "Time to fetch one model from its source into the cache.",
             buckets=FETCH_BUCKETS, registry=r)
@@ -142,6 +154,23 @@ class Metrics:
         ``seconds``."""
         self.fetched_bytes.labels(protocol).inc(nbytes)
         self.fetch_seconds.observe(seconds)
+
+    def model_fetched(self, model: str, *, origin: int = 0, mirror: int = 0,
+                      cache: int = 0) -> None:
+        """Count the bytes of ``model`` that the node needed once more, by where they
+        came from (see ``fetched_from`` in the module's docstring)."""
+        counts = {"origin": origin, "mirror": mirror, "cache": cache}
+        with self._by_model_lock:
+            mine = self._by_model.setdefault(model, dict.fromkeys(counts, 0))
+            for where, n in counts.items():
+                mine[where] += n
+        for where, n in counts.items():
+            self.model_bytes.labels(model, where).inc(n)
+
+    def bytes_by_model(self) -> dict[str, dict[str, int]]:
+        """``{model: {"origin": n, "mirror": n, "cache": n}}`` since start (for Status)."""
+        with self._by_model_lock:
+            return {m: dict(c) for m, c in sorted(self._by_model.items())}
 
     def evicted(self, tier: str, n: int = 1) -> None:
         """Count ``n`` models evicted from ``tier``."""

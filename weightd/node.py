@@ -89,6 +89,10 @@ T = TypeVar("T")
 #: A piece of work that may wait: yields the futures it waits for, returns its result.
 Plan = Generator["concurrent.futures.Future[Any]", None, T]
 
+#: How long a stopping daemon waits for each write-back to the mirror in progress (its
+#: lock is then left to go stale and be taken over).
+MIRROR_CLOSE_SECONDS = 10.0
+
 #: Seconds between writes of the models' last-used times to the index (see
 #: :meth:`Node.flush_touches`): the disk tier's LRU needs seconds, not every Acquire.
 TOUCH_FLUSH_INTERVAL = 5.0
@@ -471,6 +475,7 @@ class Node:
                         for pool in self._cold.values()])
         self._names.shutdown(wait=False, cancel_futures=True)
         self.leases.stop()
+        self.fetcher.close(timeout=MIRROR_CLOSE_SECONDS)
         self.flush_touches()
         if finished:
             self.cuda.close()
@@ -765,8 +770,10 @@ class Node:
         if stale:
             log.info("%s: a new revision was fetched; resident on %s in an older one (it is "
                      "reloaded once no lease holds it)", name, ", ".join(stale))
-        self.metrics.fetched(snap.source.split("://", 1)[0], snap.stats.bytes_fetched,
-                             snap.stats.seconds)
+        s = snap.stats
+        self.metrics.fetched(snap.source.split("://", 1)[0], s.bytes_origin, s.seconds)
+        self.metrics.model_fetched(snap.name, origin=s.bytes_origin, mirror=s.bytes_mirror,
+                                   cache=s.bytes_total - s.bytes_fetched)
         self._count_disk()
         self._enforce_disk_budget(keep={name})
         return snap

@@ -47,6 +47,7 @@ from weightd.landing import Event, Landing, ShardLanding
 from weightd.leases import Caller, new_lease_id
 from weightd.metrics import Metrics
 from weightd.node import Acquired, Node, Plan, View
+from weightd.store.mirror import Mirror
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
 from weightd_client.client import (  # the names both sides read and write
@@ -103,6 +104,17 @@ def status_for(e: BaseException) -> grpc.StatusCode:
         if cls in ERROR_CODES:
             return ERROR_CODES[cls]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL
+
+
+def _mirror_status(mirror: Mirror | None) -> pb.MirrorStatus | None:
+    if mirror is None:
+        return None
+    return pb.MirrorStatus(
+        url=mirror.url, endpoint=mirror.endpoint(), conditional_writes=mirror.conditional_text(),
+        locks=[pb.MirrorLock(source=a.source, state=a.state, holder=a.holder, since=a.since)
+               for a in mirror.activity()],
+        write_backs=mirror.pending_write_backs(), problems=mirror.problems,
+        last_problem=mirror.last_problem)
 
 
 class _BadRequest(FormatError):
@@ -568,13 +580,18 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
                 client_name=lease.client_name, since=lease.since, uid=lease.uid,
                 age_seconds=now - lease.since)
                 for lease in node.leases.all()]
+            model_bytes = [pb.ModelBytes(model=m, origin=c["origin"], mirror=c["mirror"],
+                                         cache=c["cache"])
+                           for m, c in node.metrics.bytes_by_model().items()]
+            mirror = _mirror_status(node.fetcher.mirror)
         except Exception as e:
             await calls.fail(e)
         calls.ok()
         return pb.StatusResponse(version=__version__, pid=os.getpid(),
                                  uptime_seconds=time.time() - node.started,
                                  cache_dir=str(node.store.root), tiers=tiers, leases=leases,
-                                 problems=node.problems(), pins=pins)
+                                 problems=node.problems(), pins=pins,
+                                 model_bytes=model_bytes, mirror=mirror)
 
     async def Evict(self, request: pb.EvictRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.EvictResponse:

@@ -28,6 +28,7 @@ from weightd.errors import (
     WeightdError,
 )
 from weightd.formats import MAX_INDEX_BYTES, parse_index_json
+from weightd.retry import RetryPolicy
 from weightd.sources.digests import OriginDigest, parse_origin_digest
 
 log = logging.getLogger(__name__)
@@ -367,9 +368,12 @@ class FileReader:
         fills_buffer: whether :meth:`read` fills the buffer it is given (then the fetch
             hands it one per chunk, reused once the chunk is written); otherwise it
             returns the blocks as they arrived.
+        policy: how its chunks are retried, when not as the fetch's (``retry_*``
+            settings) say: a mirror's reads fail fast, since the origin is behind them.
     """
 
     fills_buffer = False
+    policy: RetryPolicy | None = None
 
     def __init__(self, source: Source, rf: RemoteFile, digest: OriginDigest | None) -> None:
         self.source = source
@@ -432,6 +436,11 @@ class Source:
         return {}
 
     @classmethod
+    def url_options(cls, url: str, config: Config) -> dict[str, Any]:
+        """More keyword arguments for the filesystem, that depend on the URL (a proxy)."""
+        return {}
+
+    @classmethod
     def canonical(cls, url: str) -> str:
         """The one spelling of a reference of this protocol (``hf://org/m@main`` is
         ``hf://org/m``); ``url`` has its protocol and no traversal segments."""
@@ -452,7 +461,8 @@ class Source:
         """
         protocol = url.split("://", 1)[0]
         try:
-            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config))
+            fs, path = fsspec.core.url_to_fs(url, **cls.storage_options(protocol, config),
+                                             **cls.url_options(url, config))
         except ImportError as e:
             extra = _EXTRAS.get(_PROTOCOL_ALIASES.get(protocol, protocol))
             hint = f": pip install '{extra}'" if extra else f": {e}"

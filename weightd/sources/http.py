@@ -46,7 +46,16 @@ from weightd.sources.base import (
     check_allowed,
 )
 from weightd.sources.digests import OriginDigest, parse_origin_digest
-from weightd.sources.wire import AnswerCheck, AuthHeaders, HopCheck, Wire, content_encoding
+from weightd.sources.wire import (
+    AnswerCheck,
+    AuthHeaders,
+    HopCheck,
+    Wire,
+    content_encoding,
+    origin_of,
+    proxy_for,
+    ssl_context,
+)
 
 T = TypeVar("T")
 
@@ -115,7 +124,8 @@ class WireSource(Source):
     def __init__(self, url: str, fs: Any, path: str, config: Config) -> None:
         super().__init__(url, fs, path, config)
         self.wire = Wire(check_hop=self.hop_check(), auth=self.auth_headers(),
-                         max_idle=self.plan.concurrency * config.max_parallel_files)
+                         max_idle=self.plan.concurrency * config.max_parallel_files,
+                         proxy=proxy_for(config.http_proxy), ca_bundle=config.http_ca_bundle)
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._threads_lock = threading.Lock()
 
@@ -195,6 +205,25 @@ class HttpSource(WireSource):
         opts: dict[str, Any] = {"skip_instance_cache": True}
         if config.allowed_sources:
             opts["client_kwargs"] = {"middlewares": (redirect_guard(config.allowed_sources),)}
+        return opts
+
+    @classmethod
+    def url_options(cls, url: str, config: Config) -> dict[str, Any]:
+        """The listing's and ``HEAD``'s requests (aiohttp, through fsspec) go through the
+        proxy the byte path takes for this origin, and trust ``http_ca_bundle`` too."""
+        opts: dict[str, Any] = {}
+        try:
+            origin = origin_of(url)
+        except ValueError:
+            return opts
+        proxy = proxy_for(config.http_proxy)(origin)
+        if proxy is not None:
+            host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+            opts["proxy"] = f"http://{host}:{proxy.port}"
+            if proxy.headers:  # aiohttp sends proxy_headers only with a CONNECT
+                opts["proxy_headers" if origin[0] == "https" else "headers"] = proxy.headers
+        if config.http_ca_bundle is not None and origin[0] == "https":
+            opts["ssl"] = ssl_context(config.http_ca_bundle)
         return opts
 
     def _find(self, root: str) -> list[tuple[str, str, dict[str, Any]]]:

@@ -25,20 +25,30 @@ What it checks, for every request:
   ``retry_after``), which :func:`~weightd.sources.base.is_transient` and the retry
   helper read.
 
-It does not read proxies from the environment (nor did the aiohttp path before it).
+Proxies: a request goes through the proxy :func:`proxy_for` names for its origin (the
+``http_proxy`` setting, else ``HTTP_PROXY`` / ``HTTPS_PROXY`` from the environment; hosts
+in ``NO_PROXY`` go direct): an ``http://`` request as an absolute-URI ``GET`` to the
+proxy, an ``https://`` one through a ``CONNECT`` tunnel, TLS end to end with the origin
+(or with a proxy that re-signs it: its CA in ``http_ca_bundle``). The proxy is not a
+hop: every hop that ``check_hop`` sees is still the origin's URL, so ``allowed_sources``
+and the redirect checks apply to the origins, never to the proxy's address.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import logging
+import os
 import socket
 import ssl
 import threading
+import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from weightd.errors import NotPermitted, SourceUnavailable
 from weightd.retry import parse_retry_after
@@ -92,6 +102,101 @@ class HttpStatusError(OSError):
         self.headers = dict(headers or {})
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """A forward proxy: where to connect, and the ``Proxy-Authorization`` it is given."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Proxy-Authorization": self.authorization} if self.authorization else {}
+
+    def __str__(self) -> str:  # never the credentials
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+#: ``proxy(origin)``: the proxy a request to ``origin`` goes through, or None (direct).
+ProxyFor = Callable[[tuple[str, str, int]], Proxy | None]
+
+
+class ProxyUnavailable(OSError):
+    """The proxy cannot be reached (transient, like any connection error): its message
+    names the proxy, not the origin."""
+
+
+def parse_proxy(url: str, what: str) -> Proxy:
+    """A proxy from ``http://[user:password@]host[:port]`` (``host:port`` alone, as
+    environments often write it, is ``http://``; the port defaults to 80)."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise SourceUnavailable(f"{what}: the proxy {parts.scheme}://{parts.hostname or ''} "
+                                "is not an http:// proxy (the only kind weightd speaks)")
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode()
+    try:
+        port = parts.port or 80
+    except ValueError as e:
+        raise SourceUnavailable(f"{what}: the proxy's port is not a number") from e
+    return Proxy(parts.hostname, port, authorization)
+
+
+def proxy_for(setting: str | None, environ: Mapping[str, str] | None = None) -> ProxyFor:
+    """Which proxy each origin's requests go through: ``setting`` (the ``http_proxy``
+    setting) for http and https alike, else the environment's ``http_proxy`` /
+    ``https_proxy`` (either case, as curl and urllib read them); an origin whose host
+    ``NO_PROXY`` names goes direct either way."""
+    env = dict(os.environ if environ is None else environ)
+    found: dict[str, str] = {}
+    for key, value in env.items():  # urllib's rules: lower case wins over upper case
+        low = key.lower()
+        if low.endswith("_proxy") and value and (key == low or low not in env):
+            found[low[:-len("_proxy")]] = value
+    no_proxy = found.get("no", "")
+    cache: dict[tuple[str, str, int], Proxy | None] = {}
+
+    def resolve(origin: tuple[str, str, int]) -> Proxy | None:
+        if origin in cache:
+            return cache[origin]
+        scheme, host, port = origin
+        url = setting or found.get(scheme)
+        proxy = None
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if url and not (no_proxy and bypass(f"{host}:{port}", {"no": no_proxy})):
+            proxy = parse_proxy(url, "http_proxy" if setting else f"{scheme.upper()}_PROXY")
+        cache[origin] = proxy
+        return proxy
+
+    return resolve
+
+
+def ssl_context(ca_bundle: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """The system's trusted CAs, and those of ``ca_bundle`` (``http_ca_bundle``) too.
+
+    Raises:
+        SourceUnavailable: ``ca_bundle`` is not a PEM file of certificates.
+    """
+    ctx = ssl.create_default_context()
+    if ca_bundle is not None:
+        try:
+            ctx.load_verify_locations(cafile=os.fspath(ca_bundle))
+        except (OSError, ssl.SSLError) as e:
+            raise SourceUnavailable(f"http_ca_bundle {os.fspath(ca_bundle)}: not a PEM file "
+                                    f"of CA certificates ({e})") from e
+    return ctx
+
+
+def _direct(origin: tuple[str, str, int]) -> Proxy | None:
+    return None
+
+
 class Cancelled(Exception):
     """The read was cancelled (its download failed or stopped) before its body ended."""
 
@@ -122,17 +227,22 @@ class Wire:
         auth: headers that may go to a URL (see :data:`AuthHeaders`).
         max_idle: idle connections kept per origin.
         timeout: seconds for a connect or a single read.
+        proxy: the proxy of each origin (see :func:`proxy_for`; default: none).
+        ca_bundle: a PEM file of CA certificates trusted besides the system's.
 
     The pool's lock guards only the lists of idle connections; every connect, send and
     read happens outside it.
     """
 
     def __init__(self, *, check_hop: HopCheck, auth: AuthHeaders = _no_auth,
-                 max_idle: int = 64, timeout: float = TIMEOUT) -> None:
+                 max_idle: int = 64, timeout: float = TIMEOUT, proxy: ProxyFor = _direct,
+                 ca_bundle: str | os.PathLike[str] | None = None) -> None:
         self.check_hop = check_hop
         self.auth = auth
         self.max_idle = max_idle
         self.timeout = timeout
+        self.proxy = proxy
+        self.ca_bundle = ca_bundle
         self._lock = threading.Lock()
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._busy: set[http.client.HTTPConnection] = set()
@@ -141,14 +251,43 @@ class Wire:
 
     # --- connections ---------------------------------------------------------------------
 
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl_context(self.ca_bundle)
+        return self._ssl
+
     def _new(self, origin: Origin) -> http.client.HTTPConnection:
         scheme, host, port = origin
+        proxy = self.proxy(origin)
         if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout,
-                                               context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=self.timeout)
+            if proxy is None:
+                return http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                                   context=self._context())
+            conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=self.timeout,
+                                               context=self._context())
+            conn.set_tunnel(host, port, headers=proxy.headers)  # CONNECT host:port, then TLS
+            return conn
+        if proxy is None:
+            return http.client.HTTPConnection(host, port, timeout=self.timeout)
+        return http.client.HTTPConnection(proxy.host, proxy.port, timeout=self.timeout)
+
+    def _connect(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
+        """Connect a new connection now, so that a proxy that cannot be reached is named
+        as such (not as the origin)."""
+        proxy = self.proxy(origin)
+        if conn.sock is not None or proxy is None:
+            return
+        try:
+            conn.connect()
+        except (ConnectionError, TimeoutError, socket.gaierror) as e:
+            raise ProxyUnavailable(f"cannot connect to the proxy {proxy} for "
+                                   f"{origin[0]}://{origin[1]}:{origin[2]}: "
+                                   f"{e.strerror or e}".rstrip()) from None
+        except OSError as e:
+            if "Tunnel connection failed" not in str(e):
+                raise
+            raise ProxyUnavailable(f"the proxy {proxy} refused the tunnel to "
+                                   f"{origin[1]}:{origin[2]}: {e}") from None
 
     def _acquire(self, origin: Origin, *, fresh: bool = False
                  ) -> tuple[http.client.HTTPConnection, bool]:
@@ -196,10 +335,17 @@ class Wire:
         """Send one request on a pooled connection; a kept-alive connection that the
         server closed meanwhile is replaced once, by a new one (nothing was answered on
         it; the other idle ones may be as stale)."""
+        proxy = self.proxy(origin)
+        target, hdrs = _target(url), dict(headers)
+        if proxy is not None and origin[0] == "http":  # an absolute-URI request to the proxy
+            parts = urlsplit(url)
+            target = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{target}"
+            hdrs.update(proxy.headers)
         for attempt in (1, 2):
             conn, reused = self._acquire(origin, fresh=attempt == 2)
             try:
-                conn.request(method, _target(url), headers=dict(headers))
+                self._connect(origin, conn)
+                conn.request(method, target, headers=hdrs)
                 return conn, conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._release(origin, conn, keep=False)

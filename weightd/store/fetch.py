@@ -16,6 +16,11 @@ waits in its temp file; when every file is verified the fetch says so
 (:meth:`FetchEvents.ready`, with where each shard's bytes are) and only then fsyncs and
 renames the shards and records the model, so that a node serves the model from the page
 cache while the disk catches up. The index names a blob only once it is durable.
+
+With a mirror (weightd/store/mirror.py), the files that miss the cache are read from the
+mirror's blobs where its manifest names them (through the same download path, the xxh3
+checked against the manifest), from the origin otherwise or when the mirror fails; what
+came from the origin is written back in the background.
 """
 
 from __future__ import annotations
@@ -56,10 +61,10 @@ from weightd.sources import (
 )
 from weightd.store.cas import Store, TempBlob
 from weightd.store.index import ModelFile
+from weightd.store.mirror import Mirror, MirrorPull, Via
 from weightd.testhooks import pause_at
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,9 @@ def entries_bytes(layout: ShardLayout) -> int:
 
 @dataclass
 class FetchStats:
-    """What one model fetch did (bytes pulled from the source, hits, time)."""
+    """What one model fetch did: bytes downloaded (``bytes_fetched``: from the origin,
+    ``bytes_origin``, and from the cluster's mirror, ``bytes_mirror``), hits (files
+    already in the cache: ``bytes_total - bytes_fetched`` bytes), time."""
 
     files: int = 0
     hits: int = 0
@@ -146,15 +153,22 @@ class FetchStats:
     bytes_fetched: int = 0
     seconds: float = 0.0
     hash_seconds: float = 0.0
+    bytes_origin: int = 0
+    bytes_mirror: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float) -> None:
+    def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float,
+            mirror: bool = False) -> None:
         with self._lock:
             self.files += 1
             self.hits += hit
             self.bytes_total += size
             self.bytes_fetched += fetched
             self.hash_seconds += hash_seconds
+            if mirror:
+                self.bytes_mirror += fetched
+            else:
+                self.bytes_origin += fetched
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,22 @@ class _LockedCallback:
     def update(self, n: int) -> None:
         with self.lock:
             self.cb.relative_update(n)
+
+
+class _Attempt(_LockedCallback):
+    """The progress of one try at a file (from the mirror), taken back if it fails."""
+
+    def __init__(self, inner: _LockedCallback) -> None:
+        self.inner = inner
+        self.n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n  # one writer thread per file
+        self.inner.update(n)
+
+    def undo(self) -> None:
+        self.inner.update(-self.n)
+        self.n = 0
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -332,6 +362,13 @@ class Fetcher:
                                   max_seconds=config.retry_max_seconds)
         #: Shard layouts by digest, filled as shards are validated (the node reuses them)
         self.layouts = layouts if layouts is not None else LayoutCache()
+        #: The cluster's mirror (the ``mirrors`` setting), or None
+        self.mirror = Mirror(config.mirrors[0], config) if config.mirrors else None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the mirror's write-backs in progress (see :meth:`Mirror.close`)."""
+        if self.mirror is not None:
+            self.mirror.close(timeout)
 
     def fetch(
         self,
@@ -380,38 +417,53 @@ class Fetcher:
         cb = callback or NoOpCallback()
         results: dict[str, ModelFile] = {}
         todo = [f for f in files if not self._found(f, hold, stats, results)]
-        with ExitStack() as flights:
-            # Single flight: the lock of every file to download, in one order (their
-            # keys sorted) so that fetches that share files never wait for each other in
-            # a cycle; held until the blobs are durable and recorded, so that a second
-            # fetch of a file, here or in another process, waits for the first one's
-            # commit and then finds it (and reads nothing). The lock only avoids
-            # duplicate work: correctness comes from the rename.
-            for f in sorted(todo, key=_flight_key):
-                flights.enter_context(self.store.single_flight(_flight_key(f)))
-            todo = [f for f in todo if not self._found(f, hold, stats, results)]
-            events.listed([(f, results[f.relpath].digest) for f in files
-                           if f.relpath in results], todo)
-            cb.set_size(sum(f.size for f in todo))
-            name = model_name(source.url)
-            landed = self._download_all(source, todo, stats, _LockedCallback(cb), hold,
-                                        events, results)
-            try:
-                pending = {x.digest: x.temp.path for x in landed}
-                self._check_answer(source.url, results, pending)
-                rev = self.store.stage_snapshot(name, source.url, results)
-                events.ready(Ready(name, source.url, rev,
-                                   str(self.store.revision_path(name, rev)), dict(results),
-                                   pending))
-                pause_at("ready")
-                self._commit(landed)
-            finally:
-                for x in landed:
-                    x.temp.discard()  # (those committed are closed already)
-        path = self.store.commit_snapshot(name, source.url, results)
+        pull: MirrorPull | None = None
+        try:
+            with ExitStack() as flights:
+                # Single flight: the lock of every file to download, in one order (their
+                # keys sorted) so that fetches that share files never wait for each other
+                # in a cycle; held until the blobs are durable and recorded, so that a
+                # second fetch of a file, here or in another process, waits for the first
+                # one's commit and then finds it (and reads nothing). The lock only avoids
+                # duplicate work: correctness comes from the rename.
+                for f in sorted(todo, key=_flight_key):
+                    flights.enter_context(self.store.single_flight(_flight_key(f)))
+                todo = [f for f in todo if not self._found(f, hold, stats, results)]
+                events.listed([(f, results[f.relpath].digest) for f in files
+                               if f.relpath in results], todo)
+                cb.set_size(sum(f.size for f in todo))
+                name = model_name(source.url)
+                # the mirror, after the listing and the hits: which files it gives, who
+                # pulls from the origin
+                if self.mirror is not None and todo and source.protocol != "file":
+                    pull = self.mirror.begin(source.url, files, todo, self.store.blob_path)
+                landed = self._download_all(source, todo, stats, _LockedCallback(cb), hold,
+                                            events, results, pull)
+                try:
+                    pending = {x.digest: x.temp.path for x in landed}
+                    self._check_answer(source.url, results, pending)
+                    rev = self.store.stage_snapshot(name, source.url, results)
+                    events.ready(Ready(name, source.url, rev,
+                                       str(self.store.revision_path(name, rev)),
+                                       dict(results), pending))
+                    pause_at("ready")
+                    self._commit(landed)
+                finally:
+                    for x in landed:
+                        x.temp.discard()  # (those committed are closed already)
+            path = self.store.commit_snapshot(name, source.url, results)
+        except BaseException:
+            if pull is not None:
+                # the files waiting for another node's blobs stop now, and no manifest is
+                # written for a model that is not in the cache
+                pull.abort()
+            raise
+        if pull is not None:
+            pull.commit(results)  # the rest of the write-back, in the background
         stats.seconds = time.monotonic() - start
-        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source in %.2fs",
-                 source.url, stats.files, stats.hits, stats.bytes_fetched, stats.bytes_total,
+        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source%s in %.2fs",
+                 source.url, stats.files, stats.hits, stats.bytes_origin, stats.bytes_total,
+                 f" and {stats.bytes_mirror} from the mirror" if stats.bytes_mirror else "",
                  stats.seconds)
         return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
                         stats)
@@ -428,10 +480,12 @@ class Fetcher:
 
     def _download_all(self, source: Source, todo: Sequence[RemoteFile], stats: FetchStats,
                       progress: _LockedCallback, hold: Callable[[str], None] | None,
-                      events: FetchEvents, results: dict[str, ModelFile]) -> list[_Landed]:
-        """Download ``todo``, ``max_parallel_files`` at once; side files are committed as
-        they land, verified shards are returned uncommitted. A failure stops the other
-        files at once and commits nothing more (what was verified goes with them)."""
+                      events: FetchEvents, results: dict[str, ModelFile],
+                      pull: MirrorPull | None = None) -> list[_Landed]:
+        """Download ``todo``, ``max_parallel_files`` at once (each from the mirror where
+        ``pull`` gives it, see :meth:`_fetch_one`); side files are committed as they land,
+        verified shards are returned uncommitted. A failure stops the other files at once
+        and commits nothing more (what was verified goes with them)."""
         buffers = _Buffers(source.plan.chunk_size)
         landed: list[_Landed] = []
         futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
@@ -439,8 +493,8 @@ class Fetcher:
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=self.config.max_parallel_files,
                     thread_name_prefix="weightd-fetch") as pool:
-                futures = {pool.submit(self.fetch_file, source, f, progress, stats,
-                                       hold=hold, events=events, buffers=buffers): f
+                futures = {pool.submit(self._fetch_one, source, f, progress, stats, hold,
+                                       events, buffers, pull): f
                            for f in todo}
                 try:
                     for fut in concurrent.futures.as_completed(futures):
@@ -455,6 +509,8 @@ class Fetcher:
                     for other in futures:
                         other.cancel()
                     source.close()  # the other files' reads end now, not when their bytes do
+                    if pull is not None:
+                        pull.abort()  # and those waiting for another node's blobs
                     raise
         except BaseException:
             # every future is done here (the pool was joined)
@@ -552,17 +608,55 @@ class Fetcher:
             hold(digest)  # then look: a gc that had it may just have deleted it
         return digest if digest is not None and self.store.has_blob(digest) else None
 
+    def _fetch_one(self, source: Source, f: RemoteFile, progress: _LockedCallback,
+                   stats: FetchStats, hold: Callable[[str], None] | None,
+                   events: FetchEvents, buffers: _Buffers,
+                   pull: MirrorPull | None) -> str | _Landed:
+        """One file that missed the cache: from the mirror when it has it, else (or when
+        that fails) from the origin, then handed to the write-back.
+
+        A file read from the mirror is told to ``events`` (the streaming replicas) only
+        once its digest matched the manifest's, whole: bytes that may yet turn out wrong
+        and be read again from the origin are never streamed."""
+        via = pull.via(f) if pull is not None else None
+        if pull is not None and via is not None:
+            attempt = _Attempt(progress)
+            try:
+                got = self.fetch_file(source, f, attempt, stats, hold=hold, buffers=buffers,
+                                      via=via)
+            except BudgetExceeded:
+                raise  # the disk is full: the origin's bytes would not fit either
+            except Exception as e:  # the mirror costs a warning, never the load
+                attempt.undo()
+                pull.failed(f, e)
+            else:
+                if isinstance(got, _Landed):
+                    events.opened(f, got.temp.path)
+                    events.header(f, self.layout(got.digest, got.temp.path))
+                    events.written(f, 0, f.size)
+                return got
+        got = self.fetch_file(source, f, progress, stats, hold=hold, events=events,
+                              buffers=buffers)
+        if pull is not None:
+            if isinstance(got, _Landed):  # uploaded from its temporary file (or its blob)
+                pull.verified(f, got.digest, got.temp.path)
+            else:
+                pull.verified(f, got)
+        return got
+
     def fetch_file(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                    stats: FetchStats, *, hold: Callable[[str], None] | None = None,
                    events: FetchEvents | None = None,
-                   buffers: _Buffers | None = None) -> str | _Landed:
+                   buffers: _Buffers | None = None, via: Via | None = None) -> str | _Landed:
         """Download one file that is not in the store (the caller holds its single-flight
         lock). A side file is committed and recorded: its digest is returned. A shard is
-        returned verified and uncommitted (:class:`_Landed`): the caller commits it."""
+        returned verified and uncommitted (:class:`_Landed`): the caller commits it.
+        ``via``: read it from there (the mirror) instead of from ``source``."""
         temp, digest, hash_s = self._download(source, f, progress, events or FetchEvents(),
                                               buffers or _Buffers(source.plan.chunk_size),
-                                              hold)
-        stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s)
+                                              hold, via)
+        stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s,
+                  mirror=via is not None)
         if f.relpath.endswith(".safetensors"):
             return _Landed(f, digest, temp)
         try:
@@ -574,7 +668,8 @@ class Fetcher:
 
     def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                   events: FetchEvents, buffers: _Buffers,
-                  hold: Callable[[str], None] | None = None) -> tuple[TempBlob, str, float]:
+                  hold: Callable[[str], None] | None = None,
+                  via: Via | None = None) -> tuple[TempBlob, str, float]:
         """Download, hash and validate ``f`` into a temp file; return it uncommitted (the
         caller commits or discards it), with the digest and the seconds spent hashing."""
         hasher = xxhash.xxh3_128()
@@ -585,7 +680,7 @@ class Fetcher:
         try:
             fd = temp.fd
             events.opened(f, temp.path)
-            with source.open_file(f) as reader:
+            with via.open() if via is not None else source.open_file(f) as reader:
                 side = _SideHash(reader.digest) if reader.digest is not None else None
 
                 def sink(offset: int, blocks: Sequence[Buffer]) -> None:
@@ -620,13 +715,17 @@ class Fetcher:
 
                 try:
                     try:
-                        fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader, f,
-                                         sink, buffers)
+                        fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader,
+                                         reader.rf, sink, buffers)
                     except WeightdError:
                         raise
                     except Exception as e:
-                        raise source.error(e, f.url) from e
+                        raise reader.source.error(e, reader.rf.url) from e
                     digest = hasher.hexdigest()
+                    if via is not None and digest != via.digest:
+                        raise IntegrityError(f"{reader.rf.url}: its bytes hash to {digest}, "
+                                             f"not to {via.digest} as the {via.what}'s "
+                                             f"manifest says for {f.url}")
                     if side is not None:
                         side.check(f.url)
                 finally:
@@ -636,9 +735,10 @@ class Fetcher:
                     with os.fdopen(os.dup(fd), "rb") as fobj:
                         layout = read_layout(f.url, fileobj=fobj)
                 again = reader.identity()
-            if again != f.identity:
-                raise IntegrityError(f"{f.url}: the source changed during the download "
-                                     f"({f.identity} -> {again}); fetch again")
+            if again != reader.rf.identity:
+                raise IntegrityError(f"{reader.rf.url}: the source changed during the "
+                                     f"download ({reader.rf.identity} -> {again}); fetch "
+                                     "again")
             if hold is not None:
                 hold(digest)
         except BaseException:
@@ -659,6 +759,7 @@ class Fetcher:
         starts, taken back once the chunk is written.
         """
         plan = reader.source.plan
+        policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
         chunks = deque((o, min(o + plan.chunk_size, f.size))
                        for o in range(0, f.size, plan.chunk_size))
@@ -670,7 +771,7 @@ class Fetcher:
                 buf = buffers.take() if buffers is not None else None
                 into = memoryview(buf)[:end - start] if buf is not None else None
                 data = await retry_async(
-                    lambda: reader.read(start, end, into), policy=self.policy,
+                    lambda: reader.read(start, end, into), policy=policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
                 return buf, data  # (a failed or cancelled read's buffer is dropped)
 

@@ -6,6 +6,7 @@ development dependency and is imported only when an S3 server is started.
 
 from weightd.testing.hub import FakeHub
 from weightd.testing.models import TINY_LLAMA_CONFIG, write_synthetic_model, write_tiny_llama
+from weightd.testing.proxy import ForwardProxy
 from weightd.testing.servers import (
     Fault,
     Lie,
@@ -19,6 +20,7 @@ __all__ = [
     "TINY_LLAMA_CONFIG",
     "FakeHub",
     "Fault",
+    "ForwardProxy",
     "Lie",
     "MotoS3Server",
     "RangeHTTPServer",

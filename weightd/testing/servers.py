@@ -18,6 +18,7 @@ import html
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -132,10 +133,18 @@ class RequestLog:
         self.connections = 0
         #: how many requests carried each header (names lower-cased)
         self.header_names: Counter[str] = Counter()
+        #: requests by (the access key id that signed them, "" for none; the path)
+        self.signers: Counter[tuple[str, str]] = Counter()
+        #: (method, path) of the requests in the order they came (the last 100,000)
+        self.order: list[tuple[str, str]] = []
 
     def connected(self) -> None:
         with self.lock:
             self.connections += 1
+
+    def signed(self, key_id: str, path: str) -> None:
+        with self.lock:
+            self.signers[(key_id, path)] += 1
 
     def saw_headers(self, names: Iterable[str]) -> None:
         with self.lock:
@@ -145,6 +154,8 @@ class RequestLog:
         with self.lock:
             self.requests[(method, path)] += 1
             self.bytes[path] += nbytes
+            if len(self.order) < 100_000:
+                self.order.append((method, path))
 
     def add_bytes(self, path: str, nbytes: int) -> None:
         with self.lock:
@@ -165,6 +176,8 @@ class RequestLog:
             self.bytes.clear()
             self.connections = 0
             self.header_names.clear()
+            self.signers.clear()
+            self.order.clear()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -294,7 +307,12 @@ class _Handler(BaseHTTPRequestHandler):
             n = min(end - start - sent, piece)
             for bucket in buckets:
                 bucket.take(n)
-            n = os.sendfile(self.connection.fileno(), fd, start + sent, n)
+            if isinstance(self.connection, ssl.SSLSocket):  # TLS: no sendfile
+                data = os.pread(fd, n, start + sent)
+                self.connection.sendall(data)
+                n = len(data)
+            else:
+                n = os.sendfile(self.connection.fileno(), fd, start + sent, n)
             if n == 0:
                 break
             sent += n
@@ -343,6 +361,8 @@ class RangeHTTPServer:
         rate: bytes per second for all bodies together (a token bucket every connection
             shares), or None for as fast as loopback goes.
         conn_rate: bytes per second for each connection's bodies, or None.
+        tls: serve HTTPS with this server context (see :func:`weightd.testing.tls.
+            make_tls`), or None for plain HTTP.
 
     Example
     -------
@@ -353,8 +373,12 @@ class RangeHTTPServer:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fault: FaultHook | None = None,
-                 rate: float | None = None, conn_rate: float | None = None) -> None:
+                 rate: float | None = None, conn_rate: float | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._scheme = "https" if tls is not None else "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.root = Path(root).resolve()
         self._server.log = RequestLog()
         self._server.fault = fault
@@ -365,7 +389,7 @@ class RangeHTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     @property
     def log(self) -> RequestLog:
@@ -409,20 +433,43 @@ class RangeHTTPServer:
         self.stop()
 
 
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+
+
 class _CountingApp:
     def __init__(self, app: Any, log: RequestLog, fault: Callable[[], FaultHook | None],
-                 body: Callable[[], BodyHook | None] = lambda: None) -> None:
+                 body: Callable[[], BodyHook | None] = lambda: None,
+                 conditions: Callable[[], str] = lambda: "honour") -> None:
         self.app = app
         self.log = log
         self.fault = fault
         self.body = body
+        self.conditions = conditions
+        # moto checks a condition and then writes, with no lock between (its server is
+        # threaded): S3 does both at once. Conditional writes are serialized here, so that
+        # the tests exercise weightd's locking, not moto's race.
+        self._conditional = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         method = environ["REQUEST_METHOD"]
         path = urllib.parse.unquote(environ.get("PATH_INFO", ""))
         kind = method
-        if method == "GET" and "HTTP_RANGE" in environ:
-            kind = "GET"
+        m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        self.log.signed(m.group(1) if m else "", path)
+        conditional = method in ("PUT", "DELETE", "POST") and (
+            "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ)
+        if conditional:
+            mode = self.conditions()
+            if mode == "refuse":
+                body = b"<Error><Code>NotImplemented</Code><Message>conditional writes are " \
+                       b"not implemented</Message></Error>"
+                start_response("501 Not Implemented", [("Content-Type", "application/xml"),
+                                                       ("Content-Length", str(len(body)))])
+                return [body]
+            if mode == "ignore":
+                environ.pop("HTTP_IF_NONE_MATCH", None)
+                environ.pop("HTTP_IF_MATCH", None)
+                conditional = False
         hook = self.fault()
         status = hook(method, path) if hook else None
         if status == -1:  # drop the connection without answering
@@ -437,8 +484,16 @@ class _CountingApp:
             return [b""]
         self.log.add(kind, path, 0)
         change = self.body()
-        return self._counted(self.app(environ, start_response), path,
-                             change(method, path) if change else None)
+        if conditional:
+            with self._conditional:  # moto answers within the call
+                resp = self.app(environ, start_response)
+                try:
+                    answer = list(resp)
+                finally:
+                    getattr(resp, "close", lambda: None)()
+        else:
+            answer = self.app(environ, start_response)
+        return self._counted(answer, path, change(method, path) if change else None)
 
     def _counted(self, body: Any, path: str, change: Callable[[bytes], bytes] | None) -> Any:
         """The response body, its bytes added to the log as they are sent."""
@@ -470,8 +525,9 @@ class MotoS3Server:
         self.log = RequestLog()
         self._fault = fault
         self._body: BodyHook | None = None
+        self._conditions = "honour"
         app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.log,
-                           lambda: self._fault, lambda: self._body)
+                           lambda: self._fault, lambda: self._body, lambda: self._conditions)
         self._server = make_server("127.0.0.1", 0, app, threaded=True,
                                    request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
@@ -485,6 +541,15 @@ class MotoS3Server:
     def set_body(self, body: BodyHook | None) -> None:
         """Change the bytes of response bodies as ``body`` says (e.g. flip one)."""
         self._body = body
+
+    def set_conditions(self, mode: str) -> None:
+        """How conditional writes (``If-None-Match`` / ``If-Match`` on a PUT, POST or
+        DELETE) are answered: ``"honour"`` them (as S3 does), ``"ignore"`` the headers (a
+        store without conditional writes that does not say so), or ``"refuse"`` them with
+        501 NotImplemented."""
+        if mode not in ("honour", "ignore", "refuse"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self._conditions = mode
 
     def client(self) -> Any:
         import boto3

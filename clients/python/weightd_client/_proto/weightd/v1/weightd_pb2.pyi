@@ -289,7 +289,7 @@ class LeaseInfo(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., client_name: _Optional[str] = ..., since: _Optional[float] = ..., uid: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "pid", "uptime_seconds", "cache_dir", "tiers", "leases", "problems", "pins")
+    __slots__ = ("version", "pid", "uptime_seconds", "cache_dir", "tiers", "leases", "problems", "pins", "model_bytes", "mirror")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +298,8 @@ class StatusResponse(_message.Message):
     LEASES_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     pid: int
     uptime_seconds: float
@@ -306,7 +308,51 @@ class StatusResponse(_message.Message):
     leases: _containers.RepeatedCompositeFieldContainer[LeaseInfo]
     problems: _containers.RepeatedScalarFieldContainer[str]
     pins: _containers.RepeatedCompositeFieldContainer[PinInfo]
-    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cache_dir: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., problems: _Optional[_Iterable[str]] = ..., pins: _Optional[_Iterable[_Union[PinInfo, _Mapping]]] = ...) -> None: ...
+    model_bytes: _containers.RepeatedCompositeFieldContainer[ModelBytes]
+    mirror: MirrorStatus
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cache_dir: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., problems: _Optional[_Iterable[str]] = ..., pins: _Optional[_Iterable[_Union[PinInfo, _Mapping]]] = ..., model_bytes: _Optional[_Iterable[_Union[ModelBytes, _Mapping]]] = ..., mirror: _Optional[_Union[MirrorStatus, _Mapping]] = ...) -> None: ...
+
+class ModelBytes(_message.Message):
+    __slots__ = ("model", "origin", "mirror", "cache")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    origin: int
+    mirror: int
+    cache: int
+    def __init__(self, model: _Optional[str] = ..., origin: _Optional[int] = ..., mirror: _Optional[int] = ..., cache: _Optional[int] = ...) -> None: ...
+
+class MirrorLock(_message.Message):
+    __slots__ = ("source", "state", "holder", "since")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    state: str
+    holder: str
+    since: float
+    def __init__(self, source: _Optional[str] = ..., state: _Optional[str] = ..., holder: _Optional[str] = ..., since: _Optional[float] = ...) -> None: ...
+
+class MirrorStatus(_message.Message):
+    __slots__ = ("url", "endpoint", "conditional_writes", "locks", "write_backs", "problems", "last_problem")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_WRITES_FIELD_NUMBER: _ClassVar[int]
+    LOCKS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BACKS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    endpoint: str
+    conditional_writes: str
+    locks: _containers.RepeatedCompositeFieldContainer[MirrorLock]
+    write_backs: int
+    problems: int
+    last_problem: str
+    def __init__(self, url: _Optional[str] = ..., endpoint: _Optional[str] = ..., conditional_writes: _Optional[str] = ..., locks: _Optional[_Iterable[_Union[MirrorLock, _Mapping]]] = ..., write_backs: _Optional[int] = ..., problems: _Optional[int] = ..., last_problem: _Optional[str] = ...) -> None: ...
 
 class PinInfo(_message.Message):
     __slots__ = ("model", "source", "tier", "device", "state", "since")
