@@ -485,19 +485,30 @@ sys.exit(main(["serve"]))
 """
 
 
-def test_a_local_source_on_a_hung_file_system_does_not_stall_other_calls(tmp_path):
+def _stream_whole(d: DaemonProcess, source: Path) -> None:
+    """An AcquireStream of ``source``, read to its end (its lease is reaped with us)."""
+    from tests.daemon import raw_stub
+
+    for _ in raw_stub(d.socket).AcquireStream(pb.AcquireRequest(source=str(source)),
+                                              timeout=60):
+        pass
+
+
+@pytest.mark.parametrize("call", ["Acquire", "AcquireStream"])
+def test_a_local_source_on_a_hung_file_system_does_not_stall_other_calls(tmp_path, call):
     # resolving a local path (links, ..) touches the file system; done on the event
-    # loop, one Acquire of a path on a hung mount stalled Status, Release and Health of
-    # every client until the mount answered (review 1, defect 12)
+    # loop, one Acquire (or AcquireStream) of a path on a hung mount stalled Status,
+    # Release and Health of every client until the mount answered (review 1, defect 12)
     hung = tmp_path / "hung-mount" / "m"
     write_synthetic_model(hung, total_bytes=MiB // 4, tensors=2, seed=3)
     with DaemonProcess(tmp_path / "d", launcher=(sys.executable, "-c", HUNG_FS_DAEMON)) as d:
-        slow = threading.Thread(target=d.acquire, args=(hung,), daemon=True)
+        work = d.acquire if call == "Acquire" else lambda src: _stream_whole(d, src)
+        slow = threading.Thread(target=work, args=(hung,), daemon=True)
         slow.start()
         time.sleep(0.5)  # the Acquire is resolving its source
         t0 = time.monotonic()
         d.status()
         took = time.monotonic() - t0
         slow.join(60)
-        assert took < 2, f"Status took {took:.1f}s while an Acquire resolved a hung path"
+        assert took < 2, f"Status took {took:.1f}s while an {call} resolved a hung path"
         assert d.proc.poll() is None

@@ -700,21 +700,26 @@ class Node:
         return job
 
     def landing(self, source: str, *, include: Sequence[str] | None = None,
-                exclude: Sequence[str] = ()) -> tuple[Landing | None, bool]:
-        """The landing of the model's download, to stream it as it lands: the running
-        fetch's (started now when the model is nowhere: then the second value is True),
-        or None when nothing lands (it is cached, resident, being refreshed or removed, or
-        the running fetch asks for other files: an Acquire serves it whole)."""
-        _, name = self.resolve(source)
+                exclude: Sequence[str] = (), stream: bool = True,
+                ) -> Plan[tuple[str, Landing | None, bool]]:
+        """The plan that finds the model's name and the landing of its download, to
+        stream it as it lands: the running fetch's (started now when the model is
+        nowhere: then the third value is True), or None when nothing lands (it is cached,
+        resident, being refreshed or removed, or the running fetch asks for other files:
+        an Acquire serves it whole), or when ``stream`` is False (the name only). A plan,
+        so that a local path is resolved off the event loop (see :meth:`_resolving`)."""
+        _, name = yield from self._resolving(source)
+        if not stream:
+            return name, None, False
         with self._lock:
             disk = self._life.disk_of(name)
             if disk.state is State.ABSENT:
-                return self._start_fetch(name, source, include, exclude).landing, True
+                return name, self._start_fetch(name, source, include, exclude).landing, True
             job = self._jobs.get(("fetch", name))
             if (disk.state is State.FETCHING and disk.before_fetch is not State.CACHED
                     and job is not None and job.globs == _globs(include, exclude)):
-                return job.landing, False
-        return None, False
+                return name, job.landing, False
+        return name, None, False
 
     def _fetch_ready(self, name: str, ready: Ready,
                      future: concurrent.futures.Future[None]) -> None:

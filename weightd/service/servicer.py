@@ -469,11 +469,9 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         try:
             caller = self._checked_caller(request, context, calls)
             lease_id = new_lease_id()
-            _, model = self.node.resolve(request.source)
-            if (request.device or "cpu") == "cpu":
-                landing, started = self.node.landing(request.source,
-                                                     include=list(request.include) or None,
-                                                     exclude=list(request.exclude))
+            model, landing, started = await drive(self.node.landing(
+                request.source, include=list(request.include) or None,
+                exclude=list(request.exclude), stream=(request.device or "cpu") == "cpu"))
             yield pb.AcquireEvent(start=pb.StreamStart(lease_id=lease_id, model=model))
             if landing is not None:
                 loop = asyncio.get_running_loop()
