@@ -171,3 +171,41 @@ def test_mirror_push_to_a_mirror_that_is_down_is_one_line_and_exit_1(
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
     assert "mirror s3://mirror/cluster" in run.stderr
+
+
+def test_a_stream_from_a_mirror_with_a_corrupt_blob_gets_the_origins_bytes(
+        tmp_path, http_server, model, mirror_env, s3_server):
+    # a shard read from the mirror is streamed only once its digest matched; here the
+    # mirror's copy of one shard is corrupt: the stream must yield the origin's bytes
+    # for it (read again after the mirror's failed), never the mirror's
+    from safetensors.torch import load_file
+
+    from tests.test_stream import raw
+    from weightd_client import Client
+
+    url = f"{http_server.url}/org/m"
+    [a] = start_nodes(tmp_path, 1, mirror_env)
+    try:
+        finish(cli(a, "fetch", url))
+    finally:
+        a.stop()  # waits for its write-back: the mirror has the model
+    bucket, prefix = mirror_env["WEIGHTD_MIRRORS"].removeprefix("s3://").split("/", 1)
+    s3c = s3_server.client()
+    shard = model / "model-00001-of-00002.safetensors"
+    key = f"{prefix}/blobs/{hash_file(shard)}"
+    good = s3c.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3c.put_object(Bucket=bucket, Key=key, Body=good[:-1] + bytes([good[-1] ^ 0xFF]))
+    want = {}
+    for p in sorted(model.glob("*.safetensors")):
+        want.update(load_file(p))
+    with DaemonProcess(tmp_path / "b", env=mirror_env) as b, Client(b.socket) as client:
+        got = {}
+        with client.stream(url) as weights:
+            for name, tensor in weights:
+                got[name] = tensor.clone()
+        assert sorted(got) == sorted(want)
+        # bytes, not values (random bytes hold NaNs)
+        assert [n for n in want if raw(got[n]) != raw(want[n])] == []
+        [mb] = b.status().model_bytes
+        assert mb.origin == shard.stat().st_size  # that shard came from the origin
+        assert "reading it from the origin" in b.log()
