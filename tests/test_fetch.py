@@ -427,13 +427,16 @@ def _count_header_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import weightd.store.fetch as fetch_module
 
     parsed: list[str] = []
-    real = fetch_module.read_layout
+    # a header is parsed from a file (read_layout) or, as a download lands, from the
+    # bytes read back from its temporary file (parse_header)
+    for name in ("read_layout", "parse_header"):
+        real = getattr(fetch_module, name)
 
-    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        parsed.append(str(path))
-        return real(path, *args, **kwargs)
+        def counting(what, *args, _real=real, **kwargs):  # type: ignore[no-untyped-def]
+            parsed.append(str(kwargs.get("path", what)))
+            return _real(what, *args, **kwargs)
 
-    monkeypatch.setattr(fetch_module, "read_layout", counting)
+        monkeypatch.setattr(fetch_module, name, counting)
     return parsed
 
 
