@@ -552,7 +552,14 @@ class Fetcher:
         not committed yet), and kept."""
         layout = self.layouts.get(digest)
         if layout is None:
-            layout = read_layout(path if path is not None else self.store.blob_path(digest))
+            try:
+                layout = read_layout(path if path is not None
+                                     else self.store.blob_path(digest))
+            except FileNotFoundError:
+                if path is None:
+                    raise
+                # committed meanwhile: the temporary file was renamed to its blob
+                layout = read_layout(self.store.blob_path(digest))
             self.layouts.put(digest, layout)
         return layout
 
