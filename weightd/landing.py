@@ -55,13 +55,15 @@ class Landing(FetchEvents):
     """The shards of one model fetch as they land, for every subscriber.
 
     Args:
-        layout_of: the layout of a shard blob that was in the cache already (by digest).
+        layout_of: the layout of a shard blob that was in the cache already (by digest);
+            None for a fetch nobody may stream (a refresh): the cached shards' headers are
+            then not read.
         blob_path: where a cached blob is.
         on_ready: told first when the model is ready, before any subscriber (the node
             records that the model may be served; a replica told "ready" then finds it so).
     """
 
-    def __init__(self, layout_of: Callable[[str], ShardLayout],
+    def __init__(self, layout_of: Callable[[str], ShardLayout] | None,
                  blob_path: Callable[[str], Path], on_ready: Callable[[Ready], None]) -> None:
         self._layout_of = layout_of
         self._blob_path = blob_path
@@ -102,6 +104,8 @@ class Landing(FetchEvents):
 
     def listed(self, hits: Sequence[tuple[RemoteFile, str]], todo: Sequence[RemoteFile],
                ) -> None:
+        if self._layout_of is None:  # nobody streams this fetch: no header is read
+            return
         for f, digest in hits:  # in the cache: all its bytes are there
             if f.relpath.endswith(".safetensors"):
                 landing = ShardLanding(f.relpath, f.size, str(self._blob_path(digest)),

@@ -688,10 +688,13 @@ class Node:
     def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
                      exclude: Sequence[str]) -> _Job:
         """Caller holds the lock."""
+        # a refresh of a cached model is never streamed (see :meth:`landing`): its landing
+        # then reads no layout of the files in the cache (a warm fetch parses no header)
+        streamable = self._life.disk_of(name).state is not State.CACHED
         self._life.begin_fetch(name)
         progress = _Fanout()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        landing = Landing(self.fetcher.layout, self.store.blob_path,
+        landing = Landing(self.fetcher.layout if streamable else None, self.store.blob_path,
                           lambda r: self._fetch_ready(name, r, ready))
         job = self._submit(("fetch", name), self._fetch_job, name, source, include,
                            tuple(exclude), progress, landing, ready, progress=progress,
