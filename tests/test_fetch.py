@@ -457,6 +457,71 @@ def test_a_warm_fetch_parses_no_shard_header(tmp_path, monkeypatch):
         assert again.stats.hits == again.stats.files and parsed == []
 
 
+def test_a_warm_fetch_through_the_node_parses_no_shard_header(tmp_path, monkeypatch):
+    # the node's fetch tells a Landing of the files (for streaming replicas); for a
+    # refresh of a cached model (never streamed) it read every cached shard's header
+    # (3 parses after a restart), undoing the recorded answer sizes
+    from weightd.node import Node
+
+    src = tmp_path / "m"
+    write_synthetic_model(src, total_bytes=MiB, tensors=30, shards=3)
+    config = Config(cache_dir=tmp_path / "cache", host_mlock=False)
+    with Store.open(config.cache_dir, exclusive=True) as store:
+        node = Node(config, store)
+        node.start()
+        try:
+            node.fetch(str(src))
+        finally:
+            node.close()
+    parsed = _count_header_parses(monkeypatch)
+    with Store.open(config.cache_dir, exclusive=True) as store:
+        node = Node(config, store)  # a restarted daemon
+        node.start()
+        try:
+            snap = node.fetch(str(src))
+        finally:
+            node.close()
+    assert snap.stats.hits == snap.stats.files and parsed == []
+
+
+def test_a_load_while_its_fetch_commits_reads_the_renamed_blobs(tmp_path, monkeypatch):
+    # a load from a ready fetch reads each shard's layout from its temporary file; once
+    # the commit renamed it, that path is gone: with the layout no longer in the bounded
+    # cache, the Acquire failed with FileNotFoundError (INTERNAL) instead of reading the
+    # blob
+    import weightd.store.fetch as fetch_module
+    from weightd.formats import LayoutCache
+    from weightd.node import Node
+
+    src = tmp_path / "m"
+    write_synthetic_model(src, total_bytes=MiB, tensors=30, shards=3)
+    config = Config(cache_dir=tmp_path / "cache", host_mlock=False)
+    reached, go = threading.Event(), threading.Event()
+
+    def pause(point: str) -> None:
+        if point == "renamed":  # every shard renamed, the fetch not ended yet
+            reached.set()
+            go.wait(30)
+
+    monkeypatch.setattr(fetch_module, "pause_at", pause)
+    with Store.open(config.cache_dir, exclusive=True) as store:
+        node = Node(config, store)
+        node.fetcher.layouts = LayoutCache(budget=1)  # keeps nothing, as under pressure
+        node.start()
+        try:
+            fetch = threading.Thread(target=node.fetch, args=(str(src),))
+            fetch.start()
+            assert reached.wait(30)
+            try:
+                got = node.acquire(str(src), device="cpu", caller=node.credentials.local())
+            finally:
+                go.set()
+                fetch.join(30)
+            assert len(got.view.tensors) == 30
+        finally:
+            node.close()
+
+
 def test_an_index_of_the_previous_schema_is_migrated_and_learns_the_answer_sizes(
         tmp_path, monkeypatch):
     # an index written before the answer sizes were recorded (schema 1: no shard_answers
