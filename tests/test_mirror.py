@@ -487,3 +487,22 @@ def test_two_nodes_finding_one_stale_lock_pull_from_the_origin_once(
             assert_same_model(snap.path, model)  # type: ignore[attr-defined]
         takeovers = [r for r in caplog.records if "took over the lock" in r.getMessage()]
         assert len(takeovers) == 1, [r.getMessage() for r in takeovers]
+
+
+def test_a_mirror_read_that_fails_after_its_fetch_failed_starts_no_repair(
+        cluster, http_server, model):
+    # a fetch that fails aborts its pull while other files' mirror reads still run; one
+    # of them failing then started a repair write-back that nothing would ever commit or
+    # abort: a thread waiting forever, holding one of the mirror's write-back slots
+    from weightd.sources import open_source
+    from weightd.store.mirror import MirrorPull
+
+    n = cluster("a")
+    mirror = n.fetcher.mirror
+    with open_source(f"{http_server.url}/org/m", n.config) as source:
+        listed = source.list_files()
+    pull = MirrorPull(mirror, source.url, listed, n.store.blob_path)
+    pull.settle({})
+    pull.abort()  # another file failed: the fetch is over
+    pull.failed(listed[0], OSError("the mirror read broke"))
+    assert mirror.pending_write_backs() == 0

@@ -110,7 +110,8 @@ def _mirror_status(mirror: Mirror | None) -> pb.MirrorStatus | None:
     if mirror is None:
         return None
     return pb.MirrorStatus(
-        url=mirror.url, endpoint=mirror.endpoint(), conditional_writes=mirror.conditional_text(),
+        url=mirror.url, endpoint=mirror.endpoint_text(),
+        conditional_writes=mirror.conditional_text(),
         locks=[pb.MirrorLock(source=a.source, state=a.state, holder=a.holder, since=a.since)
                for a in mirror.activity()],
         write_backs=mirror.pending_write_backs(), problems=mirror.problems,

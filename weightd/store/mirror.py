@@ -353,7 +353,8 @@ class Mirror:
     # --- the client ----------------------------------------------------------------------------
 
     def endpoint(self) -> str:
-        """The endpoint the mirror's client talks to (no request is sent to know it)."""
+        """The endpoint the mirror's client talks to (no request is sent to know it, but
+        the client is set up: its credentials resolved, which may touch the network)."""
         if self._endpoint is None:
             async def get() -> str:
                 await self.fs.set_session()
@@ -362,6 +363,14 @@ class Mirror:
 
             self._endpoint = str(fsspec.asyn.sync(self.fs.loop, get))
         return self._endpoint
+
+    def endpoint_text(self) -> str:
+        """The endpoint as Status shows it, without setting anything up (Status runs on
+        the daemon's event loop): the one the client found once it was set up, else the
+        configured ``mirror_endpoint_url``, else the store's default."""
+        if self._endpoint is not None:
+            return self._endpoint
+        return self.config.mirror_endpoint_url or "the store's default (not set up yet)"
 
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         """One S3 call on the mirror's client (``Bucket`` is the mirror's); a body is read
@@ -868,6 +877,8 @@ class MirrorPull:
         self.mirror._problem(f"mirror {self.mirror.url}: {f.relpath} of {self.source}: {e}; "
                              "reading it from the origin")
         with self._cond:
+            if self._aborted:  # the fetch failed meanwhile: nothing will commit a repair
+                return
             self.repairs.add(f.relpath)
             if self.job is None and self.mirror._slots.acquire(blocking=False):
                 self.slot = True
