@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, wait_for
 from tests.test_mirror import model_bytes
 from weightd.store import hash_file
 from weightd.testing import MotoS3Server, RangeHTTPServer, write_synthetic_model
@@ -206,6 +206,7 @@ def test_a_stream_from_a_mirror_with_a_corrupt_blob_gets_the_origins_bytes(
         assert sorted(got) == sorted(want)
         # bytes, not values (random bytes hold NaNs)
         assert [n for n in want if raw(got[n]) != raw(want[n])] == []
-        [mb] = b.status().model_bytes
+        # counted when the fetch ends (durable), which may be just after the stream's end
+        [mb] = wait_for(lambda: b.status().model_bytes, what="the fetch's byte counts")
         assert mb.origin == shard.stat().st_size  # that shard came from the origin
         assert "reading it from the origin" in b.log()
