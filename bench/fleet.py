@@ -62,11 +62,16 @@ WAYS = ("no mirror", "mirror, cold", "mirror, warm")
 
 
 def _stub(socket: Path) -> Any:
+    """A channel to a node's socket that carries this process's credentials (leases
+    belong to the caller the daemon's credential handshake names), and the stub class."""
     import grpc
 
     from weightd_client._proto.weightd.v1 import weightd_pb2_grpc as pb_grpc
+    from weightd_client.credentials import CredentialInterceptor
 
-    return grpc.insecure_channel(f"unix://{socket}"), pb_grpc.WeightdStub
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"unix://{socket}"),
+                                     CredentialInterceptor(socket))
+    return channel, pb_grpc.WeightdStub
 
 
 def acquire_all(nodes: list[DaemonProcess], url: str) -> list[float]:
@@ -99,15 +104,23 @@ def acquire_all(nodes: list[DaemonProcess], url: str) -> list[float]:
 
 
 def mirror_bytes(nodes: list[DaemonProcess], model: str) -> int:
-    """What the nodes say they read from the mirror for ``model`` (their Status)."""
+    """What the nodes say they read from the mirror for ``model`` (their Status). A
+    node counts a fetch's bytes once it is durable, which can be just after the Acquire
+    that waited for it to be served answered: each node is asked until it has (30 s)."""
     from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
     total = 0
     for d in nodes:
         ch, cls = _stub(d.socket)
         with ch:
-            st = cls(ch).Status(pb.StatusRequest(), timeout=30)
-        total += sum(m.mirror for m in st.model_bytes if m.model == model)
+            deadline = time.monotonic() + 30
+            while True:
+                st = cls(ch).Status(pb.StatusRequest(), timeout=30)
+                counted = [m for m in st.model_bytes if m.model == model]
+                if counted or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        total += sum(m.mirror for m in counted)
     return total
 
 
