@@ -553,3 +553,28 @@ def test_a_synthetic_model_too_small_for_its_tensors_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot hold 100 BF16 tensors"):
         write_synthetic_model(tmp_path / "m", total_bytes=1000, tensors=100)
     assert not list(tmp_path.glob("m/*.safetensors"))
+
+
+def test_chunks_are_hashed_and_written_in_pieces_that_straddle_their_blocks(tmp_path):
+    # a chunk arrives as blocks of any size (one buffer, or a reader's list of bytes);
+    # they are hashed and written a piece at a time: the file and the digest must be those
+    # of the blocks back to back, wherever the pieces and the blocks end
+    import xxhash
+
+    from weightd.store.fetch import WRITE_PIECE, _hash_and_write
+
+    rng = __import__("random").Random(7)
+    sizes = [1, WRITE_PIECE - 1, WRITE_PIECE, WRITE_PIECE + 1, 3 * WRITE_PIECE + 17, 0, 5]
+    blocks = [rng.randbytes(n) for n in sizes]
+    whole = b"".join(blocks)
+    path = tmp_path / "blob"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"\xaa" * 100, 0)  # the chunk lands after the file's first 100 bytes
+        hasher = xxhash.xxh3_128()
+        _hash_and_write(hasher, fd, [memoryview(b) if i % 2 else b
+                                     for i, b in enumerate(blocks)], 100)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\xaa" * 100 + whole
+    assert hasher.hexdigest() == xxhash.xxh3_128(whole).hexdigest()
