@@ -341,6 +341,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a fetch that opens its 32 ranged reads
+    # at once (4 files x 8) overflowed it, the kernel dropped the SYNs past it and those
+    # clients connected a second later (TCP's SYN retransmission), a 1 s stall in about
+    # a third of the cold fetches of the benchmarks (TcpExtListenOverflows). Real origins
+    # listen with hundreds (nginx 511, Linux's somaxconn 4096).
+    request_queue_size = 1024
     root: Path
     log: RequestLog
     fault: FaultHook | None
