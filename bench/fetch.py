@@ -180,7 +180,7 @@ def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = No
     import fsspec.asyn
 
     from weightd.sources import open_source
-    from weightd.store.fetch import _Buffers
+    from weightd.store.fetch import _Buffers, _Schedule
 
     config = Config(cache_dir=dest, s3_endpoint_url=s3_endpoint)
     with Store.open(dest) as store:
@@ -189,6 +189,7 @@ def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = No
         with open_source(url, config) as source:
             files = source.list_files()
             buffers = _Buffers(source.plan.chunk_size)
+            schedule = _Schedule(files, source.plan.concurrency * config.max_parallel_files)
             hashed = [0.0]
 
             def one(f: Any) -> int:
@@ -202,7 +203,7 @@ def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = No
 
                 with source.open_file(f) as reader:
                     fsspec.asyn.sync(fsspec.asyn.get_loop(), fetcher._read_all, reader, f, sink,
-                                     buffers)
+                                     buffers, schedule, *schedule.place(f))
                 return int(f.size)
 
             with concurrent.futures.ThreadPoolExecutor(config.max_parallel_files) as pool:

@@ -4,6 +4,7 @@ token buckets that benchmarks use as a network. Real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import http.client
 import os
@@ -17,8 +18,9 @@ import pytest
 from weightd.config import Config
 from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
+from weightd.sources import ChunkPlan, RemoteFile
 from weightd.store import Fetcher, Store, hash_file
-from weightd.store.fetch import FetchEvents, Ready
+from weightd.store.fetch import FetchEvents, Ready, _Schedule
 from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
 
 MiB = 1024 * 1024
@@ -90,11 +92,12 @@ def test_a_fetch_from_a_rate_limited_origin_takes_the_link_time(config, http_roo
 
 
 def test_a_fetch_reuses_its_connections(config, http_server, shard):
-    cfg = config.replace(chunk_size=128 * 1024, concurrency=4)  # 32 ranged GETs
+    # 32 ranged GETs or more; one file: 4 reads in flight for the model
+    cfg = config.replace(chunk_size=128 * 1024, concurrency=4, max_parallel_files=1)
     fetch(cfg, f"{http_server.url}/m")
     gets = http_server.log.count("GET", "model.safetensors")
     assert gets >= 32
-    # one per reader in flight (4), plus the listing's and the stat's own connections
+    # one per read in flight (4), plus the listing's and the stat's own connections
     assert http_server.log.connections <= 4 + 4, http_server.log.connections
 
 
@@ -151,6 +154,89 @@ def test_a_failed_file_stops_the_other_downloads_of_its_model(config, http_root)
     assert elapsed < 0.7 * 16 * MiB / rate, elapsed
 
 
+# --- the model's reads: one window, in the model's order, ramped ------------------------
+
+
+def _rf(name: str, size: int) -> RemoteFile:
+    return RemoteFile(f"http://127.0.0.1:1/{name}", name, name, size, "id")
+
+
+def test_ramped_ranges_cover_each_file_and_start_and_end_small():
+    files = [_rf(f"s{i}.safetensors", 64 * MiB + 12345) for i in range(4)]
+    sched = _Schedule(files, 32)
+    plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
+    every: list[int] = []
+    for f in files:
+        _, start = sched.place(f)
+        ranges = sched.ranges(f.size, plan, start)
+        assert ranges[0][0] == 0 and ranges[-1][1] == f.size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        sizes = [e - b for b, e in ranges]
+        # within [chunk / window, chunk], but a file's last range (the rest of it)
+        assert all(8 * MiB // 32 <= n <= 8 * MiB for n in sizes[:-1]), sizes
+        every += sizes
+    # the model's first window of reads is one chunk together, its middle whole chunks,
+    # and its last window of reads much less than a window of chunks
+    assert sum(every[:32]) == 8 * MiB
+    assert 8 * MiB in every
+    assert sum(every[-32:]) < 32 * 8 * MiB / 4
+    # without the ramp (S3: moto reads a whole object per range), whole chunks
+    fixed = sched.ranges(files[1].size, ChunkPlan(8 * MiB, 8), sched.place(files[1])[1])
+    assert [e - b for b, e in fixed][:-1] == [8 * MiB] * 8
+
+
+def test_the_window_grants_reads_in_the_models_order():
+    async def run() -> list[tuple[int, int]]:
+        sched = _Schedule([_rf("a", 1), _rf("b", 1)], 2)
+        got: list[tuple[int, int]] = []
+
+        async def one(key: tuple[int, int]) -> None:
+            await sched.acquire(key)
+            got.append(key)
+
+        await sched.acquire((0, 0))
+        await sched.acquire((0, 1))  # the window is full
+        late = [asyncio.ensure_future(one(k)) for k in [(1, 0), (0, 5), (1, 3), (0, 2)]]
+        gone = asyncio.ensure_future(one((0, 3)))
+        await asyncio.sleep(0)
+        gone.cancel()  # a read that stops waiting gives its turn to the next
+        await asyncio.sleep(0)
+        for _ in range(4):
+            sched.release()
+            await asyncio.sleep(0)
+        await asyncio.gather(*late)
+        return got
+
+    assert asyncio.run(run()) == [(0, 2), (0, 5), (1, 0), (1, 3)]
+
+
+def test_a_models_first_file_is_read_before_its_last(config, http_root):
+    # 4 files fetched at once share one window in the model's order: the first file's
+    # bytes come first (a streaming replica's first tensor), where each file's reads
+    # had a share of the link of their own and the 4 files landed side by side
+    d = http_root / "four"
+    write_synthetic_model(d, total_bytes=16 * MiB, tensors=16, shards=4, seed=5)
+    half: dict[str, float] = {}  # when half of a file was written
+    whole: dict[str, float] = {}  # when all of it was
+    lock = threading.Lock()
+
+    class Events(FetchEvents):
+        def written(self, rf: RemoteFile, offset: int, nbytes: int) -> None:
+            now = time.monotonic()
+            with lock:
+                if offset + nbytes >= rf.size / 2:
+                    half.setdefault(rf.relpath, now)
+                if offset + nbytes == rf.size:
+                    whole[rf.relpath] = now
+
+    with RangeHTTPServer(http_root, rate=16e6) as srv:
+        fetch(config.replace(chunk_size=256 * 1024, concurrency=2), f"{srv.url}/four",
+              events=Events())
+    shards = sorted(r for r in whole if r.endswith(".safetensors"))
+    assert len(shards) == 4
+    assert whole[shards[0]] < half[shards[3]], (whole, half)
+
+
 # --- Retry-After -------------------------------------------------------------------------
 
 
@@ -176,7 +262,9 @@ def test_a_429_with_retry_after_is_waited_for(config, http_server, shard):
         return Fault(429, (("Retry-After", "1"),)) if first else None
 
     http_server.set_fault(busy_once)
-    snap = fetch(config.replace(chunk_size=8 * MiB), f"{http_server.url}/m")
+    # one read of the whole shard (a window of one: no ramp of smaller ranges)
+    one = config.replace(chunk_size=8 * MiB, concurrency=1, max_parallel_files=1)
+    snap = fetch(one, f"{http_server.url}/m")
     assert hash_file(Path(snap.path) / "model.safetensors") == hash_file(shard)
     assert len(asked) == 2
     # full-jitter backoff alone would have retried within 0.05 s
@@ -188,7 +276,8 @@ def test_a_retry_after_past_retry_max_seconds_fails_at_once(config, http_server,
                           if m == "GET" and p.endswith(".safetensors") else None)
     t0 = time.monotonic()
     with pytest.raises(SourceUnavailable, match="429.*Retry-After 120"):
-        fetch(config.replace(retry_max_seconds=10.0), f"{http_server.url}/m")
+        fetch(config.replace(retry_max_seconds=10.0, chunk_size=8 * MiB, concurrency=1,
+                             max_parallel_files=1), f"{http_server.url}/m")
     assert time.monotonic() - t0 < 10
     assert http_server.log.count("FAULT") == 1  # asked once: no try could follow the wait
 

@@ -55,10 +55,17 @@ _PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How one protocol is read: bytes per ranged read and reads in flight per file."""
+    """How one protocol is read: bytes per ranged read and reads in flight per file.
+
+    ``ramp``: the ranges at the start and at the end of a model's bytes are smaller than
+    ``chunk_size`` (see weightd/store/fetch.py, ``_Schedule``), so that its first tensor
+    lands in about one chunk's time and its last is not behind a burst of whole chunks;
+    off where each read costs the server a whole object (moto's S3) or there is no
+    network (``file://``)."""
 
     chunk_size: int
     concurrency: int
+    ramp: bool = False
 
 
 #: Chosen by measurement where loopback can tell (``python bench/fetch.py --sweep``; the
@@ -69,8 +76,8 @@ _DEFAULT_PLANS: dict[str, ChunkPlan] = {
     # loopback cannot rank these (flat within noise); 8 connections per file for origins
     # that give each connection a share (CDNs), 8 MiB chunks so that fewer buffers are
     # faulted per fetch and a chunk lands sooner (docs/fetch-tuning.md)
-    "http": ChunkPlan(chunk_size=8 * MiB, concurrency=8),
-    "hf": ChunkPlan(chunk_size=8 * MiB, concurrency=8),
+    "http": ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True),
+    "hf": ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True),
     # AWS: 8-16 MB byte-range GETs, one connection per ~85-90 MB/s wanted; moto cannot
     # rank them (it reads the whole object for every range)
     "s3": ChunkPlan(chunk_size=16 * MiB, concurrency=8),
@@ -84,6 +91,7 @@ def chunk_plan(protocol: str, config: Config) -> ChunkPlan:
     return ChunkPlan(
         chunk_size=config.chunk_size or base.chunk_size,
         concurrency=config.concurrency or base.concurrency,
+        ramp=base.ramp,
     )
 
 

@@ -80,7 +80,7 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_WRITE_BACKS = 4
 
 #: The longest pause between two looks at a lock and its manifest while waiting.
-MAX_POLL = 1.0
+MAX_POLL = 0.25
 
 #: Consecutive failed looks at the mirror after which a waiting node gives up.
 MAX_POLL_ERRORS = 3
