@@ -564,7 +564,9 @@ def test_chunks_are_hashed_and_written_in_pieces_that_straddle_their_blocks(tmp_
     from weightd.store.fetch import WRITE_PIECE, _hash_and_write
 
     rng = __import__("random").Random(7)
-    sizes = [1, WRITE_PIECE - 1, WRITE_PIECE, WRITE_PIECE + 1, 3 * WRITE_PIECE + 17, 0, 5]
+    # and many small blocks, as S3's body comes, gathered into one write
+    sizes = ([1, WRITE_PIECE - 1, WRITE_PIECE, WRITE_PIECE + 1, 3 * WRITE_PIECE + 17, 0, 5]
+             + [65536] * 40 + [1000] * 7)
     blocks = [rng.randbytes(n) for n in sizes]
     whole = b"".join(blocks)
     path = tmp_path / "blob"

@@ -20,7 +20,7 @@ from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
 from weightd.sources import ChunkPlan, RemoteFile
 from weightd.store import Fetcher, Store, hash_file
-from weightd.store.fetch import FetchEvents, Ready, _Schedule
+from weightd.store.fetch import FetchEvents, Ready, _Schedule, _Unwritten
 from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
 
 MiB = 1024 * 1024
@@ -208,6 +208,29 @@ def test_the_window_grants_reads_in_the_models_order():
         return got
 
     assert asyncio.run(run()) == [(0, 2), (0, 5), (1, 0), (1, 3)]
+
+
+def test_a_files_unwritten_bytes_are_bounded_in_its_order():
+    async def run() -> list[int]:
+        room = _Unwritten(10)
+        got: list[int] = []
+
+        async def one(n: int) -> None:
+            await room.take(n)
+            got.append(n)
+
+        await room.take(8)
+        waiting = [asyncio.ensure_future(one(n)) for n in (4, 1, 30)]
+        await asyncio.sleep(0)
+        assert got == [] and room.used == 8  # 4 does not fit, and 1 waits behind it
+        room.give(8)
+        await asyncio.sleep(0)
+        assert got == [4, 1] and room.used == 5  # 30 waits for an empty file
+        room.give(5)
+        await asyncio.gather(*waiting)
+        return got
+
+    assert asyncio.run(run()) == [4, 1, 30]  # a range larger than the cap goes alone
 
 
 def test_a_models_first_file_is_read_before_its_last(config, http_root):

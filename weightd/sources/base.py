@@ -55,7 +55,8 @@ _PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How one protocol is read: bytes per ranged read and reads in flight per file.
+    """How one protocol is read: bytes per ranged read, and reads in flight per file
+    fetched at once (a model's reads share ``concurrency × max_parallel_files``).
 
     ``ramp``: the ranges at the start and at the end of a model's bytes are smaller than
     ``chunk_size`` (see weightd/store/fetch.py, ``_Schedule``), so that its first tensor

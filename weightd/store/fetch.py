@@ -48,7 +48,13 @@ import xxhash
 from fsspec.callbacks import Callback, NoOpCallback
 
 from weightd.config import Config
-from weightd.errors import BudgetExceeded, FormatError, IntegrityError, WeightdError
+from weightd.errors import (
+    BudgetExceeded,
+    FormatError,
+    IntegrityError,
+    SourceUnavailable,
+    WeightdError,
+)
 from weightd.formats import LayoutCache, ShardLayout, header_length, parse_header, read_layout
 from weightd.retry import RetryPolicy, retry_async
 from weightd.sources import (
@@ -256,10 +262,13 @@ WRITE_PIECE = 1 << 20
 
 def _hash_and_write(hasher: xxhash.xxh3_128, fd: int, blocks: Sequence[Buffer],
                     offset: int) -> float:
-    """Hash ``blocks`` and write them back to back at ``offset``, a
-    :data:`WRITE_PIECE` at a time (each piece hashed, then written); return the seconds
-    spent hashing."""
+    """Hash ``blocks`` and write them back to back at ``offset``, about a
+    :data:`WRITE_PIECE` at a time: a large block in pieces, small ones (S3's body comes
+    in blocks of 64 KiB and less) gathered into one ``pwritev``, each hashed just before
+    it is written; return the seconds spent hashing."""
     hash_seconds = 0.0
+    group: list[memoryview] = []
+    grouped = 0
     for b in blocks:
         view = memoryview(b)
         for start in range(0, len(view), WRITE_PIECE):
@@ -267,8 +276,14 @@ def _hash_and_write(hasher: xxhash.xxh3_128, fd: int, blocks: Sequence[Buffer],
             t0 = time.perf_counter()
             hasher.update(piece)
             hash_seconds += time.perf_counter() - t0
-            _pwrite_all(fd, piece, offset)
-            offset += len(piece)
+            group.append(piece)
+            grouped += len(piece)
+            if grouped >= WRITE_PIECE:
+                _pwritev_all(fd, group, offset)
+                offset += grouped
+                group, grouped = [], 0
+    if group:
+        _pwritev_all(fd, group, offset)
     return hash_seconds
 
 
@@ -364,8 +379,8 @@ def _flight_key(f: RemoteFile) -> str:
     return f"{f.url}\0{f.identity}"
 
 
-#: The smallest range of a ramp (see :class:`_Schedule`), and what ranges are multiples
-#: of (but a file's last).
+#: The smallest range of a ramp (see :class:`_Schedule`), and what a ramp's ranges are
+#: multiples of (but a file's last).
 MIN_RANGE = 64 * 1024
 #: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
 #: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
@@ -390,7 +405,8 @@ class _Schedule:
     together with little left to write and hash after the source's last byte (whole
     chunks ended together, a window of them, 256 MiB, to write at the end).
 
-    Its methods run on the event loop of the reads (fsspec's), never concurrently.
+    :meth:`acquire` and :meth:`release` run on the event loop of the reads (fsspec's);
+    a turn lasts until its range is written (see ``Fetcher._read_all``).
     """
 
     def __init__(self, files: Sequence[RemoteFile], window: int) -> None:
@@ -445,7 +461,8 @@ class _Schedule:
             raise
 
     def release(self) -> None:
-        """A read ended (or failed): the next one in the model's order starts."""
+        """A range was written (or its read failed): the next read in the model's
+        order starts."""
         while self._waiting:
             _, _, turn = heapq.heappop(self._waiting)
             if not turn.done():
@@ -467,6 +484,48 @@ def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | Non
     if written < 8 + n:
         return None
     return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
+
+
+class _Unwritten:
+    """The bytes of one file read and not yet written, bounded (``cap``): a read waits
+    for room before it takes its turn in the model's window, in the file's order, so a
+    file whose writer falls behind (a slow disk, an origin digest to compute) stops
+    taking turns and the other files' reads go on. A range larger than ``cap`` is let
+    through alone. On the event loop of the reads, as :class:`_Schedule`."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.cap
+
+    async def take(self, n: int) -> None:
+        if not self._waiting and self._fits(n):
+            self.used += n
+            return
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((n, room))
+        try:
+            await room
+        except asyncio.CancelledError:
+            if room.done() and not room.cancelled():
+                self.give(n)
+            raise
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        while self._waiting:
+            m, room = self._waiting[0]
+            if room.done():
+                self._waiting.popleft()
+            elif self._fits(m):
+                self._waiting.popleft()
+                self.used += m
+                room.set_result(None)
+            else:
+                break
 
 
 class Fetcher:
@@ -804,6 +863,7 @@ class Fetcher:
         caller commits or discards it), with the digest and the seconds spent hashing."""
         hasher = xxhash.xxh3_128()
         hash_seconds = 0.0
+        landed = 0  # bytes hashed and written
         shard = f.relpath.endswith(".safetensors")
         layout: ShardLayout | None = None
         temp = self.store.temp_blob(f.size, hint=f.relpath.rsplit("/", 1)[-1])
@@ -815,10 +875,11 @@ class Fetcher:
 
                 def sink(offset: int, blocks: Sequence[Buffer]) -> None:
                     """Hash and write one chunk; its buffers are free when it returns."""
-                    nonlocal hash_seconds, layout
+                    nonlocal hash_seconds, layout, landed
                     if side is not None:
                         side.add(blocks)
                     nbytes = sum(len(b) for b in blocks)
+                    landed += nbytes
                     try:
                         hash_seconds += _hash_and_write(hasher, fd, blocks, offset)
                     except OSError as e:
@@ -848,6 +909,11 @@ class Fetcher:
                         raise
                     except Exception as e:
                         raise reader.source.error(e, reader.rf.url) from e
+                    if landed != f.size:
+                        # the reads ended without every byte (cancelled, e.g. by the
+                        # source's close): never a digest of part of the file
+                        raise SourceUnavailable(f"{reader.rf.url}: the download stopped "
+                                                f"after {landed} of {f.size} bytes")
                     digest = hasher.hexdigest()
                     if via is not None and digest != via.digest:
                         raise IntegrityError(f"{reader.rf.url}: its bytes hash to {digest}, "
@@ -885,9 +951,11 @@ class Fetcher:
 
         ``sink`` runs on one writer thread per file, so hashing and writing range i
         overlap the reads of the ranges after it. A range holds its turn in the model's
-        window from the start of its read until it is written, so the window bounds the
-        ranges in memory. A reader that fills buffers gets one per range when its read
-        starts, taken back once the range is written.
+        window from the start of its read until it is written, and each file's bytes
+        read and not yet written are bounded by ``concurrency + 2`` chunks
+        (:class:`_Unwritten`, taken before the turn): a file whose writer falls behind
+        leaves the window to the other files. A reader that fills buffers gets one per
+        range when its read starts, taken back once the range is written.
         """
         plan = reader.source.plan
         policy = reader.policy or self.policy
@@ -896,11 +964,20 @@ class Fetcher:
         chunks = deque(window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
+        unwritten = _Unwritten((plan.concurrency + 2) * plan.chunk_size)
+
         async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer]]:
-            # the buffer is taken when the read starts, not while it waits for its turn;
-            # its turn is the window's until the range is written (released below), so
-            # that the window bounds the ranges in memory, not only those on the wire
-            await window.acquire((order, start))
+            # room in the file's unwritten bytes first, in the file's order; then a turn
+            # in the model's window, kept until the range is written (released by
+            # write()): a new read starts as the model's written front moves, which
+            # keeps the reads in the model's order; the buffer is taken when the read
+            # starts, not while it waits
+            await unwritten.take(end - start)
+            try:
+                await window.acquire((order, start))
+            except BaseException:
+                unwritten.give(end - start)
+                raise
             try:
                 buf = buffers.take() if buffers is not None else None
                 into = memoryview(buf)[:end - start] if buf is not None else None
@@ -909,51 +986,52 @@ class Fetcher:
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
             except BaseException:
                 window.release()
+                unwritten.give(end - start)
                 raise
             return buf, data  # (a failed or cancelled read's buffer is dropped)
 
         Read = tuple[mmap.mmap | None, Sequence[Buffer]]
-        pending: deque[tuple[int, asyncio.Task[Read]]] = deque()
+        pending: deque[tuple[int, int, asyncio.Task[Read]]] = deque()
 
         def schedule_reads() -> None:
-            # every range waits for its turn at once (a coroutine, no buffer until its
-            # turn): the window sees all of this file's ranges, and grants them before
-            # any later file's
+            # every range waits at once (a coroutine, no buffer until its read starts):
+            # the window sees this file's ranges as soon as the file's budget allows
             while chunks:
                 start, end = chunks.popleft()
-                pending.append((start, asyncio.ensure_future(read(start, end))))
+                pending.append((start, end, asyncio.ensure_future(read(start, end))))
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
 
-        async def write(start: int, data: Sequence[Buffer], buf: mmap.mmap | None) -> None:
-            # the range's turn ends when it is written, whatever comes next
+        async def write(start: int, end: int, data: Sequence[Buffer],
+                        buf: mmap.mmap | None) -> None:
             try:
                 await loop.run_in_executor(writer, sink, start, data)
             finally:
                 window.release()
+                unwritten.give(end - start)
             if buf is not None and buffers is not None:
                 buffers.give(buf)  # for the next range (of this file, or the fetch's next)
 
         last_write: asyncio.Future[None] | None = None
-        held = False  # a range read whose turn no write has taken yet
+        held = False  # a range read whose turn no write() has taken yet
         try:
             schedule_reads()
             while pending:
-                start, task = pending.popleft()
+                start, end, task = pending[0]
                 buf, data = await task
+                pending.popleft()
                 held = True
                 if last_write is not None:
                     await last_write  # in order: one write at a time
-                last_write = asyncio.ensure_future(write(start, data, buf))
+                last_write = asyncio.ensure_future(write(start, end, data, buf))
                 held = False
-                schedule_reads()
             if last_write is not None:
                 await last_write
         finally:
-            for _, task in pending:
+            for _, _, task in pending:
                 task.cancel()
             if pending:
-                done = await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+                done = await asyncio.gather(*(t for _, _, t in pending), return_exceptions=True)
                 for x in done:
                     if not isinstance(x, BaseException):
                         window.release()  # read, never written: the other files' go on
