@@ -20,7 +20,7 @@ from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
 from weightd.sources import ChunkPlan, RemoteFile
 from weightd.store import Fetcher, Store, hash_file
-from weightd.store.fetch import FetchEvents, Ready, _Schedule, _Unwritten
+from weightd.store.fetch import FetchEvents, Ready, _Schedule, _Turns
 from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
 
 MiB = 1024 * 1024
@@ -212,7 +212,7 @@ def test_the_window_grants_reads_in_the_models_order():
 
 def test_a_files_unwritten_bytes_are_bounded_in_its_order():
     async def run() -> list[int]:
-        room = _Unwritten(10)
+        room = _Turns(10)
         got: list[int] = []
 
         async def one(n: int) -> None:

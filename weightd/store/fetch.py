@@ -387,6 +387,51 @@ MIN_RANGE = 64 * 1024
 RAMP = 8
 
 
+class _Turns:
+    """A capacity shared by waiters granted in the order of their keys (then of their
+    arrival): one waits while the lowest waiting key does not fit, and an amount larger
+    than the capacity goes through alone. On the event loop of the reads (fsspec's):
+    the model's window of reads (:class:`_Schedule`, one turn per read) and each file's
+    bytes read and not yet written (``Fetcher._read_all``) are one each."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiting: list[tuple[tuple[int, ...], int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.capacity
+
+    async def take(self, n: int = 1, key: tuple[int, ...] = ()) -> None:
+        """Wait for ``n`` of the capacity, behind every lower waiting ``key``."""
+        if not self._waiting and self._fits(n):
+            self.used += n
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (key, next(self._seq), n, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.give(n)  # granted as it was cancelled: the next one's
+            raise
+
+    def give(self, n: int = 1) -> None:
+        """``n`` of the capacity back: the lowest waiters that fit go on."""
+        self.used -= n
+        while self._waiting:
+            _, _, m, turn = self._waiting[0]
+            if turn.done():
+                heapq.heappop(self._waiting)
+            elif self._fits(m):
+                heapq.heappop(self._waiting)
+                self.used += m
+                turn.set_result(None)
+            else:
+                break
+
+
 class _Schedule:
     """The ranged reads of one model fetch: the ranges each file is read in, and one
     window of reads in flight for the whole model (the plan's ``concurrency`` times
@@ -417,9 +462,7 @@ class _Schedule:
             self._place[_flight_key(f)] = (i, o)
             o += f.size
         self.total = o
-        self._free = self.window
-        self._waiting: list[tuple[tuple[int, int], int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
+        self._turns = _Turns(self.window)
 
     def place(self, f: RemoteFile) -> tuple[int, int]:
         """``f``'s place in the model's order and the model's byte where it starts."""
@@ -448,27 +491,12 @@ class _Schedule:
     async def acquire(self, key: tuple[int, int]) -> None:
         """Wait for a read's turn: ``key`` is (file's place, offset); the lowest
         waiting key goes first."""
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (key, next(self._seq), turn))
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.release()  # granted as it was cancelled: the next one's
-            raise
+        await self._turns.take(1, key)
 
     def release(self) -> None:
         """A range was written (or its read failed): the next read in the model's
         order starts."""
-        while self._waiting:
-            _, _, turn = heapq.heappop(self._waiting)
-            if not turn.done():
-                turn.set_result(None)
-                return
-        self._free += 1
+        self._turns.give(1)
 
 
 def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | None:
@@ -484,48 +512,6 @@ def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | Non
     if written < 8 + n:
         return None
     return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
-
-
-class _Unwritten:
-    """The bytes of one file read and not yet written, bounded (``cap``): a read waits
-    for room before it takes its turn in the model's window, in the file's order, so a
-    file whose writer falls behind (a slow disk, an origin digest to compute) stops
-    taking turns and the other files' reads go on. A range larger than ``cap`` is let
-    through alone. On the event loop of the reads, as :class:`_Schedule`."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.used = 0
-        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.cap
-
-    async def take(self, n: int) -> None:
-        if not self._waiting and self._fits(n):
-            self.used += n
-            return
-        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((n, room))
-        try:
-            await room
-        except asyncio.CancelledError:
-            if room.done() and not room.cancelled():
-                self.give(n)
-            raise
-
-    def give(self, n: int) -> None:
-        self.used -= n
-        while self._waiting:
-            m, room = self._waiting[0]
-            if room.done():
-                self._waiting.popleft()
-            elif self._fits(m):
-                self._waiting.popleft()
-                self.used += m
-                room.set_result(None)
-            else:
-                break
 
 
 class Fetcher:
@@ -842,7 +828,7 @@ class Fetcher:
         temp, digest, hash_s = self._download(
             source, f, progress, events or FetchEvents(),
             buffers or _Buffers(source.plan.chunk_size), hold, via,
-            schedule or _Schedule([f], source.plan.concurrency))
+            schedule=schedule or _Schedule([f], source.plan.concurrency))
         stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s,
                   mirror=via is not None)
         if f.relpath.endswith(".safetensors"):
@@ -857,8 +843,8 @@ class Fetcher:
     def _download(self, source: Source, f: RemoteFile, progress: _LockedCallback,
                   events: FetchEvents, buffers: _Buffers,
                   hold: Callable[[str], None] | None = None,
-                  via: Via | None = None,
-                  schedule: _Schedule | None = None) -> tuple[TempBlob, str, float]:
+                  via: Via | None = None, *,
+                  schedule: _Schedule) -> tuple[TempBlob, str, float]:
         """Download, hash and validate ``f`` into a temp file; return it uncommitted (the
         caller commits or discards it), with the digest and the seconds spent hashing."""
         hasher = xxhash.xxh3_128()
@@ -902,7 +888,7 @@ class Fetcher:
 
                 try:
                     try:
-                        order, start = schedule.place(f) if schedule is not None else (0, 0)
+                        order, start = schedule.place(f)
                         fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader,
                                          reader.rf, sink, buffers, schedule, order, start)
                     except WeightdError:
@@ -953,7 +939,7 @@ class Fetcher:
         overlap the reads of the ranges after it. A range holds its turn in the model's
         window from the start of its read until it is written, and each file's bytes
         read and not yet written are bounded by ``concurrency + 2`` chunks
-        (:class:`_Unwritten`, taken before the turn): a file whose writer falls behind
+        (:class:`_Turns`, taken before the turn): a file whose writer falls behind
         leaves the window to the other files. A reader that fills buffers gets one per
         range when its read starts, taken back once the range is written.
         """
@@ -964,7 +950,8 @@ class Fetcher:
         chunks = deque(window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
-        unwritten = _Unwritten((plan.concurrency + 2) * plan.chunk_size)
+        # the file's bytes read and not yet written, taken in the file's order
+        unwritten = _Turns((plan.concurrency + 2) * plan.chunk_size)
 
         async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer]]:
             # room in the file's unwritten bytes first, in the file's order; then a turn
@@ -972,7 +959,7 @@ class Fetcher:
             # write()): a new read starts as the model's written front moves, which
             # keeps the reads in the model's order; the buffer is taken when the read
             # starts, not while it waits
-            await unwritten.take(end - start)
+            await unwritten.take(end - start, (start,))
             try:
                 await window.acquire((order, start))
             except BaseException:
