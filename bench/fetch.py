@@ -30,7 +30,9 @@ What it does, in one process:
      not yet fsynced; the fetch's ``FetchEvents.written``), **until ready** (every file
      written and verified: from here a node serves the model, ``FetchEvents.ready``), and
      the **whole fetch** (validate, fsync, rename);
-   - the share of weightd's wall time spent hashing, and raw xxh3-128 speed in memory.
+   - the share of weightd's wall time spent hashing, and raw xxh3-128 speed in memory;
+   - the whole machine's CPU seconds per GB fetched (every process and kernel thread,
+     the origin on the same cores included: on loopback the fetch is bound by CPU).
 
    weightd fsyncs every blob before it becomes visible; curl, fsspec and s3fs do not.
    The ``+fsync`` rows add the time to fsync what a baseline wrote, for a like-for-like
@@ -189,7 +191,8 @@ def weightd_wire(url: str, dest: Path, *, run: int, s3_endpoint: str | None = No
         with open_source(url, config) as source:
             files = source.list_files()
             buffers = _Buffers(source.plan.chunk_size)
-            schedule = _Schedule(files, source.plan.concurrency * config.max_parallel_files)
+            schedule = _Schedule(files, source.plan.concurrency * config.max_parallel_files,
+                                 source.plan.chunk_size, start=source.plan.concurrency)
             hashed = [0.0]
 
             def one(f: Any) -> int:
@@ -568,6 +571,9 @@ def summarize(section: str, samples: list[Sample],
         st = _stats([s.gbps for s in ss])
         row: dict[str, Any] = {"section": section, "method": method, **st, "runs": len(ss),
                                "values": [s.gbps for s in ss]}
+        cpu = [s.extra["machine_cpu_seconds"] for s in ss if "machine_cpu_seconds" in s.extra]
+        if cpu:
+            row["cpu_per_gb"] = statistics.median(cpu) / (ss[0].bytes / GB)
         rows.append(row)
         if method == "weightd":
             row["hash_share"] = statistics.median(s.hash_seconds / s.seconds for s in ss)
@@ -591,9 +597,10 @@ def summarize(section: str, samples: list[Sample],
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| source | method | median GB/s | min | max | weightd fetch / this | "
-          "weightd until written / this | weightd wire only / this | goal (wire) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| source | method | median GB/s | min | max | machine CPU s per GB | "
+          "weightd fetch / this | weightd until written / this | weightd wire only / this | "
+          "goal (wire) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         ratio = f"{r['weightd_ratio']:.2f}" if "weightd_ratio" in r else ""
         written = f"{r['written_ratio']:.2f}" if "written_ratio" in r else ""
@@ -605,8 +612,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         method = r["method"]
         if "hash_share" in r:
             method += f" (hashing {100 * r['hash_share']:.1f}% of wall)"
+        cpu = f"{r['cpu_per_gb']:.2f}" if "cpu_per_gb" in r else ""
         print(f"| {r['section']} | {method} | {r['median']:.3f} | {r['min']:.3f} | "
-              f"{r['max']:.3f} | {ratio} | {written} | {wire} | {goal} |")
+              f"{r['max']:.3f} | {cpu} | {ratio} | {written} | {wire} | {goal} |")
 
 
 def print_sweep(title: str, samples: list[Sample], chunks: list[int],
@@ -639,6 +647,17 @@ def print_sweep(title: str, samples: list[Sample], chunks: list[int],
 # --- main ----------------------------------------------------------------------------------
 
 
+def _machine_cpu() -> float:
+    """Seconds of CPU the whole machine has spent busy (every process and the kernel's
+    threads: the origin, the writeback): /proc/stat, 0 where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
 def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]]],
                scratch: Path, label: str) -> list[Sample]:
     """Run every method once per round, rotating their order; each into a fresh dir."""
@@ -648,7 +667,9 @@ def _alternate(runs: int, methods: list[tuple[str, Callable[[Path, int], Sample]
         for name, fn in methods[k:] + methods[:k]:
             dest = scratch / f"{label}-{name.replace(' ', '_')}-{r}"
             _clean(dest)
+            cpu0 = _machine_cpu()
             s = fn(dest, r)
+            s.extra["machine_cpu_seconds"] = _machine_cpu() - cpu0
             _clean(dest)
             samples.append(s)
             print(f"  {label:5} run {r}: {s.method:16} {s.gbps:6.3f} GB/s "

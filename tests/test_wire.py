@@ -20,7 +20,14 @@ from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
 from weightd.sources import ChunkPlan, RemoteFile
 from weightd.store import Fetcher, Store, hash_file
-from weightd.store.fetch import FetchEvents, Ready, _Schedule, _Turns
+from weightd.store.fetch import (
+    EPOCH_SECONDS,
+    FetchEvents,
+    Ready,
+    _Growth,
+    _Schedule,
+    _Turns,
+)
 from weightd.testing import Fault, Lie, RangeHTTPServer, write_synthetic_model
 
 MiB = 1024 * 1024
@@ -163,7 +170,7 @@ def _rf(name: str, size: int) -> RemoteFile:
 
 def test_ramped_ranges_cover_each_file_and_start_and_end_small():
     files = [_rf(f"s{i}.safetensors", 64 * MiB + 12345) for i in range(4)]
-    sched = _Schedule(files, 32)
+    sched = _Schedule(files, 32, 8 * MiB, start=8)
     plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
     every: list[int] = []
     for f in files:
@@ -187,27 +194,119 @@ def test_ramped_ranges_cover_each_file_and_start_and_end_small():
 
 def test_the_window_grants_reads_in_the_models_order():
     async def run() -> list[tuple[int, int]]:
-        sched = _Schedule([_rf("a", 1), _rf("b", 1)], 2)
+        sched = _Schedule([_rf("a", 1), _rf("b", 1)], 2, 1)
         got: list[tuple[int, int]] = []
 
         async def one(key: tuple[int, int]) -> None:
-            await sched.acquire(key)
+            await sched.acquire(key, 1)
             got.append(key)
 
-        await sched.acquire((0, 0))
-        await sched.acquire((0, 1))  # the window is full
+        await sched.acquire((0, 0), 1)
+        await sched.acquire((0, 1), 1)  # the window is full
         late = [asyncio.ensure_future(one(k)) for k in [(1, 0), (0, 5), (1, 3), (0, 2)]]
         gone = asyncio.ensure_future(one((0, 3)))
         await asyncio.sleep(0)
         gone.cancel()  # a read that stops waiting gives its turn to the next
         await asyncio.sleep(0)
         for _ in range(4):
-            sched.release()
+            sched.release(1)
             await asyncio.sleep(0)
         await asyncio.gather(*late)
         return got
 
     assert asyncio.run(run()) == [(0, 2), (0, 5), (1, 0), (1, 3)]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _land(g: _Growth, clock: _Clock, reads: int, nbytes: int, rate: float) -> int:
+    """``reads`` reads of ``nbytes`` landing at ``rate`` bytes/s: the window's size after."""
+    size = g.size
+    for _ in range(reads):
+        clock.now += nbytes / rate
+        size = g.landed(nbytes)
+    return size
+
+
+def test_the_window_doubles_while_more_reads_land_more_bytes():
+    # an origin that gives each connection 10 MB/s: twice the reads, twice the rate
+    clock = _Clock()
+    g = _Growth(8, 32, 10**10, clock)
+    g.landed(MiB)  # the first landing starts the first epoch
+    sizes = [g.size]
+    for _ in range(3):
+        # a whole epoch at this size, at 10 MB/s per read in flight
+        reads = max(g.size, int(EPOCH_SECONDS * g.size * 10e6 / MiB) + 1)
+        sizes.append(_land(g, clock, reads, MiB, g.size * 10e6))
+    assert sizes == [8, 16, 32, 32] and g.settled
+
+
+def test_a_doubling_that_does_not_pay_goes_back_and_stays():
+    # a link that 8 reads fill already (loopback, or one rate for all connections)
+    clock = _Clock()
+    g = _Growth(8, 32, 10**10, clock)
+    g.landed(MiB)
+    assert _land(g, clock, 25, MiB, 200e6) == 16  # one epoch measured at 8: try 16
+    assert _land(g, clock, 25, MiB, 210e6) == 8   # 5% more is not worth 8 more reads
+    assert g.settled
+    assert _land(g, clock, 500, MiB, 800e6) == 8   # settled for the rest of the download
+
+
+def test_the_window_does_not_grow_when_little_is_left():
+    clock = _Clock()
+    # 256 MiB at 1 GB/s: after one epoch at 8 (0.1 s) what is left lands in less than
+    # two epochs: a try at 16 would not pay for itself
+    g = _Growth(8, 32, 256 * MiB, clock)
+    g.landed(MiB)
+    assert _land(g, clock, 120, MiB, 1e9) == 8 and g.settled
+
+
+def test_the_window_counts_bytes_short_reads_are_many_whole_chunks_few():
+    async def run() -> tuple[int, int]:
+        sched = _Schedule([_rf("a", 64 * MiB)], 32, 8 * MiB, start=8)  # 64 MiB in flight
+        short = [asyncio.ensure_future(sched.acquire((0, i), 256 * 1024)) for i in range(40)]
+        await asyncio.sleep(0)
+        n_short = sum(t.done() for t in short)  # a ramp's first reads: the limit, 32
+        for t in short:
+            t.cancel()
+        await asyncio.gather(*short, return_exceptions=True)
+        for t in short:
+            if not t.cancelled():
+                sched.release(t.result())
+        whole = [asyncio.ensure_future(sched.acquire((0, i), 8 * MiB)) for i in range(40)]
+        await asyncio.sleep(0)
+        n_whole = sum(t.done() for t in whole)
+        for t in whole:
+            t.cancel()
+        await asyncio.gather(*whole, return_exceptions=True)
+        return n_short, n_whole
+
+    assert asyncio.run(run()) == (32, 8)
+
+
+def test_a_shared_rate_is_read_through_few_connections_and_a_per_connection_one_through_more(
+        config, http_root):
+    # a window of 8 fills a link whose rate all connections share, so the fetch stays
+    # near 8 connections (it read a 4-file model through 32 before, 4 x 8); an origin
+    # that rates each connection gets the window doubled until it is 32
+    d = http_root / "big"
+    write_synthetic_model(d, total_bytes=96 * MiB, tensors=16, shards=4, seed=9)
+    cfg = config.replace(chunk_size=MiB)  # HTTP's default plan: 8 reads per file, 4 files
+    with RangeHTTPServer(http_root, rate=160e6) as srv:
+        fetch(cfg, f"{srv.url}/big")
+        shared = srv.log.connections
+    with RangeHTTPServer(http_root, conn_rate=5e6) as srv:
+        fetch(cfg.replace(cache_dir=cfg.cache_dir.parent / "other"), f"{srv.url}/big")
+        each = srv.log.connections
+    # the listing's and the stats' connections, plus one epoch at 16 tried and left
+    assert shared <= 16 + 4, shared
+    assert each >= 28, each
 
 
 def test_a_files_unwritten_bytes_are_bounded_in_its_order():

@@ -322,8 +322,9 @@ class Config:
         None, _opt_size, "bytes per ranged read (default: chosen per protocol)"
     )
     concurrency: int | None = _setting(
-        None, _opt_int, "ranged reads in flight per file to fetch at once; a model's "
-        "reads share concurrency x max_parallel_files (default: chosen per protocol)"
+        None, _opt_int, "whole chunks a model fetch reads at once to start with; it "
+        "doubles them while that lands bytes faster, up to concurrency x "
+        "max_parallel_files (default: chosen per protocol)"
     )
     max_parallel_files: int = _setting(4, _int, "files of one model fetched at once")
     retry_attempts: int = _setting(6, _int, "attempts per chunk before a fetch fails")

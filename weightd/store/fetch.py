@@ -432,37 +432,119 @@ class _Turns:
                 break
 
 
+#: How much sooner a model's reads must land, after its window doubled, for the window
+#: to keep its new size and try the next (see :class:`_Growth`).
+GROWTH_GAIN = 1.25
+#: The shortest stretch of a download over which one window size's rate is measured.
+EPOCH_SECONDS = 0.1
+
+
+class _Growth:
+    """The size of a model's window of reads, found by measurement while it downloads.
+
+    It starts at ``start`` (the plan's ``concurrency``) and doubles, up to ``limit``
+    (``concurrency × max_parallel_files``), for as long as each doubling lands bytes at
+    least :data:`GROWTH_GAIN` times as fast as the size before it, measured over at least
+    :data:`EPOCH_SECONDS` and one window of reads; the first doubling that does not pay
+    goes back to the size before it, for the rest of the download. So an origin that
+    gives each connection a share (a CDN, S3: ~90 MB/s each) gets the connections it
+    needs, and a link that one window already fills (loopback, a shared rate) is not
+    read by more connections for nothing: on this 2-core machine a model read through
+    32 connections instead of 8 cost twice the CPU and came 1.3-1.5x later
+    (docs/fetch-tuning.md, "The window"). No doubling is tried when what is left would
+    land in less than two epochs at the rate measured.
+    """
+
+    def __init__(self, start: int, limit: int, total: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = max(1, limit)
+        self.size = max(1, min(start, self.limit))
+        self.settled = self.size >= self.limit
+        self.left = total
+        self.clock = clock
+        self._before = 0.0  # bytes/s at the size before this one
+        self._t0: float | None = None
+        self._bytes = 0
+        self._reads = 0
+
+    def landed(self, nbytes: int, measure: bool = True) -> int:
+        """A read of ``nbytes`` was written (``measure``: it counts in the window's
+        rate): the window's size from now on."""
+        self.left -= nbytes
+        if self.settled or not measure:
+            return self.size
+        now = self.clock()
+        if self._t0 is None:  # an epoch starts at a landing: not at a connection's start
+            self._t0 = now
+            return self.size
+        self._bytes += nbytes
+        self._reads += 1
+        elapsed = now - self._t0
+        if self._reads < self.size or elapsed < EPOCH_SECONDS:
+            return self.size
+        rate = self._bytes / elapsed
+        # what the next size's epoch would read, twice: the least left worth a try
+        worth = 2 * max(EPOCH_SECONDS * rate, 2 * self.size * self._bytes / self._reads)
+        if self._before and rate < GROWTH_GAIN * self._before:
+            self.size //= 2  # as fast with half the reads: back to it
+            self.settled = True
+        elif self.size >= self.limit or self.left < worth:
+            self.settled = True
+        else:
+            self._before = rate
+            self.size = min(self.limit, self.size * 2)
+        self._t0, self._bytes, self._reads = now, 0, 0
+        return self.size
+
+
 class _Schedule:
     """The ranged reads of one model fetch: the ranges each file is read in, and one
-    window of reads in flight for the whole model (the plan's ``concurrency`` times
-    ``max_parallel_files``, as many as the source keeps connections and threads for),
-    granted in the model's order: its files in the order they are fetched, each from
-    its start. The bytes a streaming replica wants first are read first, with the whole
-    window, instead of a file's first chunk sharing the link with every other file's.
+    window of reads in flight for the whole model, granted in the model's order: its
+    files in the order they are fetched, each from its start. The bytes a streaming
+    replica wants first are read first, with the whole window, instead of a file's first
+    chunk sharing the link with every other file's.
 
-    With the plan's ``ramp``, the model's first chunk is read as a window of ranges of
-    ``chunk_size / window``, which land together in one chunk's time at the link's rate
-    (where a whole chunk per read, each read with a ``1 / window`` share of the link,
-    took ``window`` chunks' time: the first tensor 0.96 s instead of 42 ms at 200
-    MB/s); from there a range at the model's byte ``o`` of ``total`` is
-    ``min(o, total - o) / RAMP`` long, within ``[chunk_size / window, chunk_size]``: it
-    grows to whole chunks and shrinks again toward the end, so that the last reads end
-    together with little left to write and hash after the source's last byte (whole
-    chunks ended together, a window of them, 256 MiB, to write at the end).
+    The window is counted in bytes: ``size`` chunks' worth (:class:`_Growth` finds the
+    size while the model downloads, from ``start`` up to ``limit``), each read costing
+    its own bytes but at least ``1 / limit`` of the window, so that at most ``limit``
+    reads are in flight, and they are that many only while they are short (a ramp's
+    first reads); whole chunks are ``size`` at once. What is in flight is what a read's
+    buffers hold: a window of ``limit`` whole chunks, the whole of a 256 MiB model over
+    32 connections, was written to fresh pages of memory and cost this 2-core machine
+    twice the CPU of 8 (docs/fetch-tuning.md, "The window").
+
+    With the plan's ``ramp``, the model's first chunk is read as ``limit`` ranges of
+    ``chunk_size / limit``, which land together in one chunk's time at the link's rate
+    (where a whole chunk per read, each read with a share of the link, took the window's
+    chunks' time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); from there a
+    range at the model's byte ``o`` of ``total`` is ``min(o, total - o) / RAMP`` long,
+    within ``[chunk_size / limit, chunk_size]``: it grows to whole chunks and shrinks
+    again toward the end, so that the last reads end together with little left to write
+    and hash after the source's last byte (whole chunks ended together, a window of
+    them, 256 MiB, to write at the end).
 
     :meth:`acquire` and :meth:`release` run on the event loop of the reads (fsspec's);
     a turn lasts until its range is written (see ``Fetcher._read_all``).
     """
 
-    def __init__(self, files: Sequence[RemoteFile], window: int) -> None:
-        self.window = max(1, window)
+    def __init__(self, files: Sequence[RemoteFile], limit: int, chunk: int, *,
+                 start: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = max(1, limit)
+        self.chunk = max(1, chunk)
         self._place: dict[str, tuple[int, int]] = {}
         o = 0
         for i, f in enumerate(files):
             self._place[_flight_key(f)] = (i, o)
             o += f.size
         self.total = o
-        self._turns = _Turns(self.window)
+        self.growth = _Growth(self.limit if start is None else start, self.limit, o, clock)
+        self._turns = _Turns(self.growth.size * self.chunk)
+
+    @property
+    def window(self) -> int:
+        """The bytes in flight the model's window allows now."""
+        return self._turns.capacity
 
     def place(self, f: RemoteFile) -> tuple[int, int]:
         """``f``'s place in the model's order and the model's byte where it starts."""
@@ -472,7 +554,7 @@ class _Schedule:
         """The ranges of a file of ``size`` bytes that starts at the model's byte
         ``start``, read as ``plan`` says."""
         chunk = plan.chunk_size
-        floor = max(MIN_RANGE, chunk // self.window // MIN_RANGE * MIN_RANGE)
+        floor = max(MIN_RANGE, chunk // self.limit // MIN_RANGE * MIN_RANGE)
         out: list[tuple[int, int]] = []
         o = 0
         while o < size:
@@ -488,15 +570,21 @@ class _Schedule:
             o += n
         return out
 
-    async def acquire(self, key: tuple[int, int]) -> None:
-        """Wait for a read's turn: ``key`` is (file's place, offset); the lowest
-        waiting key goes first."""
-        await self._turns.take(1, key)
+    async def acquire(self, key: tuple[int, int], nbytes: int) -> int:
+        """Wait for the turn of a read of ``nbytes``: ``key`` is (file's place, offset);
+        the lowest waiting key goes first. Return its cost, for :meth:`release`."""
+        cost = max(nbytes, self._turns.capacity // self.limit, 1)
+        await self._turns.take(cost, key)
+        return cost
 
-    def release(self) -> None:
-        """A range was written (or its read failed): the next read in the model's
-        order starts."""
-        self._turns.give(1)
+    def release(self, cost: int, landed: int = 0, *, measure: bool = True) -> None:
+        """A read that cost ``cost`` ended, ``landed`` bytes written (0: its read
+        failed, or it was cancelled): the next reads in the model's order start, and the
+        window takes its new size. ``measure``: the range counts in the window's rate (a
+        ramp's short range would say more of its request's cost than of the window)."""
+        if landed:
+            self._turns.capacity = self.growth.landed(landed, measure) * self.chunk
+        self._turns.give(cost)
 
 
 def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | None:
@@ -650,7 +738,8 @@ class Fetcher:
         verified shards are returned uncommitted. A failure stops the other files at once
         and commits nothing more (what was verified goes with them)."""
         buffers = _Buffers(source.plan.chunk_size)
-        schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files)
+        schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
+                             source.plan.chunk_size, start=source.plan.concurrency)
         landed: list[_Landed] = []
         futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
         try:
@@ -828,7 +917,8 @@ class Fetcher:
         temp, digest, hash_s = self._download(
             source, f, progress, events or FetchEvents(),
             buffers or _Buffers(source.plan.chunk_size), hold, via,
-            schedule=schedule or _Schedule([f], source.plan.concurrency))
+            schedule=schedule or _Schedule([f], source.plan.concurrency,
+                                           source.plan.chunk_size))
         stats.add(hit=False, size=f.size, fetched=f.size, hash_seconds=hash_s,
                   mirror=via is not None)
         if f.relpath.endswith(".safetensors"):
@@ -946,14 +1036,14 @@ class Fetcher:
         plan = reader.source.plan
         policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
-        window = schedule or _Schedule([f], plan.concurrency)
+        window = schedule or _Schedule([f], plan.concurrency, plan.chunk_size)
         chunks = deque(window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
         # the file's bytes read and not yet written, taken in the file's order
         unwritten = _Turns((plan.concurrency + 2) * plan.chunk_size)
 
-        async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer]]:
+        async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer], int]:
             # room in the file's unwritten bytes first, in the file's order; then a turn
             # in the model's window, kept until the range is written (released by
             # write()): a new read starts as the model's written front moves, which
@@ -961,7 +1051,7 @@ class Fetcher:
             # starts, not while it waits
             await unwritten.take(end - start, (start,))
             try:
-                await window.acquire((order, start))
+                cost = await window.acquire((order, start), end - start)
             except BaseException:
                 unwritten.give(end - start)
                 raise
@@ -972,12 +1062,12 @@ class Fetcher:
                     lambda: reader.read(start, end, into), policy=policy,
                     is_transient=is_transient, what=f"{f.url} bytes {start}-{end}")
             except BaseException:
-                window.release()
+                window.release(cost)
                 unwritten.give(end - start)
                 raise
-            return buf, data  # (a failed or cancelled read's buffer is dropped)
+            return buf, data, cost  # (a failed or cancelled read's buffer is dropped)
 
-        Read = tuple[mmap.mmap | None, Sequence[Buffer]]
+        Read = tuple[mmap.mmap | None, Sequence[Buffer], int]
         pending: deque[tuple[int, int, asyncio.Task[Read]]] = deque()
 
         def schedule_reads() -> None:
@@ -990,28 +1080,30 @@ class Fetcher:
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
 
         async def write(start: int, end: int, data: Sequence[Buffer],
-                        buf: mmap.mmap | None) -> None:
+                        buf: mmap.mmap | None, cost: int) -> None:
+            written = 0
             try:
                 await loop.run_in_executor(writer, sink, start, data)
+                written = end - start
             finally:
-                window.release()
+                window.release(cost, written, measure=written >= plan.chunk_size // 2)
                 unwritten.give(end - start)
             if buf is not None and buffers is not None:
                 buffers.give(buf)  # for the next range (of this file, or the fetch's next)
 
         last_write: asyncio.Future[None] | None = None
-        held = False  # a range read whose turn no write() has taken yet
+        held = 0  # the cost of a range read whose turn no write() has taken yet
         try:
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
-                buf, data = await task
+                buf, data, cost = await task
                 pending.popleft()
-                held = True
+                held = cost
                 if last_write is not None:
                     await last_write  # in order: one write at a time
-                last_write = asyncio.ensure_future(write(start, end, data, buf))
-                held = False
+                last_write = asyncio.ensure_future(write(start, end, data, buf, cost))
+                held = 0
             if last_write is not None:
                 await last_write
         finally:
@@ -1021,9 +1113,9 @@ class Fetcher:
                 done = await asyncio.gather(*(t for _, _, t in pending), return_exceptions=True)
                 for x in done:
                     if not isinstance(x, BaseException):
-                        window.release()  # read, never written: the other files' go on
+                        window.release(x[2])  # read, never written: the other files' go on
             if held:
-                window.release()
+                window.release(held)
             if last_write is not None and not last_write.done():
                 await asyncio.gather(last_write, return_exceptions=True)
             writer.shutdown(wait=False)
