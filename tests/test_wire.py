@@ -10,6 +10,7 @@ import http.client
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,7 +22,6 @@ from weightd.retry import parse_retry_after
 from weightd.sources import ChunkPlan, RemoteFile
 from weightd.store import Fetcher, Store, hash_file
 from weightd.store.fetch import (
-    EPOCH_SECONDS,
     FetchEvents,
     Ready,
     _Growth,
@@ -234,28 +234,46 @@ def _land(g: _Growth, clock: _Clock, reads: int, nbytes: int, rate: float) -> in
     return size
 
 
+def _sizes(g: _Growth, clock: _Clock, rate_at: Callable[[int], float]) -> list[int]:
+    """Reads of 1 MiB landing at ``rate_at(window size)`` until the window settles: the
+    sizes it took, in order."""
+    sizes = [g.size]
+    for _ in range(100_000):
+        if g.settled:
+            break
+        clock.now += MiB / rate_at(g.size)
+        if g.landed(MiB) != sizes[-1]:
+            sizes.append(g.size)
+    assert g.settled
+    return sizes
+
+
 def test_the_window_doubles_while_more_reads_land_more_bytes():
     # an origin that gives each connection 10 MB/s: twice the reads, twice the rate
-    clock = _Clock()
-    g = _Growth(8, 32, 10**10, clock)
-    g.landed(MiB)  # the first landing starts the first epoch
-    sizes = [g.size]
-    for _ in range(3):
-        # a whole epoch at this size, at 10 MB/s per read in flight
-        reads = max(g.size, int(EPOCH_SECONDS * g.size * 10e6 / MiB) + 1)
-        sizes.append(_land(g, clock, reads, MiB, g.size * 10e6))
-    assert sizes == [8, 16, 32, 32] and g.settled
+    g = _Growth(8, 32, 10**10, _Clock())
+    assert _sizes(g, g.clock, lambda size: size * 10e6) == [8, 16, 32]
 
 
 def test_a_doubling_that_does_not_pay_goes_back_and_stays():
-    # a link that 8 reads fill already (loopback, or one rate for all connections)
+    # a link that 8 reads fill already (loopback, or one rate for all connections):
+    # 5% more is not worth 8 more reads
     clock = _Clock()
     g = _Growth(8, 32, 10**10, clock)
-    g.landed(MiB)
-    assert _land(g, clock, 25, MiB, 200e6) == 16  # one epoch measured at 8: try 16
-    assert _land(g, clock, 25, MiB, 210e6) == 8   # 5% more is not worth 8 more reads
-    assert g.settled
-    assert _land(g, clock, 500, MiB, 800e6) == 8   # settled for the rest of the download
+    assert _sizes(g, clock, lambda size: 200e6 if size == 8 else 210e6) == [8, 16, 8]
+    assert _land(g, clock, 500, MiB, 800e6) == 8  # settled for the rest of the download
+
+
+def test_the_reads_in_flight_at_a_doubling_are_not_counted_at_the_new_size():
+    # 8 reads of 8 MiB in flight when the window doubles land soon after at the new
+    # size; counted there, their bytes (read at the size before) made a link that 8
+    # fill look faster at 16. With them left out, the rate at 16 is the link's
+    clock = _Clock()
+    g = _Growth(8, 32, 10**10, clock)
+    assert _land(g, clock, 30, MiB, 200e6) == 16
+    for _ in range(8):  # the reads begun at 8 land together, just after the doubling
+        clock.now += 1e-4
+        g.landed(MiB)
+    assert _land(g, clock, 40, MiB, 200e6) == 8 and g.settled
 
 
 def test_the_window_does_not_grow_when_little_is_left():
@@ -290,23 +308,54 @@ def test_the_window_counts_bytes_short_reads_are_many_whole_chunks_few():
     assert asyncio.run(run()) == (32, 8)
 
 
-def test_a_shared_rate_is_read_through_few_connections_and_a_per_connection_one_through_more(
+def test_a_shared_rate_keeps_the_window_at_8_and_a_per_connection_one_grows_it_to_32(
         config, http_root):
-    # a window of 8 fills a link whose rate all connections share, so the fetch stays
-    # near 8 connections (it read a 4-file model through 32 before, 4 x 8); an origin
-    # that rates each connection gets the window doubled until it is 32
+    # a window of 8 fills a link whose rate all connections share, so the fetch keeps
+    # it (it read through 32 before, 4 files x 8, for nothing); an origin that rates each
+    # connection gets the window doubled until it is 32
     d = http_root / "big"
     write_synthetic_model(d, total_bytes=96 * MiB, tensors=16, shards=4, seed=9)
-    cfg = config.replace(chunk_size=MiB)  # HTTP's default plan: 8 reads per file, 4 files
-    with RangeHTTPServer(http_root, rate=160e6) as srv:
-        fetch(cfg, f"{srv.url}/big")
-        shared = srv.log.connections
+    cfg = config.replace(chunk_size=512 * 1024)  # HTTP's plan: 8 reads per file, 4 files
+    with RangeHTTPServer(http_root, rate=40e6) as srv:
+        shared = fetch(cfg, f"{srv.url}/big").stats
     with RangeHTTPServer(http_root, conn_rate=5e6) as srv:
-        fetch(cfg.replace(cache_dir=cfg.cache_dir.parent / "other"), f"{srv.url}/big")
-        each = srv.log.connections
-    # the listing's and the stats' connections, plus one epoch at 16 tried and left
-    assert shared <= 16 + 4, shared
-    assert each >= 28, each
+        each = fetch(cfg.replace(cache_dir=cfg.cache_dir.parent / "other"),
+                     f"{srv.url}/big").stats
+    assert shared.window == 8, shared
+    assert each.window == 32, each
+
+
+def test_a_listing_without_sizes_asks_for_them_side_by_side(config, http_root, http_server):
+    # an HTTP index page gives names, not sizes: one HEAD per file, 10 files here. In
+    # sequence they were ahead of the model's first byte, one round trip each
+    d = http_root / "many"
+    write_synthetic_model(d, total_bytes=MiB, tensors=16, shards=8, seed=3)
+    lock = threading.Lock()
+    now = [0]
+    most = [0]
+
+    def slow_head(method: str, path: str) -> None:
+        if method == "HEAD":
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            time.sleep(0.05)
+            with lock:
+                now[0] -= 1
+        return None
+
+    http_server.set_fault(slow_head)
+    snap = fetch(config, f"{http_server.url}/many")
+    assert len(snap.files) == 10
+    assert most[0] >= 5, most[0]  # (1 in sequence)
+
+
+def test_a_listing_whose_file_fails_its_head_names_that_file(config, http_root, http_server):
+    d = http_root / "gone"
+    write_synthetic_model(d, total_bytes=MiB, tensors=16, shards=8, seed=3)
+    http_server.set_fault(lambda m, p: 404 if "00005" in p else None)
+    with pytest.raises(SourceNotFound, match="00005"):
+        fetch(config, f"{http_server.url}/gone")
 
 
 def test_a_files_unwritten_bytes_are_bounded_in_its_order():

@@ -164,6 +164,8 @@ class FetchStats:
     hash_seconds: float = 0.0
     bytes_origin: int = 0
     bytes_mirror: int = 0
+    #: whole chunks in flight the model's window of reads ended at (see :class:`_Growth`)
+    window: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, *, hit: bool, size: int, fetched: int, hash_seconds: float,
@@ -466,12 +468,16 @@ class _Growth:
         self._t0: float | None = None
         self._bytes = 0
         self._reads = 0
+        self._skip = 0
 
     def landed(self, nbytes: int, measure: bool = True) -> int:
         """A read of ``nbytes`` was written (``measure``: it counts in the window's
         rate): the window's size from now on."""
         self.left -= nbytes
         if self.settled or not measure:
+            return self.size
+        if self._skip:  # read (in part) at the size before: not this size's rate
+            self._skip -= 1
             return self.size
         now = self.clock()
         if self._t0 is None:  # an epoch starts at a landing: not at a connection's start
@@ -493,7 +499,11 @@ class _Growth:
         else:
             self._before = rate
             self.size = min(self.limit, self.size * 2)
-        self._t0, self._bytes, self._reads = now, 0, 0
+            # the next epoch starts once every read in flight now has landed: they began
+            # at the size before, and their bytes, counted at the new one, made it look
+            # faster than it is (a shared link read at 8 seemed to gain from 16)
+            self._skip = self.size
+        self._t0, self._bytes, self._reads = None, 0, 0
         return self.size
 
 
@@ -712,10 +722,10 @@ class Fetcher:
         if pull is not None:
             pull.commit(results)  # the rest of the write-back, in the background
         stats.seconds = time.monotonic() - start
-        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source%s in %.2fs",
+        log.info("fetched %s: %d files, %d hits, %d of %d bytes from the source%s in %.2fs%s",
                  source.url, stats.files, stats.hits, stats.bytes_origin, stats.bytes_total,
                  f" and {stats.bytes_mirror} from the mirror" if stats.bytes_mirror else "",
-                 stats.seconds)
+                 stats.seconds, f" (window {stats.window} chunks)" if stats.window else "")
         return Snapshot(name, source.url, str(path), tuple(results[k] for k in sorted(results)),
                         stats)
 
@@ -758,6 +768,7 @@ class Fetcher:
                             got = got.digest
                         results[f.relpath] = ModelFile(f.relpath, f.url, got, f.size,
                                                        f.identity)
+                    stats.window = schedule.growth.size
                 except BaseException:
                     for other in futures:
                         other.cancel()
