@@ -347,7 +347,9 @@ def test_a_listing_without_sizes_asks_for_them_side_by_side(config, http_root, h
     http_server.set_fault(slow_head)
     snap = fetch(config, f"{http_server.url}/many")
     assert len(snap.files) == 10
-    assert most[0] >= 5, most[0]  # (1 in sequence)
+    # (in sequence: 1 during the listing, and 4 at most after it: the files fetched at
+    # once stat themselves again when their bytes are in)
+    assert most[0] >= 8, most[0]
 
 
 def test_a_listing_whose_file_fails_its_head_names_that_file(config, http_root, http_server):
