@@ -552,9 +552,14 @@ class Source:
             _safe_relpath(rel, self.url)
         if sum(info.get("size") is None for _, _, info in files) < 2:
             return [self._remote(*f) for f in files]
-        with concurrent.futures.ThreadPoolExecutor(
-                min(MAX_STAT_THREADS, len(files)), thread_name_prefix="weightd-stat") as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(min(MAX_STAT_THREADS, len(files)),
+                                                     thread_name_prefix="weightd-stat")
+        try:
             return list(pool.map(lambda f: self._remote(*f), files))
+        finally:
+            # after a failure, the HEADs not started yet are not made (in sequence the
+            # first failure ended the listing)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def stat(self, rf: RemoteFile) -> RemoteFile:
         """Stat one file again (to see whether it changed during a download): one

@@ -469,6 +469,7 @@ class _Growth:
         self._bytes = 0
         self._reads = 0
         self._skip = 0
+        self._smaller = self.size  # the size before the last doubling
 
     def landed(self, nbytes: int, measure: bool = True) -> int:
         """A read of ``nbytes`` was written (``measure``: it counts in the window's
@@ -492,12 +493,12 @@ class _Growth:
         # what the next size's epoch would read, twice: the least left worth a try
         worth = 2 * max(EPOCH_SECONDS * rate, 2 * self.size * self._bytes / self._reads)
         if self._before and rate < GROWTH_GAIN * self._before:
-            self.size //= 2  # as fast with half the reads: back to it
+            self.size = self._smaller  # as fast with fewer reads: back to them
             self.settled = True
         elif self.size >= self.limit or self.left < worth:
             self.settled = True
         else:
-            self._before = rate
+            self._before, self._smaller = rate, self.size
             self.size = min(self.limit, self.size * 2)
             # the next epoch starts once every read in flight now has landed: they began
             # at the size before, and their bytes, counted at the new one, made it look
@@ -580,10 +581,15 @@ class _Schedule:
             o += n
         return out
 
-    async def acquire(self, key: tuple[int, int], nbytes: int) -> int:
+    async def acquire(self, key: tuple[int, int], nbytes: int, chunk: int | None = None,
+                      ) -> int:
         """Wait for the turn of a read of ``nbytes``: ``key`` is (file's place, offset);
-        the lowest waiting key goes first. Return its cost, for :meth:`release`."""
-        cost = max(nbytes, self._turns.capacity // self.limit, 1)
+        the lowest waiting key goes first. ``chunk``: the chunk size of the plan the read
+        is cut from, when it is not the model's (a mirror's reads, 16 MiB for an origin's
+        8): its bytes are counted in the model's chunks, so that the window holds as many
+        of its whole chunks. Return the read's cost, for :meth:`release`."""
+        scaled = nbytes if not chunk else nbytes * self.chunk // chunk
+        cost = max(scaled, self._turns.capacity // self.limit, 1)
         await self._turns.take(cost, key)
         return cost
 
@@ -990,8 +996,10 @@ class Fetcher:
                 try:
                     try:
                         order, start = schedule.place(f)
+                        # (a mirror's reads are not the origin's link: not measured)
                         fsspec.asyn.sync(fsspec.asyn.get_loop(), self._read_all, reader,
-                                         reader.rf, sink, buffers, schedule, order, start)
+                                         reader.rf, sink, buffers, schedule, order, start,
+                                         measure=via is None)
                     except WeightdError:
                         raise
                     except Exception as e:
@@ -1031,7 +1039,7 @@ class Fetcher:
     async def _read_all(self, reader: FileReader, f: RemoteFile,
                         sink: Callable[[int, Sequence[Buffer]], None], pool: _Buffers,
                         schedule: _Schedule | None = None, order: int = 0,
-                        model_offset: int = 0) -> None:
+                        model_offset: int = 0, *, measure: bool = True) -> None:
         """Read every range of ``f`` in the model's window (``schedule``: its own by
         default; ``order`` and ``model_offset``: the file's place in the model); hand
         them to ``sink`` in order.
@@ -1062,7 +1070,7 @@ class Fetcher:
             # starts, not while it waits
             await unwritten.take(end - start, (start,))
             try:
-                cost = await window.acquire((order, start), end - start)
+                cost = await window.acquire((order, start), end - start, plan.chunk_size)
             except BaseException:
                 unwritten.give(end - start)
                 raise
@@ -1097,7 +1105,8 @@ class Fetcher:
                 await loop.run_in_executor(writer, sink, start, data)
                 written = end - start
             finally:
-                window.release(cost, written, measure=written >= plan.chunk_size // 2)
+                window.release(cost, written,
+                               measure=measure and written >= plan.chunk_size // 2)
                 unwritten.give(end - start)
             if buf is not None and buffers is not None:
                 buffers.give(buf)  # for the next range (of this file, or the fetch's next)
