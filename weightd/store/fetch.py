@@ -552,11 +552,6 @@ class _Schedule:
         self.growth = _Growth(self.limit if start is None else start, self.limit, o, clock)
         self._turns = _Turns(self.growth.size * self.chunk)
 
-    @property
-    def window(self) -> int:
-        """The bytes in flight the model's window allows now."""
-        return self._turns.capacity
-
     def place(self, f: RemoteFile) -> tuple[int, int]:
         """``f``'s place in the model's order and the model's byte where it starts."""
         return self._place.get(_flight_key(f), (len(self._place), self.total))
