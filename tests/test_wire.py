@@ -525,6 +525,30 @@ def test_the_fetch_reports_each_file_in_order_its_header_and_when_it_is_ready(
     assert len(ready) == 2 and not ready[1].pending
 
 
+def test_ranges_that_landed_while_a_write_ran_are_written_with_the_next_one(
+        config, http_server, http_root):
+    # the model's first chunk is read as 32 short ranges; while its first write is held
+    # up, the others land, and the next write takes them all: each range in a hop of its
+    # own through the event loop and the writer thread reported a first chunk 15-40 ms
+    # after its bytes were in, on a busy machine
+    d = http_root / "one"
+    write_synthetic_model(d, total_bytes=16 * MiB, tensors=8, seed=4)
+    ends: list[int] = []
+
+    class Events(FetchEvents):
+        def header(self, rf, layout) -> None:  # type: ignore[no-untyped-def]
+            time.sleep(0.5)  # in the first write: the first chunk's other reads land
+
+        def written(self, rf, offset: int, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+            if rf.relpath.endswith(".safetensors"):
+                ends.append(offset + nbytes)
+
+    fetch(config, f"{http_server.url}/one", events=Events())
+    chunk = 8 * MiB  # HTTP's plan: its first chunk in 32 ranges of 256 KiB
+    assert ends[0] < chunk
+    assert ends[1] >= chunk, ends[:4]  # one range at a time: 512 KiB
+
+
 # --- the test origin itself ---------------------------------------------------------------
 
 

@@ -598,6 +598,11 @@ class _Schedule:
         self._turns.give(cost)
 
 
+#: The most ranges of a file handed to its writer at once (those that landed while the
+#: write before them ran): a bound of one ``sink`` call's blocks.
+MAX_BATCH = 64
+
+
 def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | None:
     """The layout of shard ``f`` once its first ``written`` bytes hold its whole header
     (read back from its temp file, validated against its size), else None.
@@ -1040,12 +1045,14 @@ class Fetcher:
         them to ``sink`` in order.
 
         ``sink`` runs on one writer thread per file, so hashing and writing range i
-        overlap the reads of the ranges after it. A range holds its turn in the model's
-        window from the start of its read until it is written, and each file's bytes
-        read and not yet written are bounded by ``concurrency + 2`` chunks
-        (:class:`_Turns`, taken before the turn): a file whose writer falls behind
-        leaves the window to the other files. A reader that fills buffers gets one per
-        range when its read starts, taken back once the range is written.
+        overlap the reads of the ranges after it; the ranges that landed while a write
+        ran are handed over together, in one call (at most :data:`MAX_BATCH`). A range
+        holds its turn in the model's window from the start of its read until it is
+        written, and each file's bytes read and not yet written are bounded by
+        ``concurrency + 2`` chunks (:class:`_Turns`, taken before the turn): a file whose
+        writer falls behind leaves the window to the other files. A reader that fills
+        buffers gets one per range when its read starts, taken back once the range is
+        written.
         """
         plan = reader.source.plan
         policy = reader.policy or self.policy
@@ -1057,7 +1064,9 @@ class Fetcher:
         # the file's bytes read and not yet written, taken in the file's order
         unwritten = _Turns((plan.concurrency + 2) * plan.chunk_size)
 
-        async def read(start: int, end: int) -> tuple[mmap.mmap | None, Sequence[Buffer], int]:
+        Read = tuple[mmap.mmap | None, Sequence[Buffer], int]
+
+        async def read(start: int, end: int) -> Read:
             # room in the file's unwritten bytes first, in the file's order; then a turn
             # in the model's window, kept until the range is written (released by
             # write()): a new read starts as the model's written front moves, which
@@ -1081,7 +1090,6 @@ class Fetcher:
                 raise
             return buf, data, cost  # (a failed or cancelled read's buffer is dropped)
 
-        Read = tuple[mmap.mmap | None, Sequence[Buffer], int]
         pending: deque[tuple[int, int, asyncio.Task[Read]]] = deque()
 
         def schedule_reads() -> None:
@@ -1093,32 +1101,47 @@ class Fetcher:
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
 
-        async def write(start: int, end: int, data: Sequence[Buffer],
-                        buf: mmap.mmap | None, cost: int) -> None:
+        async def write(batch: Sequence[tuple[int, int, Read]]) -> None:
+            # ranges back to back, in the file's order: one hop to the writer for them all
             written = 0
+            blocks = [b for _, _, (_, data, _) in batch for b in data]
             try:
-                await loop.run_in_executor(writer, sink, start, data)
-                written = end - start
+                await loop.run_in_executor(writer, sink, batch[0][0], blocks)
+                written = 1
             finally:
-                window.release(cost, written,
-                               measure=measure and written >= plan.chunk_size // 2)
-                unwritten.give(end - start)
-            if buf is not None and buffers is not None:
-                buffers.give(buf)  # for the next range (of this file, or the fetch's next)
+                for start, end, (_, _, cost) in batch:
+                    landed = end - start if written else 0
+                    window.release(cost, landed,
+                                   measure=measure and landed >= plan.chunk_size // 2)
+                    unwritten.give(end - start)
+            for _, _, (buf, _, _) in batch:
+                if buf is not None and buffers is not None:
+                    buffers.give(buf)  # for the next range (of this file, or the fetch's next)
 
         last_write: asyncio.Future[None] | None = None
-        held = 0  # the cost of a range read whose turn no write() has taken yet
+        held: list[int] = []  # the costs of ranges read whose turns no write() has taken yet
         try:
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
-                buf, data, cost = await task
+                got = await task
                 pending.popleft()
-                held = cost
+                held.append(got[2])
+                batch = [(start, end, got)]
                 if last_write is not None:
                     await last_write  # in order: one write at a time
-                last_write = asyncio.ensure_future(write(start, end, data, buf, cost))
-                held = 0
+                # the ranges after it that landed meanwhile go with it: on a busy event loop
+                # each write's hops (the loop, then the writer thread) took 1-2 ms, and a
+                # first chunk read as 32 short ranges was written 15-40 ms after it landed
+                while (pending and len(batch) < MAX_BATCH and pending[0][2].done()
+                       and not pending[0][2].cancelled()
+                       and pending[0][2].exception() is None):
+                    start, end, task = pending.popleft()
+                    got = task.result()
+                    held.append(got[2])
+                    batch.append((start, end, got))
+                last_write = asyncio.ensure_future(write(batch))
+                held = []
             if last_write is not None:
                 await last_write
         finally:
@@ -1129,8 +1152,8 @@ class Fetcher:
                 for x in done:
                     if not isinstance(x, BaseException):
                         window.release(x[2])  # read, never written: the other files' go on
-            if held:
-                window.release(held)
+            for cost in held:
+                window.release(cost)
             if last_write is not None and not last_write.done():
                 await asyncio.gather(last_write, return_exceptions=True)
             writer.shutdown(wait=False)
