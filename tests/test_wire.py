@@ -19,7 +19,7 @@ import pytest
 from weightd.config import Config
 from weightd.errors import NotPermitted, SourceNotFound, SourceUnavailable
 from weightd.retry import parse_retry_after
-from weightd.sources import ChunkPlan, RemoteFile
+from weightd.sources import ChunkPlan, RemoteFile, open_source
 from weightd.store import Fetcher, Store, hash_file
 from weightd.store.fetch import (
     FetchEvents,
@@ -379,6 +379,40 @@ def test_a_listing_whose_files_fail_their_head_names_the_first_of_them(
     http_server.set_fault(gone)
     with pytest.raises(SourceNotFound, match="00002"):
         fetch(config, f"{http_server.url}/gone")
+
+
+def test_a_listings_heads_give_each_file_the_identity_fsspecs_info_gave(
+        config, http_root, http_server):
+    # the HEADs are weightd's own now (on the wire's connections); a file's identity is
+    # the cache's key, so it must be what fsspec's info made of the same answer: else
+    # every model cached before would be downloaded again
+    from fsspec.implementations.http import HTTPFileSystem
+
+    from weightd.sources.base import _identity
+
+    d = http_root / "same"
+    write_synthetic_model(d, total_bytes=MiB, tensors=8, shards=2, seed=6)
+    fs = HTTPFileSystem(skip_instance_cache=True)
+    with open_source(f"{http_server.url}/same", config) as source:
+        files = source.list_files()
+    assert len(files) == 4  # 2 shards, their index, config.json
+    for f in files:
+        info = fs.info(f.url)
+        assert f.identity == f"{info['size']}:{_identity(info)}", f
+        assert f.identity.split(":", 2)[1].startswith("ETag=")
+
+
+def test_a_file_whose_head_is_refused_is_sized_by_a_gets_headers(
+        config, http_root, http_server):
+    # as fsspec's info does: a server that refuses HEAD (405) still gives the size
+    d = http_root / "nohead"
+    write_synthetic_model(d, total_bytes=MiB, tensors=8, shards=2, seed=6)
+    http_server.set_fault(lambda method, path: 405 if method == "HEAD" else None)
+    snap = fetch(config, f"{http_server.url}/nohead")
+    assert {f.relpath: f.size for f in snap.files} == {
+        p.name: p.stat().st_size for p in d.iterdir()}
+    for f in snap.files:
+        assert hash_file(config.cache_dir / "blobs" / f.digest[:2] / f.digest) == f.digest
 
 
 def test_a_files_unwritten_bytes_are_bounded_in_its_order():
