@@ -752,7 +752,13 @@ class Fetcher:
         """Download ``todo``, ``max_parallel_files`` at once (each from the mirror where
         ``pull`` gives it, see :meth:`_fetch_one`); side files are committed as they land,
         verified shards are returned uncommitted. A failure stops the other files at once
-        and commits nothing more (what was verified goes with them)."""
+        and commits nothing more (what was verified goes with them).
+
+        The side files go first, then the shards in order: a small file last in the
+        model's order (``model.safetensors.index.json`` sorts after its shards) waited
+        for every shard's reads to be granted before its own, then for its own ``HEAD``,
+        all after the last shard's bytes (20-40 ms of a 256 MiB model's ready, here)."""
+        todo = sorted(todo, key=lambda f: f.relpath.endswith(".safetensors"))  # stable
         buffers = _Buffers(source.plan.chunk_size)
         schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
                              source.plan.chunk_size, start=source.plan.concurrency)
