@@ -168,25 +168,24 @@ def _rf(name: str, size: int) -> RemoteFile:
     return RemoteFile(f"http://127.0.0.1:1/{name}", name, name, size, "id")
 
 
-def test_ramped_ranges_cover_each_file_and_start_and_end_small():
+def test_ramped_ranges_cover_each_file_and_only_the_models_first_chunk_is_short():
     files = [_rf(f"s{i}.safetensors", 64 * MiB + 12345) for i in range(4)]
     sched = _Schedule(files, 32, 8 * MiB, start=8)
     plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
-    every: list[int] = []
+    sizes: list[list[int]] = []
     for f in files:
         _, start = sched.place(f)
         ranges = sched.ranges(f.size, plan, start)
         assert ranges[0][0] == 0 and ranges[-1][1] == f.size
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-        sizes = [e - b for b, e in ranges]
-        # within [chunk / window, chunk], but a file's last range (the rest of it)
-        assert all(8 * MiB // 32 <= n <= 8 * MiB for n in sizes[:-1]), sizes
-        every += sizes
-    # the model's first window of reads is one chunk together, its middle whole chunks,
-    # and its last window of reads much less than a window of chunks
-    assert sum(every[:32]) == 8 * MiB
-    assert 8 * MiB in every
-    assert sum(every[-32:]) < 32 * 8 * MiB / 4
+        sizes.append([e - b for b, e in ranges])
+    # the model's first chunk is one window of reads together; after it, whole chunks
+    # (but each file's last range, the rest of it): ranges that grew to whole chunks and
+    # shrank toward the end cost 60 requests more for 256 MiB, and on loopback, where
+    # the CPU is the bottleneck, the model came 70 ms later
+    assert sizes[0][:32] == [8 * MiB // 32] * 32
+    assert all(n == 8 * MiB for n in sizes[0][32:-1] + [n for s in sizes[1:] for n in s[:-1]])
+    assert sum(map(len, sizes)) == 32 + 7 + 3 * 8 + 4
     # without the ramp (S3: moto reads a whole object per range), whole chunks
     fixed = sched.ranges(files[1].size, ChunkPlan(8 * MiB, 8), sched.place(files[1])[1])
     assert [e - b for b, e in fixed][:-1] == [8 * MiB] * 8

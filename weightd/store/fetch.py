@@ -381,12 +381,9 @@ def _flight_key(f: RemoteFile) -> str:
     return f"{f.url}\0{f.identity}"
 
 
-#: The smallest range of a ramp (see :class:`_Schedule`), and what a ramp's ranges are
-#: multiples of (but a file's last).
+#: The smallest range of a ramp (see :class:`_Schedule`), and what its ranges are
+#: multiples of.
 MIN_RANGE = 64 * 1024
-#: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
-#: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
-RAMP = 8
 
 
 class _Turns:
@@ -527,12 +524,14 @@ class _Schedule:
     With the plan's ``ramp``, the model's first chunk is read as ``limit`` ranges of
     ``chunk_size / limit``, which land together in one chunk's time at the link's rate
     (where a whole chunk per read, each read with a share of the link, took the window's
-    chunks' time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); from there a
-    range at the model's byte ``o`` of ``total`` is ``min(o, total - o) / RAMP`` long,
-    within ``[chunk_size / limit, chunk_size]``: it grows to whole chunks and shrinks
-    again toward the end, so that the last reads end together with little left to write
-    and hash after the source's last byte (whole chunks ended together, a window of
-    them, 256 MiB, to write at the end).
+    chunks' time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); every range
+    after it is a whole chunk. Ranges that grew from there to whole chunks (each 1/8
+    of the model's bytes before it) and shrank again toward the model's end cost 60
+    requests more for 256 MiB in 4 shards (92 against 32): on loopback, where this
+    2-core machine's CPU and not the link was the bottleneck, its fetch was ready
+    336 ms after its start against 267 ms (in process, medians of 7); at 200 MB/s a
+    window of whole chunks (64 MiB) left to write after the source's last byte is
+    ~30 ms of a 5.4 s download (docs/fetch-tuning.md, "The ramp").
 
     :meth:`acquire` and :meth:`release` run on the event loop of the reads (fsspec's);
     a turn lasts until its range is written (see ``Fetcher._read_all``).
@@ -564,14 +563,8 @@ class _Schedule:
         out: list[tuple[int, int]] = []
         o = 0
         while o < size:
-            n = chunk
-            if plan.ramp and floor < chunk:
-                m = start + o
-                if m < chunk:  # the model's first chunk: a window of reads together
-                    n = floor
-                else:
-                    n = min(m, self.total - m) // RAMP // MIN_RANGE * MIN_RANGE
-                    n = max(floor, min(chunk, n))
+            # the model's first chunk: a window of short reads together
+            n = floor if plan.ramp and start + o < chunk else chunk
             out.append((o, min(o + n, size)))
             o += n
         return out
