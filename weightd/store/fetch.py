@@ -521,17 +521,20 @@ class _Schedule:
     32 connections, was written to fresh pages of memory and cost this 2-core machine
     twice the CPU of 8 (docs/fetch-tuning.md, "The window").
 
-    With the plan's ``ramp``, the model's first chunk is read as ``limit`` ranges of
-    ``chunk_size / limit``, which land together in one chunk's time at the link's rate
-    (where a whole chunk per read, each read with a share of the link, took the window's
-    chunks' time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); every range
-    after it is a whole chunk. Ranges that grew from there to whole chunks (each 1/8
-    of the model's bytes before it) and shrank again toward the model's end cost 60
-    requests more for 256 MiB in 4 shards (92 against 32): on loopback, where this
-    2-core machine's CPU and not the link was the bottleneck, its fetch was ready
-    336 ms after its start against 267 ms (in process, medians of 7); at 200 MB/s a
-    window of whole chunks (64 MiB) left to write after the source's last byte is
-    ~30 ms of a 5.4 s download (docs/fetch-tuning.md, "The ramp").
+    With the plan's ``ramp``, the model's first chunk is read as ``start`` ranges (as
+    many as the window starts with), each costing a whole chunk, so that they alone fill
+    the window and land together in about one chunk's time at the link's rate (where a
+    whole chunk per read, each read with a share of the link, took the window's chunks'
+    time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); every range after it is
+    a whole chunk. Two earlier forms cost more than they gave on this 2-core machine
+    (docs/fetch-tuning.md, "The ramp"): the first chunk in ``limit`` (32) ranges of
+    256 KiB put 32 requests, threads and connections at every model's start, served
+    one after another, and the first tensor at 200 MB/s came 82-113 ms after a
+    replica asked, where 8 ranges brought it at 53 ms; ranges that then grew to whole
+    chunks (each 1/8 of the model's bytes before it) and shrank again toward its end
+    cost 92 requests for 256 MiB in 4 shards instead of 39, and over loopback, where
+    the CPU and not the link is the bottleneck, that fetch was ready 336 ms after its
+    start instead of 267 (in process, medians of 7).
 
     :meth:`acquire` and :meth:`release` run on the event loop of the reads (fsspec's);
     a turn lasts until its range is written (see ``Fetcher._read_all``).
@@ -549,6 +552,8 @@ class _Schedule:
             o += f.size
         self.total = o
         self.growth = _Growth(self.limit if start is None else start, self.limit, o, clock)
+        #: the ranges the model's first chunk is read in (see :meth:`ranges`)
+        self.split = self.growth.size
         self._turns = _Turns(self.growth.size * self.chunk)
 
     def place(self, f: RemoteFile) -> tuple[int, int]:
@@ -559,7 +564,7 @@ class _Schedule:
         """The ranges of a file of ``size`` bytes that starts at the model's byte
         ``start``, read as ``plan`` says."""
         chunk = plan.chunk_size
-        floor = max(MIN_RANGE, chunk // self.limit // MIN_RANGE * MIN_RANGE)
+        floor = max(MIN_RANGE, chunk // self.split // MIN_RANGE * MIN_RANGE)
         out: list[tuple[int, int]] = []
         o = 0
         while o < size:
@@ -570,14 +575,15 @@ class _Schedule:
         return out
 
     async def acquire(self, key: tuple[int, int], nbytes: int, chunk: int | None = None,
-                      ) -> int:
+                      *, split: bool = False) -> int:
         """Wait for the turn of a read of ``nbytes``: ``key`` is (file's place, offset);
         the lowest waiting key goes first. ``chunk``: the chunk size of the plan the read
         is cut from, when it is not the model's (a mirror's reads, 16 MiB for an origin's
         8): its bytes are counted in the model's chunks, so that the window holds as many
-        of its whole chunks. Return the read's cost, for :meth:`release`."""
+        of its whole chunks. ``split``: one of the ranges the model's first chunk is read
+        in, which costs a whole chunk. Return the read's cost, for :meth:`release`."""
         scaled = nbytes if not chunk else nbytes * self.chunk // chunk
-        cost = max(scaled, self._turns.capacity // self.limit, 1)
+        cost = max(scaled, self.chunk if split else self._turns.capacity // self.limit, 1)
         await self._turns.take(cost, key)
         return cost
 
@@ -1073,7 +1079,10 @@ class Fetcher:
             # starts, not while it waits
             await unwritten.take(end - start, (start,))
             try:
-                cost = await window.acquire((order, start), end - start, plan.chunk_size)
+                cost = await window.acquire(
+                    (order, start), end - start, plan.chunk_size,
+                    split=plan.ramp and model_offset + start < plan.chunk_size
+                    and end - start < f.size)
             except BaseException:
                 unwritten.give(end - start)
                 raise
