@@ -599,6 +599,23 @@ def _listen_overflows() -> int | None:
     return None
 
 
+def test_the_test_origin_answers_a_small_file_without_waiting_for_an_ack(http_root):
+    # its headers and a body shorter than a segment go out in two sends: with Nagle on
+    # (Python's http.server default), the body waited for the client's delayed ACK of
+    # the headers, 40 ms each time; real origins set TCP_NODELAY
+    (http_root / "tiny").write_bytes(b"x" * 300)
+    with RangeHTTPServer(http_root) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", urlsplit(srv.url).port, timeout=30)
+        took = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            conn.request("GET", "/tiny")
+            assert len(conn.getresponse().read()) == 300
+            took.append(time.monotonic() - t0)
+        conn.close()
+    assert sorted(took)[2] < 0.025, took  # 0.043 s each with Nagle's wait
+
+
 def test_the_test_origin_takes_a_fetchs_burst_of_connections(http_root):
     # a fetch opens its ranged reads at once (4 files x 8 here); with socketserver's
     # listen backlog of 5 the kernel dropped the connections past it and each of those

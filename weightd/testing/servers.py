@@ -187,6 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # as real origins do (nginx's tcp_nodelay, on by default for kept-alive
+        # connections): without it, a body shorter than a segment waited behind the
+        # headers sent before it until the client's delayed ACK, 40 ms, and every small
+        # file or short range cost a client 43 ms here where it costs 0.5
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.log.connected()
         if self.server.conn_rate is not None:
             self.conn_bucket = TokenBucket(self.server.conn_rate)
