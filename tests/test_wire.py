@@ -168,24 +168,27 @@ def _rf(name: str, size: int) -> RemoteFile:
     return RemoteFile(f"http://127.0.0.1:1/{name}", name, name, size, "id")
 
 
-def test_ramped_ranges_cover_each_file_and_only_the_models_first_chunk_is_short():
+def test_ramped_ranges_cover_each_file_and_start_and_end_small():
     files = [_rf(f"s{i}.safetensors", 64 * MiB + 12345) for i in range(4)]
     sched = _Schedule(files, 32, 8 * MiB, start=8)
     plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
-    sizes: list[list[int]] = []
+    every: list[int] = []
     for f in files:
         _, start = sched.place(f)
         ranges = sched.ranges(f.size, plan, start)
         assert ranges[0][0] == 0 and ranges[-1][1] == f.size
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-        sizes.append([e - b for b, e in ranges])
-    # the model's first chunk is one window of reads together; after it, whole chunks
-    # (but each file's last range, the rest of it): ranges that grew to whole chunks and
-    # shrank toward the end cost 53 requests more for 256 MiB, and on loopback, where
-    # the CPU is the bottleneck, the model came 70 ms later
-    assert sizes[0][:8] == [8 * MiB // 8] * 8  # as many as the window starts with
-    assert all(n == 8 * MiB for n in sizes[0][8:-1] + [n for s in sizes[1:] for n in s[:-1]])
-    assert sum(map(len, sizes)) == 8 + 7 + 3 * 8 + 4
+        sizes = [e - b for b, e in ranges]
+        # within [chunk / the window's start, chunk], but a file's last range (the rest)
+        assert all(MiB <= n <= 8 * MiB for n in sizes[:-1]), sizes
+        every += sizes
+    # the model's first chunk is one window of reads together, as many as the window
+    # starts with (32 of 256 KiB made 32 requests, threads and connections at once, and
+    # the first tensor at 200 MB/s came later); its middle whole chunks; its last window
+    # of reads much less than a window of chunks
+    assert every[:8] == [MiB] * 8
+    assert 8 * MiB in every
+    assert sum(every[-8:]) < 8 * 8 * MiB / 4
     # without the ramp (S3: moto reads a whole object per range), whole chunks
     fixed = sched.ranges(files[1].size, ChunkPlan(8 * MiB, 8), sched.place(files[1])[1])
     assert [e - b for b, e in fixed][:-1] == [8 * MiB] * 8
@@ -295,9 +298,9 @@ def test_the_window_counts_bytes_short_reads_are_many_whole_chunks_few():
     async def run() -> list[int]:
         sched = _Schedule([_rf("a", 64 * MiB)], 32, 8 * MiB, start=8)  # 64 MiB in flight
         counts = []
-        # small files' reads (the limit, 32), whole chunks (8), and the ranges the
-        # model's first chunk is read in (8: each costs a whole chunk, so that they alone
-        # fill the window)
+        # small files' reads (the limit, 32), whole chunks (8), and the ranges a ramp
+        # cuts a file into (8: each costs a whole chunk, so that the model's first chunk
+        # alone fills the window)
         for nbytes, split in ((256 * 1024, False), (8 * MiB, False), (MiB, True)):
             reads = [asyncio.ensure_future(sched.acquire((0, i), nbytes, split=split))
                      for i in range(40)]

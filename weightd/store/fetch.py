@@ -381,9 +381,12 @@ def _flight_key(f: RemoteFile) -> str:
     return f"{f.url}\0{f.identity}"
 
 
-#: The smallest range of a ramp (see :class:`_Schedule`), and what its ranges are
-#: multiples of.
+#: The smallest range of a ramp (see :class:`_Schedule`), and what a ramp's ranges are
+#: multiples of (but a file's last).
 MIN_RANGE = 64 * 1024
+#: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
+#: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
+RAMP = 8
 
 
 class _Turns:
@@ -522,19 +525,21 @@ class _Schedule:
     twice the CPU of 8 (docs/fetch-tuning.md, "The window").
 
     With the plan's ``ramp``, the model's first chunk is read as ``start`` ranges (as
-    many as the window starts with), each costing a whole chunk, so that they alone fill
-    the window and land together in about one chunk's time at the link's rate (where a
-    whole chunk per read, each read with a share of the link, took the window's chunks'
-    time: the first tensor 0.96 s instead of 42 ms at 200 MB/s); every range after it is
-    a whole chunk. Two earlier forms cost more than they gave on this 2-core machine
-    (docs/fetch-tuning.md, "The ramp"): the first chunk in ``limit`` (32) ranges of
-    256 KiB put 32 requests, threads and connections at every model's start, served
-    one after another, and the first tensor at 200 MB/s came 82-113 ms after a
-    replica asked, where 8 ranges brought it at 53 ms; ranges that then grew to whole
-    chunks (each 1/8 of the model's bytes before it) and shrank again toward its end
-    cost 92 requests for 256 MiB in 4 shards instead of 39, and over loopback, where
-    the CPU and not the link is the bottleneck, that fetch was ready 336 ms after its
-    start instead of 267 (in process, medians of 7).
+    many as the window starts with), which land together in about one chunk's time at
+    the link's rate (where a whole chunk per read, each read with a share of the link,
+    took the window's chunks' time: the first tensor 0.96 s instead of 42 ms at
+    200 MB/s); from there a range at the model's byte ``o`` of ``total`` is
+    ``min(o, total - o) / RAMP`` long, within ``[chunk_size / start, chunk_size]``: it
+    grows to whole chunks and shrinks again toward the end, so that the last reads end
+    together with little left to write and hash after the source's last byte (with
+    whole chunks to the end, a window of 64 MiB landing together, the model was ready
+    100-270 ms after the source's last byte over loopback, with the ramp 40-50 ms).
+    Every range of a ramp costs a whole chunk of the window: at most ``size`` of them
+    are in flight, as whole chunks would be. The first chunk in ``limit`` (32) ranges of
+    256 KiB, each costing 1/32 of the window, put 32 requests, threads and connections
+    at every model's start, which this 2-core machine served one after another: the
+    first tensor at 200 MB/s came 93-147 ms after a replica asked, with 8 ranges at
+    61-82 ms (docs/fetch-tuning.md, "The ramp and a model's start").
 
     :meth:`acquire` and :meth:`release` run on the event loop of the reads (fsspec's);
     a turn lasts until its range is written (see ``Fetcher._read_all``).
@@ -552,7 +557,7 @@ class _Schedule:
             o += f.size
         self.total = o
         self.growth = _Growth(self.limit if start is None else start, self.limit, o, clock)
-        #: the ranges the model's first chunk is read in (see :meth:`ranges`)
+        #: the ranges a ramp reads the model's first chunk in (see :meth:`ranges`)
         self.split = self.growth.size
         self._turns = _Turns(self.growth.size * self.chunk)
 
@@ -568,8 +573,14 @@ class _Schedule:
         out: list[tuple[int, int]] = []
         o = 0
         while o < size:
-            # the model's first chunk: a window of short reads together
-            n = floor if plan.ramp and start + o < chunk else chunk
+            n = chunk
+            if plan.ramp and floor < chunk:
+                m = start + o
+                if m < chunk:  # the model's first chunk: a window of reads together
+                    n = floor
+                else:
+                    n = min(m, self.total - m) // RAMP // MIN_RANGE * MIN_RANGE
+                    n = max(floor, min(chunk, n))
             out.append((o, min(o + n, size)))
             o += n
         return out
@@ -580,8 +591,8 @@ class _Schedule:
         the lowest waiting key goes first. ``chunk``: the chunk size of the plan the read
         is cut from, when it is not the model's (a mirror's reads, 16 MiB for an origin's
         8): its bytes are counted in the model's chunks, so that the window holds as many
-        of its whole chunks. ``split``: one of the ranges the model's first chunk is read
-        in, which costs a whole chunk. Return the read's cost, for :meth:`release`."""
+        of its whole chunks. ``split``: one of the ranges a ramp cuts a file into, which
+        costs a whole chunk. Return the read's cost, for :meth:`release`."""
         scaled = nbytes if not chunk else nbytes * self.chunk // chunk
         cost = max(scaled, self.chunk if split else self._turns.capacity // self.limit, 1)
         await self._turns.take(cost, key)
@@ -1081,8 +1092,7 @@ class Fetcher:
             try:
                 cost = await window.acquire(
                     (order, start), end - start, plan.chunk_size,
-                    split=plan.ramp and model_offset + start < plan.chunk_size
-                    and end - start < f.size)
+                    split=plan.ramp and end - start < f.size)
             except BaseException:
                 unwritten.give(end - start)
                 raise
