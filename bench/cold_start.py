@@ -363,11 +363,11 @@ class Bench:
                           f"copies of {model.nbytes / GiB:.2f} GiB do not fit in "
                           f"{avail / GiB:.1f} GiB available (2 GiB margin)")
                 return None
-        prepare(model, method)
         # the writeback a method before this one left (its copy of the model, a daemon's
-        # commit) is not this one's to wait for: weightd-http right after weightd-s3
-        # measured 335-415 ms where it measured 221-278 first
+        # commit) is not this one's to wait for; and dirty pages cannot be dropped, so
+        # before prepare() drops what this run must read cold
         os.sync()
+        prepare(model, method)
         cached = {"source": cached_fraction(model.files),
                   "blobs": cached_fraction(model.blobs) if model.blobs else 0.0}
         served = server.log.bytes_served() if server is not None else 0

@@ -63,10 +63,11 @@ class ChunkPlan:
     """How one protocol is read: bytes per ranged read, and reads in flight per file
     fetched at once (a model's reads share ``concurrency × max_parallel_files``).
 
-    ``ramp``: the model's first chunk is read in ranges smaller than ``chunk_size`` (see
-    weightd/store/fetch.py, ``_Schedule``), so that its first tensor lands in about one
-    chunk's time; off where each read costs the server a whole object (moto's S3) or
-    there is no network (``file://``)."""
+    ``ramp``: the ranges at the start and at the end of a model's bytes are smaller than
+    ``chunk_size`` (see weightd/store/fetch.py, ``_Schedule``), so that its first tensor
+    lands in about one chunk's time and its last is not behind a burst of whole chunks;
+    off where each read costs the server a whole object (moto's S3) or there is no
+    network (``file://``)."""
 
     chunk_size: int
     concurrency: int

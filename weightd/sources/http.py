@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import re
 import threading
@@ -50,7 +51,6 @@ from weightd.sources.wire import (
     AnswerCheck,
     AuthHeaders,
     HopCheck,
-    HttpStatusError,
     Wire,
     content_encoding,
     origin_of,
@@ -210,8 +210,8 @@ class HttpSource(WireSource):
 
     @classmethod
     def url_options(cls, url: str, config: Config) -> dict[str, Any]:
-        """The listing's and ``HEAD``'s requests (aiohttp, through fsspec) go through the
-        proxy the byte path takes for this origin, and trust ``http_ca_bundle`` too."""
+        """The listing's requests (aiohttp, through fsspec) go through the proxy the byte
+        path takes for this origin, and trust ``http_ca_bundle`` too."""
         opts: dict[str, Any] = {}
         try:
             origin = origin_of(url)
@@ -229,23 +229,31 @@ class HttpSource(WireSource):
 
     def _file_info(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
         """A file the listing gave no size for (an index page names files only) is asked
-        for it with a ``HEAD`` on the wire's keep-alive connections, which its ranged
-        reads take next: fsspec's ``info`` asked through the fetch's own aiohttp session,
-        and 18 of them took 20 ms of a model's start here, ahead of its first byte, whose
-        reads then opened connections of their own. As fsspec does, the headers of a
-        ``GET`` when the ``HEAD`` gives no size or is refused (405, 501), and the same
-        fields as fsspec's ``info`` (so a file's identity is what it was)."""
-        if info.get("size") is not None:
-            return info
+        for it as :meth:`_info` says."""
+        return info if info.get("size") is not None else self._info(path)
+
+    def _info(self, path: str) -> dict[str, Any]:
+        """A file's ``HEAD`` on the wire's keep-alive connections, which its ranged reads
+        take next: fsspec's ``info`` asked through the fetch's own aiohttp session, and
+        18 of them took 20 ms of a model's start here, ahead of its first byte, whose
+        reads then opened connections of their own. As fsspec's ``info`` does: a
+        ``GET``'s headers when the ``HEAD`` fails or gives no size (its fields over the
+        ``HEAD``'s), and the same fields (so a file's identity is what it was). A
+        refusal (a hop outside ``allowed_sources``) is not asked again.
+
+        Raises:
+            SourceNotFound, NotPermitted, SourceUnavailable: as the ``GET`` (or the
+                ``HEAD``) was answered.
+        """
+        headers: dict[str, str] = {}
+        final = path
         try:
-            try:
-                headers, final = self.wire.head(path)
-            except HttpStatusError as e:
-                if e.status not in (405, 501):
-                    raise
-                headers, final = {}, path
+            # a server that refuses HEAD (any error status) may serve GET, asked next
+            with contextlib.suppress(OSError):
+                headers, final = self.wire.headers_of("HEAD", path)
             if _size_of(headers) is None:
-                headers, final = self.wire.get_headers(path)
+                got, final = self.wire.headers_of("GET", path)
+                headers = {**headers, **got}
         except Exception as e:
             raise self.error(e, path) from e
         out: dict[str, Any] = {"name": path, "size": _size_of(headers), "url": final,

@@ -444,37 +444,25 @@ class Wire:
             else:
                 self.abandon(origin, conn)
 
-    def head(self, url: str, headers: Mapping[str, str] | None = None
-             ) -> tuple[dict[str, str], str]:
-        """The headers of the answer to a ``HEAD`` of ``url`` (names lower-cased) and the
-        URL that gave it, redirects followed (blocking); the connection is kept.
+    def headers_of(self, method: str, url: str, headers: Mapping[str, str] | None = None
+                   ) -> tuple[dict[str, str], str]:
+        """The headers of the answer to a ``HEAD`` or a ``GET`` of ``url`` (names
+        lower-cased) and the URL that gave it, redirects followed (blocking). A ``HEAD``'s
+        connection is kept; a ``GET``'s body is not read, and its connection is closed.
 
         Raises:
             HttpStatusError: a status of 400 or more.
         """
-        origin, conn, resp, final = self.open("HEAD", url, {"Accept-Encoding": "identity",
+        origin, conn, resp, final = self.open(method, url, {"Accept-Encoding": "identity",
                                                             **(headers or {})})
         try:
             self.raise_for_status(final, resp)
             return _headers(resp), final
         finally:
-            self.done(origin, conn, resp)  # (an answer to a HEAD has no body)
-
-    def get_headers(self, url: str, headers: Mapping[str, str] | None = None
-                    ) -> tuple[dict[str, str], str]:
-        """The headers of the answer to a ``GET`` of ``url`` and the URL that gave it; its
-        body is not read (the connection is closed).
-
-        Raises:
-            HttpStatusError: a status of 400 or more.
-        """
-        origin, conn, resp, final = self.open("GET", url, {"Accept-Encoding": "identity",
-                                                           **(headers or {})})
-        try:
-            self.raise_for_status(final, resp)
-            return _headers(resp), final
-        finally:
-            self.abandon(origin, conn)
+            if method == "HEAD":
+                self.done(origin, conn, resp)  # (an answer to a HEAD has no body)
+            else:
+                self.abandon(origin, conn)
 
     def get(self, url: str, *, limit: int, headers: Mapping[str, str] | None = None
             ) -> tuple[bytes, Mapping[str, str], str]:

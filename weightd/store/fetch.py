@@ -518,11 +518,12 @@ class _Schedule:
     The window is counted in bytes: ``size`` chunks' worth (:class:`_Growth` finds the
     size while the model downloads, from ``start`` up to ``limit``), each read costing
     its own bytes but at least ``1 / limit`` of the window, so that at most ``limit``
-    reads are in flight, and they are that many only while they are short (a ramp's
-    first reads); whole chunks are ``size`` at once. What is in flight is what a read's
-    buffers hold: a window of ``limit`` whole chunks, the whole of a 256 MiB model over
-    32 connections, was written to fresh pages of memory and cost this 2-core machine
-    twice the CPU of 8 (docs/fetch-tuning.md, "The window").
+    reads are in flight, and they are that many only while they are small files' (a
+    ramp's ranges cost a whole chunk, below); whole chunks are ``size`` at once. What is
+    in flight is what a read's buffers hold: a window of ``limit`` whole chunks, the
+    whole of a 256 MiB model over 32 connections, was written to fresh pages of memory
+    and cost this 2-core machine twice the CPU of 8 (docs/fetch-tuning.md, "The
+    window").
 
     With the plan's ``ramp``, the model's first chunk is read as ``start`` ranges (as
     many as the window starts with), which land together in about one chunk's time at
@@ -609,7 +610,7 @@ class _Schedule:
 
 
 #: The most ranges of a file handed to its writer at once (those that landed while the
-#: write before them ran): a bound of one ``sink`` call's blocks.
+#: write before them ran, a chunk's bytes at most): a bound of one ``sink`` call's blocks.
 MAX_BATCH = 64
 
 
@@ -764,11 +765,14 @@ class Fetcher:
         verified shards are returned uncommitted. A failure stops the other files at once
         and commits nothing more (what was verified goes with them).
 
-        The side files go first, then the shards in order: a small file last in the
-        model's order (``model.safetensors.index.json`` sorts after its shards) waited
-        for every shard's reads to be granted before its own, then for its own ``HEAD``,
-        all after the last shard's bytes (20-40 ms of a 256 MiB model's ready, here)."""
-        todo = sorted(todo, key=lambda f: f.relpath.endswith(".safetensors"))  # stable
+        The small side files (less than a chunk) go first, then the rest in order: a
+        small file last in the model's order (``model.safetensors.index.json`` sorts
+        after its shards) waited for every shard's reads to be granted before its own,
+        then for its own ``HEAD``, all after the last shard's bytes (20-40 ms of a
+        256 MiB model's ready, here); a large one (a 17 MB ``tokenizer.json``) would hold
+        a streaming replica's first shard back."""
+        todo = sorted(todo, key=lambda f: f.relpath.endswith(".safetensors")
+                      or f.size >= source.plan.chunk_size)  # (stable)
         buffers = _Buffers(source.plan.chunk_size)
         schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
                              source.plan.chunk_size, start=source.plan.concurrency)
@@ -1062,13 +1066,13 @@ class Fetcher:
 
         ``sink`` runs on one writer thread per file, so hashing and writing range i
         overlap the reads of the ranges after it; the ranges that landed while a write
-        ran are handed over together, in one call (at most :data:`MAX_BATCH`). A range
-        holds its turn in the model's window from the start of its read until it is
-        written, and each file's bytes read and not yet written are bounded by
-        ``concurrency + 2`` chunks (:class:`_Turns`, taken before the turn): a file whose
-        writer falls behind leaves the window to the other files. A reader that fills
-        buffers gets one per range when its read starts, taken back once the range is
-        written.
+        ran are handed over together, in one call (a chunk's bytes, :data:`MAX_BATCH`
+        ranges at most). A range holds its turn in the model's window from the start of
+        its read until it is written (with its batch), and each file's bytes read and not
+        yet written are bounded by ``concurrency + 2`` chunks (:class:`_Turns`, taken
+        before the turn): a file whose writer falls behind leaves the window to the other
+        files. A reader that fills buffers gets one per range when its read starts, taken
+        back once the range is written.
         """
         plan = reader.source.plan
         policy = reader.policy or self.policy
@@ -1148,12 +1152,17 @@ class Fetcher:
                 batch = [(start, end, got)]
                 if last_write is not None:
                     await last_write  # in order: one write at a time
-                # the ranges after it that landed meanwhile go with it: on a busy event loop
-                # each write's hops (the loop, then the writer thread) took 1-2 ms, and a
-                # first chunk read as 32 short ranges was written 15-40 ms after it landed
+                # the ranges after it that landed meanwhile go with it, up to a chunk's
+                # bytes (their turns come back when the batch is written): on a busy event
+                # loop each write's hops (the loop, then the writer thread) took 1-2 ms,
+                # and a first chunk read as 32 short ranges was written 15-40 ms after it
+                # landed
+                nbytes = end - start
                 while (pending and len(batch) < MAX_BATCH and pending[0][2].done()
                        and not pending[0][2].cancelled()
-                       and pending[0][2].exception() is None):
+                       and pending[0][2].exception() is None
+                       and nbytes + pending[0][1] - pending[0][0] <= plan.chunk_size):
+                    nbytes += pending[0][1] - pending[0][0]
                     start, end, task = pending.popleft()
                     got = task.result()
                     held.append(got[2])
