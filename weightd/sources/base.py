@@ -51,10 +51,6 @@ DEFAULT_INCLUDE: tuple[str, ...] = (
     "tokenizer*",
 )
 
-#: The ``info`` calls a listing without sizes needs, made at once (see
-#: :meth:`Source._remotes`).
-MAX_STAT_THREADS = 16
-
 _PROTOCOL_ALIASES = {"https": "http", "local": "file", "gcs": "gs", "s3a": "s3"}
 
 
@@ -542,24 +538,30 @@ class Source:
                           identity=f"{int(size)}:{_identity(info)}",
                           origin_digest=self._origin_digest(info))
 
+    def _stat_pool(self) -> concurrent.futures.Executor | None:
+        """The threads a listing's ``info`` calls run on side by side (see
+        :meth:`_remotes`), or None: one after another."""
+        return None
+
     def _remotes(self, files: Sequence[tuple[str, str, dict[str, Any]]]) -> list[RemoteFile]:
         """:meth:`_remote` of each (path, relpath, listing info), every relpath checked
         first; the ``info`` calls of a listing that gives no sizes (an HTTP index page:
-        one HEAD per file) are made side by side, :data:`MAX_STAT_THREADS` at once: in
+        one HEAD per file) are made side by side on :meth:`_stat_pool`'s threads: in
         sequence, 18 of them took 32-58 ms of a model's start on loopback, ahead of its
-        first byte. The first file in order that fails raises, as in sequence."""
+        first byte. The first file in order that fails raises, as in sequence, and the
+        calls not started yet are not made."""
         for _, rel, _ in files:
             _safe_relpath(rel, self.url)
-        if sum(info.get("size") is None for _, _, info in files) < 2:
+        pool = self._stat_pool()
+        if pool is None or sum(info.get("size") is None for _, _, info in files) < 2:
             return [self._remote(*f) for f in files]
-        pool = concurrent.futures.ThreadPoolExecutor(min(MAX_STAT_THREADS, len(files)),
-                                                     thread_name_prefix="weightd-stat")
+        futures = [pool.submit(self._remote, *f) for f in files]
         try:
-            return list(pool.map(lambda f: self._remote(*f), files))
+            return [fut.result() for fut in futures]
         finally:
-            # after a failure, the HEADs not started yet are not made (in sequence the
-            # first failure ended the listing)
-            pool.shutdown(wait=True, cancel_futures=True)
+            for fut in futures:
+                fut.cancel()
+            concurrent.futures.wait(futures)
 
     def stat(self, rf: RemoteFile) -> RemoteFile:
         """Stat one file again (to see whether it changed during a download): one

@@ -146,6 +146,11 @@ class WireSource(Source):
                     thread_name_prefix="weightd-wire")
             return self._threads
 
+    def _stat_pool(self) -> concurrent.futures.Executor:
+        """The ``HEAD`` requests of a listing are blocking wire calls: they run on the
+        wire's threads, which its reads take next."""
+        return self._pool()
+
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking wire call on the source's threads."""
         loop = asyncio.get_running_loop()

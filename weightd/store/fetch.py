@@ -1125,11 +1125,11 @@ class Fetcher:
 
         async def write(batch: Sequence[tuple[int, int, Read]]) -> None:
             # ranges back to back, in the file's order: one hop to the writer for them all
-            written = 0
+            written = False
             blocks = [b for _, _, (_, data, _) in batch for b in data]
             try:
                 await loop.run_in_executor(writer, sink, batch[0][0], blocks)
-                written = 1
+                written = True
             finally:
                 for start, end, (_, _, cost) in batch:
                     landed = end - start if written else 0
