@@ -210,6 +210,68 @@ def test_source_that_keeps_failing_leaves_nothing(config, http_server, model_dir
     assert not os.listdir(cache / "tmp")
 
 
+def test_a_listing_that_fails_after_its_first_shard_was_read_leaves_nothing(
+        config, http_server, model_dir):
+    """The first shard is read while the listing still asks the other files' sizes (an
+    index page names files only); when one of them then fails, the fetch fails whole:
+    no blob, no temporary file, no snapshot, and the next fetch is whole."""
+    first, last = (sorted(model_dir.glob("*.safetensors"))[i] for i in (0, -1))
+    size = first.stat().st_size
+
+    def fault(method: str, path: str) -> int | None:
+        if not path.endswith(last.name):
+            return None
+        # answered once the first shard's bytes are out (bounded: the old code never
+        # read them before the listing was done)
+        deadline = time.monotonic() + 10
+        while http_server.log.bytes_served(first.name) < size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 404
+
+    http_server.set_fault(fault)
+    with pytest.raises(SourceNotFound, match=last.name):
+        fetch(config, f"{http_server.url}/org/model")
+    assert http_server.log.bytes_served(first.name) == size  # it was read, ahead
+    cache = config.cache_dir
+    assert not list((cache / "blobs").rglob("*/*"))
+    assert [p.name for p in (cache / "snapshots").iterdir()] == [".revs"]
+    assert not os.listdir(cache / "tmp")
+    http_server.set_fault(None)
+    snap = fetch(config, f"{http_server.url}/org/model")
+    (model_dir / "pytorch_model.bin").unlink()
+    assert_same_tree(snap.path, model_dir)
+
+
+def test_single_flight_locks_taken_ahead_of_their_order_never_wait_in_a_cycle(cache_dir):
+    """A fetch holds its first shard's lock ahead of the sorted order; when a lock it
+    still needs is held by a fetch that waits for that first one, it lets go and waits in
+    the sorted order: both fetches end (waiting ahead of the order would hang both)."""
+    from weightd.store.fetch import _Flights
+
+    with Store.open(cache_dir) as store:
+        ahead, behind = _Flights(store), _Flights(store)
+        assert ahead.hold("b", wait=False)   # the first shard's, taken early
+        assert behind.hold("a")              # another fetch's, in order
+        assert not _Flights(store).hold("b", wait=False)  # busy: not waited for
+        done: list[str] = []
+
+        def take(flights: _Flights, keys: list[str], name: str) -> None:
+            flights.take(keys)
+            done.append(name)
+            flights.release()
+
+        threads = [threading.Thread(target=take, args=(ahead, ["b", "a", "c"], "ahead")),
+                   threading.Thread(target=take, args=(behind, ["a", "b"], "behind"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert sorted(done) == ["ahead", "behind"], done
+        after = _Flights(store)
+        assert after.hold("a", wait=False) and after.hold("b", wait=False)  # all let go
+        after.release()
+
+
 def test_allowed_sources_are_enforced(config, tmp_path, http_server, model_dir):
     cfg = config.replace(allowed_sources=(f"{http_server.url}/org", "s3://models"))
     assert fetch(cfg, f"{http_server.url}/org/model").stats.files > 0

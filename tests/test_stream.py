@@ -8,6 +8,7 @@ download; the stream's lease is the caller's."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +89,43 @@ def test_a_stream_yields_each_tensor_once_its_bytes_land(tmp_path, http_server, 
         f"first tensor at {first:.2f}s, the last at {last:.2f}s, after the source had sent "
         f"{served_at_first} of {shard_bytes(model)} bytes")
     assert shard_bytes_served(http_server, model) == shard_bytes(model)
+
+
+def test_the_first_shard_streams_while_another_files_head_is_unanswered(
+        tmp_path, http_server, model):
+    """An index page names files only: the listing asks each one's size (a ``HEAD``).
+    The first shard's bytes are read as soon as its own answer is in, not after the
+    slowest of them: a replica gets its first tensor while the origin still holds the
+    last shard's ``HEAD``; the model is then whole and read once."""
+    last = sorted(model.glob("*.safetensors"))[-1].name
+    held, answer = threading.Event(), threading.Event()
+
+    def slow_head(method: str, path: str) -> None:
+        if method == "HEAD" and path.endswith(last):
+            held.set()
+            answer.wait(30)  # then answered as usual
+        return None
+
+    http_server.set_fault(slow_head)
+    url = f"{http_server.url}/m"
+    want = source_tensors(model)
+    timer = threading.Timer(20, answer.set)  # the listing ends, whatever happens
+    timer.start()
+    try:
+        with (DaemonProcess(tmp_path) as d, Client(d.socket) as client,
+              client.stream(url) as weights):
+            it = iter(weights)
+            first = next(it)
+            answered_before_first = answer.is_set()
+            answer.set()
+            got = dict([first, *it])
+    finally:
+        timer.cancel()
+        answer.set()
+    assert held.is_set()
+    assert not answered_before_first, "the first tensor waited for another file's HEAD"
+    assert {n: raw(t) for n, t in got.items()} == {n: w[2] for n, w in want.items()}
+    assert shard_bytes_served(http_server, model) == shard_bytes(model)  # 1.00x the model
 
 
 def test_a_resident_model_streams_everything_at_once(tmp_path, http_server, model):

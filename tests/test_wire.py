@@ -194,6 +194,30 @@ def test_ramped_ranges_cover_each_file_and_start_and_end_small():
     assert [e - b for b, e in fixed][:-1] == [8 * MiB] * 8
 
 
+def test_a_schedule_begun_with_the_first_shard_reads_it_as_the_models_first_file():
+    """The first shard is read before the rest of the model is listed (``_Lead``): its
+    ranges are the model's first (no shrinking toward its end while more shards follow),
+    and once the rest is placed the small side files come ahead of its waiting reads,
+    the other shards after it, and the model's end is near in the last shard."""
+    plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
+    shards = [_rf(f"s{i}.safetensors", 64 * MiB) for i in range(3)]
+    side = _rf("config.json", 300)
+    whole = _Schedule([side, *shards], 32, 8 * MiB, start=8)
+    ahead = _Schedule(shards[:1], 32, 8 * MiB, start=8, more=True)
+    early = [e - b for b, e in ahead.ranges(shards[0].size, plan, 0)]
+    # as when the whole model is known (a 300-byte side file before it changes nothing)
+    assert early == [e - b for b, e in whole.ranges(shards[0].size, plan, 0)]
+    assert early[:-1] == sorted(early[:-1])  # growing to its end (the last: the rest)
+    alone = _Schedule(shards[:1], 32, 8 * MiB, start=8)  # the only shard: it shrinks
+    sizes = [e - b for b, e in alone.ranges(shards[0].size, plan, 0)]
+    assert sizes[-2] < max(sizes) < max(early)
+    ahead.extend([side, *shards[1:]], ahead=1)
+    assert ahead.place(side)[0] < ahead.place(shards[0])[0] < ahead.place(shards[1])[0]
+    assert ahead.total == 3 * 64 * MiB + 300 and not ahead.more
+    last = [e - b for b, e in ahead.ranges(shards[2].size, plan, ahead.place(shards[2])[1])]
+    assert last[-2] < max(last)  # the model's end shrinks its last ranges
+
+
 def test_the_window_grants_reads_in_the_models_order():
     async def run() -> list[tuple[int, int]]:
         sched = _Schedule([_rf("a", 1), _rf("b", 1)], 2, 1)
