@@ -486,19 +486,31 @@ class Store:
     # single flight ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def single_flight(self, key: str) -> Iterator[None]:
-        """Hold the work on ``key`` against other threads here and other processes."""
+    def single_flight(self, key: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the work on ``key`` against other threads here and other processes;
+        yields True. ``wait=False``: yields False at once (holding nothing) when another
+        holds it."""
         with self._flight_guard:
             lock = self._flight.setdefault(key, threading.Lock())
-        with lock:
+        if not lock.acquire(blocking=wait):
+            yield False
+            return
+        try:
             name = hashlib.sha256(key.encode()).hexdigest()[:32]
             fd = os.open(self.root / "locks" / f"{name}.lock",
                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    held = False
+                else:
+                    held = True
+                yield held
             finally:
                 os.close(fd)
+        finally:
+            lock.release()
 
     # snapshots --------------------------------------------------------------------------
 

@@ -107,7 +107,8 @@ class FetchEvents:
     def listed(self, hits: Sequence[tuple[RemoteFile, str]], todo: Sequence[RemoteFile],
                ) -> None:
         """The model's files: ``hits`` are in the cache already (with their digest, no
-        byte is read), ``todo`` are downloaded."""
+        byte is read), ``todo`` are downloaded. The first shard's first events may come
+        before this one: it is read while the others are listed (see ``_Lead``)."""
 
     def opened(self, rf: RemoteFile, path: Path) -> None:
         """``rf``'s bytes land in ``path`` (its temporary file, 0440), from now on."""
@@ -508,6 +509,12 @@ class _Growth:
         return self.size
 
 
+#: What a schedule's window counts as left of a model whose files are not all known
+#: yet (see :meth:`_Schedule.extend`): more than any model, so that it never settles for
+#: lack of bytes to measure.
+_UNKNOWN_REST = 1 << 62
+
+
 class _Schedule:
     """The ranged reads of one model fetch: the ranges each file is read in, and one
     window of reads in flight for the whole model, granted in the model's order: its
@@ -547,20 +554,40 @@ class _Schedule:
     """
 
     def __init__(self, files: Sequence[RemoteFile], limit: int, chunk: int, *,
-                 start: int | None = None,
+                 start: int | None = None, more: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = max(1, limit)
         self.chunk = max(1, chunk)
         self._place: dict[str, tuple[int, int]] = {}
-        o = 0
-        for i, f in enumerate(files):
-            self._place[_flight_key(f)] = (i, o)
-            o += f.size
-        self.total = o
-        self.growth = _Growth(self.limit if start is None else start, self.limit, o, clock)
+        self.total = 0
+        #: the model goes on after ``files`` (:meth:`extend` tells the rest): its end is
+        #: not near, and no range shrinks toward it
+        self.more = more
+        self.growth = _Growth(self.limit if start is None else start, self.limit,
+                              _UNKNOWN_REST if more else 0, clock)
+        self.growth.left += self._add(files)
         #: the ranges a ramp reads the model's first chunk in (see :meth:`ranges`)
         self.split = self.growth.size
         self._turns = _Turns(self.growth.size * self.chunk)
+
+    def extend(self, files: Sequence[RemoteFile], *, ahead: int = 0) -> None:
+        """Place ``files`` after those placed before (those placed already keep theirs);
+        the model ends with them. The first ``ahead`` of them are granted turns before
+        the reads of those placed before that still wait (the small side files, see
+        ``Fetcher._download_all``)."""
+        self.growth.left += self._add(files, ahead) - (_UNKNOWN_REST if self.more else 0)
+        self.more = False
+
+    def _add(self, files: Sequence[RemoteFile], ahead: int = 0) -> int:
+        added = 0
+        for i, f in enumerate(files):
+            key = _flight_key(f)
+            if key not in self._place:
+                order = i - ahead if i < ahead else len(self._place)
+                self._place[key] = (order, self.total)
+                self.total += f.size
+                added += f.size
+        return added
 
     def place(self, f: RemoteFile) -> tuple[int, int]:
         """``f``'s place in the model's order and the model's byte where it starts."""
@@ -580,7 +607,8 @@ class _Schedule:
                 if m < chunk:  # the model's first chunk: a window of reads together
                     n = floor
                 else:
-                    n = min(m, self.total - m) // RAMP // MIN_RANGE * MIN_RANGE
+                    n = (m if self.more else min(m, self.total - m)) // RAMP
+                    n = n // MIN_RANGE * MIN_RANGE
                     n = max(floor, min(chunk, n))
             out.append((o, min(o + n, size)))
             o += n
@@ -627,6 +655,127 @@ def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | Non
     if written < 8 + n:
         return None
     return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
+
+
+class _Flights:
+    """The single-flight locks of one fetch's files (:meth:`Store.single_flight`), held
+    until its blobs are durable and recorded, so that a second fetch of a file, here or
+    in another process, waits for the first one's commit and then finds it (and reads
+    nothing). The lock only avoids duplicate work: correctness comes from the rename.
+
+    Fetches that share files must never wait for each other in a cycle: a lock is waited
+    for only while no lock of a later key (sorted) is held. The model's first shard's
+    may be taken first, ahead of that order (:class:`_Lead`): a lock of an earlier key
+    is then only tried, and when another holds it, every lock is let go and all of them
+    are taken again in the sorted order (the first shard's read goes on meanwhile: at
+    worst a second fetch reads it too)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._held: dict[str, ExitStack] = {}
+
+    def hold(self, key: str, *, wait: bool = True) -> bool:
+        """Take ``key``'s lock (``wait=False``: only if it is free); whether it is held."""
+        if key in self._held:
+            return True
+        stack = ExitStack()
+        if not stack.enter_context(self._store.single_flight(key, wait=wait)):
+            stack.close()
+            return False
+        self._held[key] = stack
+        return True
+
+    def take(self, keys: Sequence[str]) -> None:
+        """Hold every one of ``keys``, taken in their order (the first may be ahead of
+        the sorted order, see above)."""
+        for key in keys:
+            if key in self._held:
+                continue
+            if any(k > key for k in self._held):
+                if self.hold(key, wait=False):
+                    continue
+                self.release()  # waiting now, with a later key held, could be a cycle
+                for k in sorted(keys):
+                    self.hold(k)
+                return
+            self.hold(key)
+
+    def release(self) -> None:
+        held, self._held = self._held, {}
+        for stack in reversed(held.values()):
+            stack.close()
+
+
+class _Lead:
+    """A model's first shard, read as soon as the listing has its size and identity,
+    while the listing still waits for the other files' (an HTTP index page names files
+    only: each file's size is a ``HEAD``, 18 of them 14-35 ms of a model's start here,
+    and the first tensor waited for the slowest). A streaming replica's first tensors
+    are in that shard.
+
+    It is read as the model's first file, in the model's :class:`_Schedule` (the other
+    files join it once they are listed); it is not read when the cache has it, and not
+    with a mirror (which decides, from the whole listing, where each file comes from).
+    Its single-flight lock is taken before it is read, if it is free (see
+    :class:`_Flights`: the model's other locks are taken after it, once the listing is
+    done); when another fetch holds it, it is not read now, and its lock is the first
+    this fetch waits for, so that fetches of one model wait for the first of them
+    whole, holding nothing. When the listing or the fetch fails, the read is stopped and
+    its temporary file removed (:meth:`abort`)."""
+
+    def __init__(self, fetcher: Fetcher, source: Source, flights: _Flights,
+                 progress: _LockedCallback, stats: FetchStats,
+                 hold: Callable[[str], None] | None, events: FetchEvents,
+                 buffers: _Buffers) -> None:
+        self._fetcher = fetcher
+        self._source = source
+        self._flights = flights
+        self._args = (progress, stats, hold, events, buffers)
+        #: the first shard's single-flight key (read or not)
+        self.key: str | None = None
+        self.file: RemoteFile | None = None
+        self.schedule: _Schedule | None = None
+        self.future: concurrent.futures.Future[str | _Landed] | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def start(self, f: RemoteFile, more: bool) -> None:
+        """The listing's :data:`~weightd.sources.FirstShard`: read ``f`` now, unless the
+        cache has it (then it is found with the rest) or another fetch is reading it."""
+        self.key = _flight_key(f)
+        if self._fetcher._hit(f) is not None or not self._flights.hold(self.key, wait=False):
+            return
+        if self._fetcher._hit(f) is not None:  # committed by the one that held it
+            self._flights.release()  # (the only lock held yet)
+            return
+        plan = self._source.plan
+        self.file = f
+        self.schedule = _Schedule([f], plan.concurrency * self._fetcher.config.max_parallel_files,
+                                  plan.chunk_size, start=plan.concurrency, more=more)
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="weightd-fetch")
+        progress, stats, hold, events, buffers = self._args
+        self.future = self._thread.submit(self._fetcher._fetch_one, self._source, f, progress,
+                                          stats, hold, events, buffers, None, self.schedule)
+
+    def owns(self, f: RemoteFile) -> bool:
+        return self.file is not None and f.relpath == self.file.relpath
+
+    def abort(self) -> None:
+        """Stop the read (the source's reads end now) and remove what it wrote."""
+        if self.future is None:
+            return
+        if not self.future.done():
+            self._source.close()
+        concurrent.futures.wait([self.future])
+        if not self.future.cancelled() and self.future.exception() is None:
+            got = self.future.result()
+            if isinstance(got, _Landed):
+                got.temp.discard()
+        self.close()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
 
 
 class Fetcher:
@@ -690,23 +839,48 @@ class Fetcher:
     def _fetch(self, source: Source, start: float, include: Sequence[str] | None,
                exclude: Sequence[str], callback: Callback | None,
                hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
-        files = source.list_files(include, exclude)
         stats = FetchStats()
         cb = callback or NoOpCallback()
+        progress = _LockedCallback(cb)
+        buffers = _Buffers(source.plan.chunk_size)
+        flights = _Flights(self.store)
+        # the first shard is read once it is listed (not with a mirror: see _Lead)
+        lead = (_Lead(self, source, flights, progress, stats, hold, events, buffers)
+                if self.mirror is None else None)
+        try:
+            files = source.list_files(include, exclude,
+                                      first=lead.start if lead is not None else None)
+            return self._fetch_listed(source, start, files, cb, progress, buffers, flights,
+                                      lead, stats, hold, events)
+        except BaseException:
+            if lead is not None:
+                lead.abort()
+            raise
+        finally:
+            flights.release()
+            if lead is not None:
+                lead.close()
+
+    def _fetch_listed(self, source: Source, start: float, files: Sequence[RemoteFile],
+                      cb: Callback, progress: _LockedCallback, buffers: _Buffers,
+                      flights: _Flights, lead: _Lead | None, stats: FetchStats,
+                      hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
         results: dict[str, ModelFile] = {}
-        todo = [f for f in files if not self._found(f, hold, stats, results)]
+
+        def missing(f: RemoteFile) -> bool:  # (the lead is read already: never a hit)
+            return (lead is not None and lead.owns(f)) or not self._found(f, hold, stats,
+                                                                         results)
+
+        todo = [f for f in files if missing(f)]
         pull: MirrorPull | None = None
         try:
-            with ExitStack() as flights:
-                # Single flight: the lock of every file to download, in one order (their
-                # keys sorted) so that fetches that share files never wait for each other
-                # in a cycle; held until the blobs are durable and recorded, so that a
-                # second fetch of a file, here or in another process, waits for the first
-                # one's commit and then finds it (and reads nothing). The lock only avoids
-                # duplicate work: correctness comes from the rename.
-                for f in sorted(todo, key=_flight_key):
-                    flights.enter_context(self.store.single_flight(_flight_key(f)))
-                todo = [f for f in todo if not self._found(f, hold, stats, results)]
+            try:
+                # single flight: the lock of every file to download (see _Flights), the
+                # first shard's first
+                keys = sorted({_flight_key(f) for f in todo},
+                              key=lambda k: (lead is None or k != lead.key, k))
+                flights.take(keys)
+                todo = [f for f in todo if missing(f)]
                 events.listed([(f, results[f.relpath].digest) for f in files
                                if f.relpath in results], todo)
                 cb.set_size(sum(f.size for f in todo))
@@ -715,8 +889,8 @@ class Fetcher:
                 # pulls from the origin
                 if self.mirror is not None and todo and source.protocol != "file":
                     pull = self.mirror.begin(source.url, files, todo, self.store.blob_path)
-                landed = self._download_all(source, todo, stats, _LockedCallback(cb), hold,
-                                            events, results, pull)
+                landed = self._download_all(source, todo, stats, progress, hold, events,
+                                            results, pull, buffers=buffers, lead=lead)
                 try:
                     pending = {x.digest: x.temp.path for x in landed}
                     self._check_answer(source.url, results, pending)
@@ -729,6 +903,8 @@ class Fetcher:
                 finally:
                     for x in landed:
                         x.temp.discard()  # (those committed are closed already)
+            finally:
+                flights.release()
             path = self.store.commit_snapshot(name, source.url, results)
         except BaseException:
             if pull is not None:
@@ -759,7 +935,8 @@ class Fetcher:
     def _download_all(self, source: Source, todo: Sequence[RemoteFile], stats: FetchStats,
                       progress: _LockedCallback, hold: Callable[[str], None] | None,
                       events: FetchEvents, results: dict[str, ModelFile],
-                      pull: MirrorPull | None = None) -> list[_Landed]:
+                      pull: MirrorPull | None = None, *, buffers: _Buffers | None = None,
+                      lead: _Lead | None = None) -> list[_Landed]:
         """Download ``todo``, ``max_parallel_files`` at once (each from the mirror where
         ``pull`` gives it, see :meth:`_fetch_one`); side files are committed as they land,
         verified shards are returned uncommitted. A failure stops the other files at once
@@ -770,12 +947,22 @@ class Fetcher:
         after its shards) waited for every shard's reads to be granted before its own,
         then for its own ``HEAD``, all after the last shard's bytes (20-40 ms of a
         256 MiB model's ready, here); a large one (a 17 MB ``tokenizer.json``) would hold
-        a streaming replica's first shard back."""
-        todo = sorted(todo, key=lambda f: f.relpath.endswith(".safetensors")
-                      or f.size >= source.plan.chunk_size)  # (stable)
-        buffers = _Buffers(source.plan.chunk_size)
-        schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
-                             source.plan.chunk_size, start=source.plan.concurrency)
+        a streaming replica's first shard back. ``lead``: the first shard, read already
+        (see :class:`_Lead`): the small side files are granted turns ahead of its reads
+        still waiting, the other files follow it."""
+        def big(f: RemoteFile) -> bool:
+            return f.relpath.endswith(".safetensors") or f.size >= source.plan.chunk_size
+
+        todo = sorted(todo, key=big)  # (stable)
+        buffers = buffers or _Buffers(source.plan.chunk_size)
+        ahead = lead.future if lead is not None and lead.file is not None else None
+        if lead is not None and lead.schedule is not None:
+            schedule = lead.schedule
+            todo = [f for f in todo if not lead.owns(f)]
+            schedule.extend(todo, ahead=sum(not big(f) for f in todo))
+        else:
+            schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
+                                 source.plan.chunk_size, start=source.plan.concurrency)
         landed: list[_Landed] = []
         futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
         try:
@@ -785,6 +972,8 @@ class Fetcher:
                 futures = {pool.submit(self._fetch_one, source, f, progress, stats, hold,
                                        events, buffers, pull, schedule): f
                            for f in todo}
+                if ahead is not None and lead is not None and lead.file is not None:
+                    futures[ahead] = lead.file
                 try:
                     for fut in concurrent.futures.as_completed(futures):
                         f = futures[fut]
@@ -803,7 +992,8 @@ class Fetcher:
                         pull.abort()  # and those waiting for another node's blobs
                     raise
         except BaseException:
-            # every future is done here (the pool was joined)
+            # every future is done here (the pool was joined; the lead's is waited for)
+            concurrent.futures.wait(futures)
             for fut in futures:
                 if not fut.cancelled() and fut.exception() is None:
                     got = fut.result()
