@@ -242,6 +242,42 @@ def test_a_listing_that_fails_after_its_first_shard_was_read_leaves_nothing(
     assert_same_tree(snap.path, model_dir)
 
 
+def test_a_first_shard_refused_while_the_model_is_listed_stops_the_fetch_before_the_rest(
+        config, http_server, model_dir):
+    """The first shard, read ahead of the listing, is refused (403): the fetch fails with
+    that, once the listing is done, without starting any other file."""
+    first, last = (sorted(model_dir.glob("*.safetensors"))[i] for i in (0, -1))
+
+    def fault(method: str, path: str) -> int | None:
+        if method == "GET" and path.endswith(first.name):
+            return 403
+        if method == "HEAD" and path.endswith(last.name):  # listed after the refusal
+            deadline = time.monotonic() + 10
+            while (not http_server.log.count("FAULT", first.name)
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+        return None
+
+    http_server.set_fault(fault)
+    with pytest.raises(NotPermitted, match=first.name):
+        fetch(config.replace(retry_attempts=1), f"{http_server.url}/org/model")
+    gets = [p for m, p in http_server.log.order if m in ("GET", "FAULT")]
+    assert gets and all(p.endswith(first.name) for p in gets[1:]), gets  # [0]: the index
+    assert not os.listdir(config.cache_dir / "tmp")
+
+
+def test_one_file_at_a_time_holds_with_the_first_shard_read_ahead(config, http_server,
+                                                                 model_dir):
+    """``max_parallel_files = 1``: the first shard, read while the model is listed, is
+    the one file in flight: no other file's bytes are asked for before its last."""
+    one = config.replace(chunk_size=256 * 1024, concurrency=4, max_parallel_files=1)
+    fetch(one, f"{http_server.url}/org/model")
+    first = sorted(model_dir.glob("*.safetensors"))[0].name
+    gets = [p for m, p in http_server.log.order if m == "GET" and not p.endswith("/")]
+    last_of_first = max(i for i, p in enumerate(gets) if p.endswith(first))
+    assert all(p.endswith(first) for p in gets[:last_of_first + 1]), gets
+
+
 def test_single_flight_locks_taken_ahead_of_their_order_never_wait_in_a_cycle(cache_dir):
     """A fetch holds its first shard's lock ahead of the sorted order; when a lock it
     still needs is held by a fetch that waits for that first one, it lets go and waits in
