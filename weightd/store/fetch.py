@@ -205,6 +205,10 @@ class _LockedCallback:
         with self.lock:
             self.cb.relative_update(n)
 
+    def set_size(self, n: int) -> None:
+        with self.lock:
+            self.cb.set_size(n)
+
 
 class _Attempt(_LockedCallback):
     """The progress of one try at a file (from the mirror), taken back if it fails."""
@@ -760,6 +764,14 @@ class _Lead:
     def owns(self, f: RemoteFile) -> bool:
         return self.file is not None and f.relpath == self.file.relpath
 
+    def check(self) -> None:
+        """Raise what the read raised, if it failed already (the fetch stops now, not
+        after waiting for locks and starting the other files)."""
+        if self.future is not None and self.future.done() and not self.future.cancelled():
+            error = self.future.exception()
+            if error is not None:
+                raise error
+
     def abort(self) -> None:
         """Stop the read (the source's reads end now) and remove what it wrote."""
         if self.future is None:
@@ -879,11 +891,15 @@ class Fetcher:
                 # first shard's first
                 keys = sorted({_flight_key(f) for f in todo},
                               key=lambda k: (lead is None or k != lead.key, k))
+                if lead is not None:
+                    lead.check()
                 flights.take(keys)
+                if lead is not None:
+                    lead.check()
                 todo = [f for f in todo if missing(f)]
                 events.listed([(f, results[f.relpath].digest) for f in files
                                if f.relpath in results], todo)
-                cb.set_size(sum(f.size for f in todo))
+                progress.set_size(sum(f.size for f in todo))
                 name = model_name(source.url)
                 # the mirror, after the listing and the hits: which files it gives, who
                 # pulls from the origin
@@ -959,16 +975,26 @@ class Fetcher:
         if lead is not None and lead.schedule is not None:
             schedule = lead.schedule
             todo = [f for f in todo if not lead.owns(f)]
-            schedule.extend(todo, ahead=sum(not big(f) for f in todo))
+
+            async def extend() -> None:  # (the schedule is the reads' loop's)
+                schedule.extend(todo, ahead=sum(not big(f) for f in todo))
+
+            fsspec.asyn.sync(fsspec.asyn.get_loop(), extend)
         else:
             schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
                                  source.plan.chunk_size, start=source.plan.concurrency)
         landed: list[_Landed] = []
         futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
+        workers = self.config.max_parallel_files
+        if ahead is not None:  # it is one of the files at once
+            if workers == 1 and lead is not None:
+                concurrent.futures.wait([ahead])
+                lead.check()
+            else:
+                workers -= 1
         try:
             with concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.config.max_parallel_files,
-                    thread_name_prefix="weightd-fetch") as pool:
+                    max_workers=workers, thread_name_prefix="weightd-fetch") as pool:
                 futures = {pool.submit(self._fetch_one, source, f, progress, stats, hold,
                                        events, buffers, pull, schedule): f
                            for f in todo}
