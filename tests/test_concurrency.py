@@ -412,7 +412,7 @@ def test_a_lease_is_in_the_name_of_the_caller_not_of_the_pid_it_claims(tmp_path)
 
 def test_layouts_are_dropped_when_their_model_is_unloaded(tmp_path):
     sources = []
-    for i in range(5):
+    for i in range(9):
         src = tmp_path / f"m{i}"
         write_synthetic_model(src, total_bytes=4 * MiB, tensors=30_000, seed=i, dtype="U8")
         sources.append(src)
@@ -427,8 +427,10 @@ def test_layouts_are_dropped_when_their_model_is_unloaded(tmp_path):
         for src in sources[1:]:
             cycle(src)
         grown = (smaps_rollup(d.pid)["Pss_Anon"] - base) * 1024
-    # each layout of 30,000 tensors takes about 10 MiB as Python objects
-    assert grown < 16 * MiB, f"the daemon's anonymous memory grew {grown / MiB:.0f} MiB"
+    # each layout of 30,000 tensors takes about 10 MiB as Python objects: 8 kept would be
+    # 80 MiB; with every one dropped the heap still grew 5-19 MiB here (the allocator's
+    # arenas), so 5 cycles under 16 MiB failed now and then on either side of a change
+    assert grown < 32 * MiB, f"the daemon's anonymous memory grew {grown / MiB:.0f} MiB"
 
 
 # a fetch with other globs does not join the running one -----------------------------------------
