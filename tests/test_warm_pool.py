@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from tests.conftest import run_cli
-from tests.daemon import DaemonProcess
+from tests.daemon import DaemonProcess, wait_for
 from weightd.testing import write_synthetic_model
 from weightd_client._proto.weightd.v1 import weightd_pb2 as pb
 
@@ -246,7 +246,10 @@ def test_metrics_endpoint_changes_after_a_load(tmp_path, models):
         assert value(before, 'weightd_resident_bytes{device="cpu",tier="host"}') == 0
         assert value(after, 'weightd_acquire_seconds_count{tier="host"}') == 1
         assert value(after, 'weightd_leases{tier="host"}') == 1
-        assert value(after, 'weightd_fetched_bytes_total{protocol="file"}') >= 12 * MiB
+        # the fetch is counted once its blobs are durable, which may come a moment after
+        # its first Acquire was answered (served from the verified temporary files)
+        wait_for(lambda: value(scrape(), 'weightd_fetched_bytes_total{protocol="file"}')
+                 >= 12 * MiB, timeout=10, what="the fetch's bytes in the metrics")
         assert value(after, 'weightd_errors_total{code="NOT_FOUND",method="Acquire"}') == 1
         release(d, got.lease_id)
         assert value(scrape(), 'weightd_leases{tier="host"}') == 0
