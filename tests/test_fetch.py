@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,14 @@ def test_source_that_keeps_failing_leaves_nothing(config, http_server, model_dir
     assert not os.listdir(cache / "tmp")
 
 
+def _until(cond: Callable[[], object], seconds: float = 10) -> None:
+    """Wait for ``cond`` in an origin's hook, bounded, then let it answer whatever
+    happened (raising there would only drop the connection)."""
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_listing_that_fails_after_its_first_shard_was_read_leaves_nothing(
         config, http_server, model_dir):
     """The first shard is read while the listing still asks the other files' sizes (an
@@ -223,9 +232,7 @@ def test_a_listing_that_fails_after_its_first_shard_was_read_leaves_nothing(
             return None
         # answered once the first shard's bytes are out (bounded: the old code never
         # read them before the listing was done)
-        deadline = time.monotonic() + 10
-        while http_server.log.bytes_served(first.name) < size and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _until(lambda: http_server.log.bytes_served(first.name) >= size)
         return 404
 
     http_server.set_fault(fault)
@@ -252,10 +259,7 @@ def test_a_first_shard_refused_while_the_model_is_listed_stops_the_fetch_before_
         if method == "GET" and path.endswith(first.name):
             return 403
         if method == "HEAD" and path.endswith(last.name):  # listed after the refusal
-            deadline = time.monotonic() + 10
-            while (not http_server.log.count("FAULT", first.name)
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
+            _until(lambda: http_server.log.count("FAULT", first.name))
         return None
 
     http_server.set_fault(fault)

@@ -710,6 +710,22 @@ class _Flights:
             stack.close()
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """The first shard's read under way (see :class:`_Lead`)."""
+
+    file: RemoteFile
+    schedule: _Schedule
+    future: concurrent.futures.Future[str | _Landed]
+
+    def check(self) -> None:
+        """Raise what the read raised, if it failed already."""
+        if self.future.done() and not self.future.cancelled():
+            error = self.future.exception()
+            if error is not None:
+                raise error
+
+
 class _Lead:
     """A model's first shard, read as soon as the listing has its size and identity,
     while the listing still waits for the other files' (an HTTP index page names files
@@ -737,9 +753,8 @@ class _Lead:
         self._args = (progress, stats, hold, events, buffers)
         #: the first shard's single-flight key (read or not)
         self.key: str | None = None
-        self.file: RemoteFile | None = None
-        self.schedule: _Schedule | None = None
-        self.future: concurrent.futures.Future[str | _Landed] | None = None
+        #: its read, once started
+        self.reading: _Reading | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self, f: RemoteFile, more: bool) -> None:
@@ -751,36 +766,33 @@ class _Lead:
         if self._fetcher._hit(f) is not None:  # committed by the one that held it
             self._flights.release()  # (the only lock held yet)
             return
-        plan = self._source.plan
-        self.file = f
-        self.schedule = _Schedule([f], plan.concurrency * self._fetcher.config.max_parallel_files,
-                                  plan.chunk_size, start=plan.concurrency, more=more)
+        schedule = self._fetcher._schedule(self._source, [f], more=more)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="weightd-fetch")
         progress, stats, hold, events, buffers = self._args
-        self.future = self._thread.submit(self._fetcher._fetch_one, self._source, f, progress,
-                                          stats, hold, events, buffers, None, self.schedule)
+        self.reading = _Reading(f, schedule, self._thread.submit(
+            self._fetcher._fetch_one, self._source, f, progress, stats, hold, events, buffers,
+            None, schedule))
 
     def owns(self, f: RemoteFile) -> bool:
-        return self.file is not None and f.relpath == self.file.relpath
+        return self.reading is not None and f.relpath == self.reading.file.relpath
 
     def check(self) -> None:
         """Raise what the read raised, if it failed already (the fetch stops now, not
         after waiting for locks and starting the other files)."""
-        if self.future is not None and self.future.done() and not self.future.cancelled():
-            error = self.future.exception()
-            if error is not None:
-                raise error
+        if self.reading is not None:
+            self.reading.check()
 
     def abort(self) -> None:
         """Stop the read (the source's reads end now) and remove what it wrote."""
-        if self.future is None:
+        if self.reading is None:
             return
-        if not self.future.done():
+        future = self.reading.future
+        if not future.done():
             self._source.close()
-        concurrent.futures.wait([self.future])
-        if not self.future.cancelled() and self.future.exception() is None:
-            got = self.future.result()
+        concurrent.futures.wait([future])
+        if not future.cancelled() and future.exception() is None:
+            got = future.result()
             if isinstance(got, _Landed):
                 got.temp.discard()
         self.close()
@@ -808,6 +820,13 @@ class Fetcher:
         """Wait for the mirror's write-backs in progress (see :meth:`Mirror.close`)."""
         if self.mirror is not None:
             self.mirror.close(timeout)
+
+    def _schedule(self, source: Source, files: Sequence[RemoteFile], *,
+                  more: bool = False) -> _Schedule:
+        """The window of a model fetch's reads from ``source`` (see :class:`_Schedule`)."""
+        plan = source.plan
+        return _Schedule(files, plan.concurrency * self.config.max_parallel_files,
+                         plan.chunk_size, start=plan.concurrency, more=more)
 
     def fetch(
         self,
@@ -852,8 +871,7 @@ class Fetcher:
                exclude: Sequence[str], callback: Callback | None,
                hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
         stats = FetchStats()
-        cb = callback or NoOpCallback()
-        progress = _LockedCallback(cb)
+        progress = _LockedCallback(callback or NoOpCallback())
         buffers = _Buffers(source.plan.chunk_size)
         flights = _Flights(self.store)
         # the first shard is read once it is listed (not with a mirror: see _Lead)
@@ -862,8 +880,8 @@ class Fetcher:
         try:
             files = source.list_files(include, exclude,
                                       first=lead.start if lead is not None else None)
-            return self._fetch_listed(source, start, files, cb, progress, buffers, flights,
-                                      lead, stats, hold, events)
+            return self._fetch_listed(source, start, files, progress, buffers, flights, lead,
+                                      stats, hold, events)
         except BaseException:
             if lead is not None:
                 lead.abort()
@@ -874,7 +892,7 @@ class Fetcher:
                 lead.close()
 
     def _fetch_listed(self, source: Source, start: float, files: Sequence[RemoteFile],
-                      cb: Callback, progress: _LockedCallback, buffers: _Buffers,
+                      progress: _LockedCallback, buffers: _Buffers,
                       flights: _Flights, lead: _Lead | None, stats: FetchStats,
                       hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
         results: dict[str, ModelFile] = {}
@@ -951,8 +969,8 @@ class Fetcher:
     def _download_all(self, source: Source, todo: Sequence[RemoteFile], stats: FetchStats,
                       progress: _LockedCallback, hold: Callable[[str], None] | None,
                       events: FetchEvents, results: dict[str, ModelFile],
-                      pull: MirrorPull | None = None, *, buffers: _Buffers | None = None,
-                      lead: _Lead | None = None) -> list[_Landed]:
+                      pull: MirrorPull | None, *, buffers: _Buffers,
+                      lead: _Lead | None) -> list[_Landed]:
         """Download ``todo``, ``max_parallel_files`` at once (each from the mirror where
         ``pull`` gives it, see :meth:`_fetch_one`); side files are committed as they land,
         verified shards are returned uncommitted. A failure stops the other files at once
@@ -970,36 +988,33 @@ class Fetcher:
             return f.relpath.endswith(".safetensors") or f.size >= source.plan.chunk_size
 
         todo = sorted(todo, key=big)  # (stable)
-        buffers = buffers or _Buffers(source.plan.chunk_size)
-        ahead = lead.future if lead is not None and lead.file is not None else None
-        if lead is not None and lead.schedule is not None:
-            schedule = lead.schedule
-            todo = [f for f in todo if not lead.owns(f)]
+        reading = lead.reading if lead is not None else None
+        workers = self.config.max_parallel_files
+        if reading is not None:
+            schedule = reading.schedule
+            todo = [f for f in todo if f.relpath != reading.file.relpath]
 
             async def extend() -> None:  # (the schedule is the reads' loop's)
                 schedule.extend(todo, ahead=sum(not big(f) for f in todo))
 
             fsspec.asyn.sync(fsspec.asyn.get_loop(), extend)
-        else:
-            schedule = _Schedule(todo, source.plan.concurrency * self.config.max_parallel_files,
-                                 source.plan.chunk_size, start=source.plan.concurrency)
-        landed: list[_Landed] = []
-        futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
-        workers = self.config.max_parallel_files
-        if ahead is not None:  # it is one of the files at once
-            if workers == 1 and lead is not None:
-                concurrent.futures.wait([ahead])
-                lead.check()
+            if workers == 1:  # it is one of the files at once
+                concurrent.futures.wait([reading.future])
+                reading.check()
             else:
                 workers -= 1
+        else:
+            schedule = self._schedule(source, todo)
+        landed: list[_Landed] = []
+        futures: dict[concurrent.futures.Future[str | _Landed], RemoteFile] = {}
         try:
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=workers, thread_name_prefix="weightd-fetch") as pool:
                 futures = {pool.submit(self._fetch_one, source, f, progress, stats, hold,
                                        events, buffers, pull, schedule): f
                            for f in todo}
-                if ahead is not None and lead is not None and lead.file is not None:
-                    futures[ahead] = lead.file
+                if reading is not None:
+                    futures[reading.future] = reading.file
                 try:
                     for fut in concurrent.futures.as_completed(futures):
                         f = futures[fut]
