@@ -128,6 +128,33 @@ def test_the_first_shard_streams_while_another_files_head_is_unanswered(
     assert shard_bytes_served(http_server, model) == shard_bytes(model)  # 1.00x the model
 
 
+def test_the_first_tensor_crosses_the_link_before_any_other_byte_of_the_model(
+        tmp_path, http_root, http_server):
+    """A streaming replica wants the model's first tensor first. The daemon reads the
+    first shard's header alone, then the first tensor's bytes with every read of the
+    model's window, before any other byte: the first tensor arrives once its own bytes
+    have crossed the link. (The window's first chunk read as 8 ranges of 1 MiB, each
+    with an eighth of the link, gave a 512 KiB first tensor only once a whole MiB of the
+    shard had come.)"""
+    d = http_root / "first"
+    write_synthetic_model(d, total_bytes=16 * MiB, tensors=32, shards=2)  # 512 KiB each
+    http_server.set_rate(32e6)  # the link is the bottleneck
+    want = source_tensors(d)
+    with (DaemonProcess(tmp_path) as daemon, Client(daemon.socket) as client,
+          client.stream(f"{http_server.url}/first") as weights):
+        it = iter(weights)
+        name, tensor = next(it)
+        served = shard_bytes_served(http_server, d)
+        got = dict([(name, tensor), *it])
+    first_end = want[name][1]
+    assert first_end < MiB
+    assert served < first_end + MiB // 4, (
+        f"the first tensor ({name}, bytes 0-{first_end} of its shard with its header) came "
+        f"after the source had sent {served} bytes of the model's shards")
+    assert {n: raw(t) for n, t in got.items()} == {n: w[2] for n, w in want.items()}
+    assert shard_bytes_served(http_server, d) == shard_bytes(d)  # 1.00x the model
+
+
 def test_a_resident_model_streams_everything_at_once(tmp_path, http_server, model):
     url = f"{http_server.url}/m"
     want = source_tensors(model)
