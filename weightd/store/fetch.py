@@ -392,6 +392,12 @@ MIN_RANGE = 64 * 1024
 #: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
 #: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
 RAMP = 8
+#: The first read of a model's first shard where the plan ramps (HTTP, Hugging Face),
+#: made alone in the model's window: it brings the shard's header, so the window's next
+#: reads end where the shard's first tensor does (see :meth:`_Schedule.ranges`). A
+#: header is 8 bytes and a JSON of about 150 bytes a tensor: 256 KiB holds that of a
+#: shard of 1,500 tensors (a DeepSeek-V3 shard's is about 100 KiB).
+HEADER_PROBE = 256 * 1024
 
 
 class _Turns:
@@ -547,7 +553,16 @@ class _Schedule:
     whole chunks to the end, a window of 64 MiB landing together, the model was ready
     100-270 ms after the source's last byte over loopback, with the ramp 40-50 ms).
     Every range of a ramp costs a whole chunk of the window: at most ``size`` of them
-    are in flight, as whole chunks would be. The first chunk in ``limit`` (32) ranges of
+    are in flight, as whole chunks would be.
+
+    The model's first shard, where the plan ramps, starts with its header
+    (:data:`HEADER_PROBE`, :meth:`probe`) read alone, the one round trip that tells
+    where its first tensor ends; the window's first reads (as many as it starts with)
+    then end there, and the rest of the ramp follows them. A streaming replica's first
+    tensor has the whole link, where as a part of the first chunk's ranges it had their
+    share of it: at 200 MB/s a 5.4 MiB first tensor came when the whole 8 MiB chunk had
+    (docs/fetch-tuning.md, "The first tensor's bytes first"). The first chunk in
+    ``limit`` (32) ranges of
     256 KiB, each costing 1/32 of the window, put 32 requests, threads and connections
     at every model's start, which this 2-core machine served one after another: the
     first tensor at 200 MB/s came 93-147 ms after a replica asked, with 8 ranges at
@@ -564,6 +579,8 @@ class _Schedule:
         self.chunk = max(1, chunk)
         self._place: dict[str, tuple[int, int]] = {}
         self.total = 0
+        #: the model's first shard's flight key (see :meth:`probe`)
+        self._first_shard: str | None = None
         #: the model goes on after ``files`` (:meth:`extend` tells the rest): its end is
         #: not near, and no range shrinks toward it
         self.more = more
@@ -587,6 +604,8 @@ class _Schedule:
         for i, f in enumerate(files):
             key = _flight_key(f)
             if key not in self._place:
+                if self._first_shard is None and f.relpath.endswith(".safetensors"):
+                    self._first_shard = key
                 order = i - ahead if i < ahead else len(self._place)
                 self._place[key] = (order, self.total)
                 self.total += f.size
@@ -597,13 +616,36 @@ class _Schedule:
         """``f``'s place in the model's order and the model's byte where it starts."""
         return self._place.get(_flight_key(f), (len(self._place), self.total))
 
-    def ranges(self, size: int, plan: ChunkPlan, start: int) -> list[tuple[int, int]]:
+    def probe(self, f: RemoteFile, plan: ChunkPlan) -> int:
+        """How many of ``f``'s first bytes are read alone before its other ranges are
+        cut (0: none): the header of the model's first shard, where ``plan`` ramps and
+        the window starts with more than one read (a window of one reads the first
+        chunk whole); at most a chunk, the size of a read's buffer."""
+        n = min(HEADER_PROBE, plan.chunk_size)
+        if (plan.ramp and self.split > 1 and f.size > n
+                and _flight_key(f) == self._first_shard):
+            return n
+        return 0
+
+    def ranges(self, size: int, plan: ChunkPlan, start: int, *,
+               first: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """The ranges of a file of ``size`` bytes that starts at the model's byte
-        ``start``, read as ``plan`` says."""
+        ``start``, read as ``plan`` says. ``first``: the bytes read alone first (see
+        :meth:`probe`) and where the file's first tensor ends: when that is within a
+        chunk after them, the window's first reads end there."""
         chunk = plan.chunk_size
         floor = max(MIN_RANGE, chunk // self.split // MIN_RANGE * MIN_RANGE)
         out: list[tuple[int, int]] = []
         o = 0
+        if first is not None:
+            probe, end = first
+            out.append((0, probe))
+            o = probe
+            if probe < end <= min(size, probe + chunk):
+                n = max(MIN_RANGE, -(-(end - probe) // self.split))
+                while o < end:
+                    out.append((o, min(o + n, end)))
+                    o = out[-1][1]
         while o < size:
             n = chunk
             if plan.ramp and floor < chunk:
@@ -619,15 +661,19 @@ class _Schedule:
         return out
 
     async def acquire(self, key: tuple[int, int], nbytes: int, chunk: int | None = None,
-                      *, split: bool = False) -> int:
+                      *, split: bool = False, alone: bool = False) -> int:
         """Wait for the turn of a read of ``nbytes``: ``key`` is (file's place, offset);
         the lowest waiting key goes first. ``chunk``: the chunk size of the plan the read
         is cut from, when it is not the model's (a mirror's reads, 16 MiB for an origin's
         8): its bytes are counted in the model's chunks, so that the window holds as many
         of its whole chunks. ``split``: one of the ranges a ramp cuts a file into, which
-        costs a whole chunk. Return the read's cost, for :meth:`release`."""
+        costs a whole chunk. ``alone``: the read takes the whole window (no other read
+        of the model is in flight with it, see :meth:`probe`). Return the read's cost,
+        for :meth:`release`."""
         scaled = nbytes if not chunk else nbytes * self.chunk // chunk
         cost = max(scaled, self.chunk if split else self._turns.capacity // self.limit, 1)
+        if alone:
+            cost = max(cost, self._turns.capacity)
         await self._turns.take(cost, key)
         return cost
 
@@ -659,6 +705,21 @@ def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | Non
     if written < 8 + n:
         return None
     return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
+
+
+def _first_tensor_end(blocks: Sequence[Buffer], f: RemoteFile) -> int:
+    """Where the first tensor of shard ``f`` ends, from its first bytes ``blocks``; or
+    how many bytes they are, where they do not hold its whole header or it is malformed
+    (then the writer of the shard's bytes says why, see :func:`_header_if_landed`)."""
+    head = b"".join(blocks)
+    try:
+        n = header_length(head[:8], path=f.url, file_size=f.size)
+        if len(head) < 8 + n:
+            return len(head)
+        layout = parse_header(head[8:8 + n], path=f.url, file_size=f.size)
+    except FormatError:
+        return len(head)
+    return min((t.offset + t.nbytes for t in layout.tensors if t.nbytes), default=len(head))
 
 
 class _Flights:
@@ -1309,7 +1370,9 @@ class Fetcher:
         policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
         window = schedule or _Schedule([f], plan.concurrency, plan.chunk_size)
-        chunks = deque(window.ranges(f.size, plan, model_offset))
+        # the model's first shard: its header first, alone (the rest is cut after it)
+        probe = window.probe(f, plan)
+        chunks = deque([] if probe else window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
         # the file's bytes read and not yet written, taken in the file's order
@@ -1317,7 +1380,7 @@ class Fetcher:
 
         Read = tuple[mmap.mmap | None, Sequence[Buffer], int]
 
-        async def read(start: int, end: int) -> Read:
+        async def read(start: int, end: int, alone: bool = False) -> Read:
             # room in the file's unwritten bytes first, in the file's order; then a turn
             # in the model's window, kept until the range is written (released by
             # write()): a new read starts as the model's written front moves, which
@@ -1327,7 +1390,7 @@ class Fetcher:
             try:
                 cost = await window.acquire(
                     (order, start), end - start, plan.chunk_size,
-                    split=plan.ramp and end - start < f.size)
+                    split=plan.ramp and end - start < f.size, alone=alone)
             except BaseException:
                 unwritten.give(end - start)
                 raise
@@ -1374,6 +1437,16 @@ class Fetcher:
         last_write: asyncio.Future[None] | None = None
         held: list[int] = []  # the costs of ranges read whose turns no write() has taken yet
         try:
+            if probe:
+                # the header's read: the window's next reads are cut to the end of the
+                # first tensor (they wait for their turns before this one is written,
+                # ahead of the model's later files); a failure is raised below
+                task = asyncio.ensure_future(read(0, probe, alone=True))
+                pending.append((0, probe, task))
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is None:
+                    cut = (probe, _first_tensor_end(task.result()[1], f))
+                    chunks.extend(window.ranges(f.size, plan, model_offset, first=cut)[1:])
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
