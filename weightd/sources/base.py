@@ -567,6 +567,8 @@ class Source:
         waited for the slowest; with its call among them it was answered after most of
         them (a 2-core machine answers them about one by one), alone in 1.5-4 ms. The
         head start bounds what the others wait where an answer takes a long round trip.
+        Answered within it, the first shard is told before the others are asked: asked
+        first, their threads and requests put its read 4.5-9 ms later.
         Only where calls are made side by side: a listing that gives sizes has no wait
         to spare, and ``first`` is not told."""
         for _, rel, _ in files:
@@ -579,13 +581,18 @@ class Source:
         futures: dict[int, concurrent.futures.Future[RemoteFile]] = {}
         try:
             lead = shards[0][1] if first is not None and shards else None
-            if lead is not None:
+            told = False
+            if first is not None and lead is not None:
                 futures[lead] = pool.submit(self._remote, *files[lead])
                 concurrent.futures.wait([futures[lead]], timeout=FIRST_HEAD_START)
+                if futures[lead].done() and futures[lead].exception() is None:
+                    first(futures[lead].result(), len(shards) > 1)
+                    told = True
             for i, f in enumerate(files):
                 if i not in futures:
                     futures[i] = pool.submit(self._remote, *f)
-            if first is not None and lead is not None and futures[lead].exception() is None:
+            if (first is not None and lead is not None and not told
+                    and futures[lead].exception() is None):
                 first(futures[lead].result(), len(shards) > 1)
             return [futures[i].result() for i in range(len(files))]
         finally:
