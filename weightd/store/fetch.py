@@ -581,6 +581,10 @@ class _Schedule:
         self.total = 0
         #: the model's first shard's flight key (see :meth:`probe`)
         self._first_shard: str | None = None
+        #: set once the first shard's read has begun: its bytes to its first tensor's end
+        #: written (a chunk past its header at most), or its read ended; a listing asks
+        #: the model's other files' sizes after it (:data:`~weightd.sources.FirstShard`)
+        self.begun = threading.Event()
         #: the model goes on after ``files`` (:meth:`extend` tells the rest): its end is
         #: not near, and no range shrinks toward it
         self.more = more
@@ -616,14 +620,17 @@ class _Schedule:
         """``f``'s place in the model's order and the model's byte where it starts."""
         return self._place.get(_flight_key(f), (len(self._place), self.total))
 
+    def leads(self, f: RemoteFile) -> bool:
+        """Whether ``f`` is the model's first shard."""
+        return _flight_key(f) == self._first_shard
+
     def probe(self, f: RemoteFile, plan: ChunkPlan) -> int:
         """How many of ``f``'s first bytes are read alone before its other ranges are
         cut (0: none): the header of the model's first shard, where ``plan`` ramps and
         the window starts with more than one read (a window of one reads the first
         chunk whole); at most a chunk, the size of a read's buffer."""
         n = min(HEADER_PROBE, plan.chunk_size)
-        if (plan.ramp and self.split > 1 and f.size > n
-                and _flight_key(f) == self._first_shard):
+        if plan.ramp and self.split > 1 and f.size > n and self.leads(f):
             return n
         return 0
 
@@ -818,15 +825,16 @@ class _Lead:
         self.reading: _Reading | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def start(self, f: RemoteFile, more: bool) -> None:
+    def start(self, f: RemoteFile, more: bool) -> threading.Event | None:
         """The listing's :data:`~weightd.sources.FirstShard`: read ``f`` now, unless the
-        cache has it (then it is found with the rest) or another fetch is reading it."""
+        cache has it (then it is found with the rest) or another fetch is reading it;
+        return the event set once the read has begun (:attr:`_Schedule.begun`)."""
         self.key = _flight_key(f)
         if self._fetcher._hit(f) is not None or not self._flights.hold(self.key, wait=False):
-            return
+            return None
         if self._fetcher._hit(f) is not None:  # committed by the one that held it
             self._flights.release()  # (the only lock held yet)
-            return
+            return None
         schedule = self._fetcher._schedule(self._source, [f], more=more)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="weightd-fetch")
@@ -834,6 +842,7 @@ class _Lead:
         self.reading = _Reading(f, schedule, self._thread.submit(
             self._fetcher._fetch_one, self._source, f, progress, stats, hold, events, buffers,
             None, schedule))
+        return schedule.begun
 
     def owns(self, f: RemoteFile) -> bool:
         return self.reading is not None and f.relpath == self.reading.file.relpath
@@ -1370,7 +1379,10 @@ class Fetcher:
         policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
         window = schedule or _Schedule([f], plan.concurrency, plan.chunk_size)
-        # the model's first shard: its header first, alone (the rest is cut after it)
+        # the model's first shard: its header first, alone (the rest is cut after it);
+        # it has begun (window.begun) once its bytes to begin_at are written
+        leads = window.leads(f)
+        begin_at = 0
         probe = window.probe(f, plan)
         chunks = deque([] if probe else window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
@@ -1424,6 +1436,8 @@ class Fetcher:
             try:
                 await loop.run_in_executor(writer, sink, batch[0][0], blocks)
                 written = True
+                if leads and batch[-1][1] >= begin_at:
+                    window.begun.set()
             finally:
                 for start, end, (_, _, cost) in batch:
                     landed = end - start if written else 0
@@ -1447,6 +1461,7 @@ class Fetcher:
                 if not task.cancelled() and task.exception() is None:
                     cut = (probe, _first_tensor_end(task.result()[1], f))
                     chunks.extend(window.ranges(f.size, plan, model_offset, first=cut)[1:])
+                    begin_at = min(cut[1], probe + plan.chunk_size)
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
@@ -1476,6 +1491,8 @@ class Fetcher:
             if last_write is not None:
                 await last_write
         finally:
+            if leads:
+                window.begun.set()  # (ended, or failed: the listing waits no more)
             for _, _, task in pending:
                 task.cancel()
             if pending:
