@@ -255,6 +255,19 @@ def test_a_model_name_that_names_nothing_is_an_error_not_success(daemon: DaemonP
         assert "file://" not in line, line
 
 
+def test_evicting_a_model_that_is_not_resident_says_so(daemon: DaemonProcess,
+                                                      tmp_path: Path) -> None:
+    # a cached model that is not in host memory printed "freed 0 B" and exited 0, as if
+    # the eviction had worked (as `unpin` of a model not pinned says so, and exits 1)
+    env = _daemon_env(daemon)
+    write_synthetic_model(tmp_path / "src" / "cold", total_bytes=2 * MiB, tensors=4)
+    assert weightd("fetch", str(tmp_path / "src" / "cold"), env=env).returncode == 0
+    name = weightd("ls", env=env).stdout.splitlines()[1].split()[0]
+    line = one_error_line(weightd("evict", name, env=env), 1)
+    assert line == f"weightd: {name} is not resident on the host tier: nothing to evict", line
+    assert name in weightd("ls", env=env).stdout  # still cached
+
+
 def test_pin_and_unpin_take_the_model_name_that_ls_prints(daemon: DaemonProcess,
                                                           tmp_path: Path) -> None:
     env = _daemon_env(daemon)
