@@ -408,6 +408,10 @@ def cmd_pin(cfg: Config, ns: argparse.Namespace) -> int:
 def cmd_evict(cfg: Config, ns: argparse.Namespace) -> int:
     with _need_daemon(cfg) as client:
         freed = client.evict(_source_of(client, ns.source), tier=ns.tier)
+    if not freed:  # (a resident model holds its bytes: none freed is none resident)
+        print(f"weightd: {ns.source} is not resident on the {ns.tier} tier: nothing to "
+              "evict", file=sys.stderr)
+        return 1
     print(f"freed {format_size(freed)}", file=sys.stderr)
     return 0
 
