@@ -323,12 +323,40 @@ def test_ls_has_a_header_and_the_same_columns_with_and_without_a_daemon(tmp_path
         online = weightd("ls", env=env).stdout.splitlines()
     assert offline[0] == online[0] and offline[0].split()[:3] == ["MODEL", "FILES", "SIZE"]
     assert len(offline) == len(online) == 2
-    assert offline[1].split() == online[1].split()  # cached, not resident: the same row
-    assert "2.0 MiB" in offline[1] and re.search(r"\sok\s+disk\s", offline[1]), offline
+
+    def cells(row: str) -> list[str]:
+        return re.sub(r"\s\d+s ago\s", " AGO ", row).split()  # (seconds apart)
+
+    assert cells(offline[1]) == cells(online[1])  # cached, not resident: the same row
+    assert "2.0 MiB" in offline[1] and re.search(r"\sok\s+disk\s+\d+s ago\s", offline[1]), offline
     _blobs(tmp_path / "cache")[0].unlink()  # a blob lost: both say so
     assert " broken " in weightd("ls", env=env).stdout
     with DaemonProcess(tmp_path):
         assert " broken " in weightd("ls", env=env).stdout
+
+
+def test_ls_says_when_each_model_was_last_used(tmp_path: Path) -> None:
+    # the order `weightd gc` evicts in (least recently used first) was nowhere to be seen
+    import sqlite3
+
+    write_synthetic_model(tmp_path / "src" / "m", total_bytes=2 * MiB, tensors=4)
+    env = {**os.environ, "WEIGHTD_SOCKET": str(tmp_path / "run" / "weightd.sock"),
+           "WEIGHTD_CACHE_DIR": str(tmp_path / "cache")}
+    assert weightd("fetch", str(tmp_path / "src" / "m"), env=env).returncode == 0
+    header, row = weightd("ls", env=env).stdout.splitlines()
+    assert header.index("LAST USED") == row.index(re.search(r"\d+s ago", row)[0]), (header, row)
+    with sqlite3.connect(tmp_path / "cache" / "index.sqlite3") as db:  # two days ago
+        db.execute("UPDATE models SET last_used = last_used - 2 * 86400 - 60")
+    assert " 2d ago " in weightd("ls", env=env).stdout.splitlines()[1]
+    with DaemonProcess(tmp_path) as daemon:
+        assert " 2d ago " in weightd("ls", env=env).stdout.splitlines()[1]
+        me = os.getpid()
+        lease = daemon.stub().Acquire(pb.AcquireRequest(
+            source=str(tmp_path / "src" / "m"),
+            client=pb.ClientInfo(pid=me, start_time=process_start_time(me))), timeout=60)
+        # used now: the daemon says so before its index learns it
+        assert re.search(r" \ds ago ", weightd("ls", env=env).stdout.splitlines()[1])
+        daemon.stub().Release(pb.ReleaseRequest(lease_id=lease.lease_id), timeout=10)
 
 
 # the daemon's log and the demo ------------------------------------------------------------
