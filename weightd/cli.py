@@ -188,21 +188,26 @@ def _snapshot_state(path: str) -> str:
 def cmd_ls(cfg: Config, ns: argparse.Namespace) -> int:
     """The cached models, one row each, with the same columns whether the daemon answers
     or not. STATE: every blob there ("ok") or not ("broken"); WHERE: the tiers it is
-    resident on, else disk."""
+    resident on, else disk; LAST USED: its last fetch, Acquire or load (``weightd gc``
+    evicts the oldest first)."""
     from weightd.store import Store
 
     client = _daemon(cfg)
+    now = time.time()
     if client is not None:  # the daemon owns the cache: ask it
         with client:
             rows = [(m.model, str(m.files), format_size(m.bytes), _snapshot_state(m.snapshot_path),
-                     "+".join(_tier_name(r.tier) for r in m.resident) or "disk", m.source)
+                     "+".join(_tier_name(r.tier) for r in m.resident) or "disk",
+                     _ago(now, m.last_used), m.source)
                     for m in client.list()]
     else:
         with Store.open(cfg.cache_dir) as store:
             rows = [(m.name, str(len(m.files)), format_size(m.size),
-                     "ok" if store.model_complete(m) else "broken", "disk", m.source)
+                     "ok" if store.model_complete(m) else "broken", "disk",
+                     _ago(now, m.last_used), m.source)
                     for m in store.index.models()]
-    for line in _table(("MODEL", "FILES", "SIZE", "STATE", "WHERE", "SOURCE"), rows):
+    for line in _table(("MODEL", "FILES", "SIZE", "STATE", "WHERE", "LAST USED", "SOURCE"),
+                       rows):
         print(line)
     if not rows:
         print(f"no models in {cfg.cache_dir}", file=sys.stderr)
@@ -292,6 +297,18 @@ def _age(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m {s % 60:02d}s"
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def _ago(now: float, when: float) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago``: when a model was last used (the
+    order ``weightd gc`` evicts in, oldest first); ``-`` when never recorded."""
+    if when <= 0:
+        return "-"
+    s = max(0, int(now - when))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit} ago"
+    return f"{s}s ago"
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:

@@ -1293,6 +1293,12 @@ class Node:
         with self._touch_lock:
             self._touched[name] = now
 
+    def last_used(self, name: str, recorded: float) -> float:
+        """When model ``name`` was last used: ``recorded`` (the index's) or a use the
+        index has not learnt yet (see :meth:`_touch`), whichever is later."""
+        with self._touch_lock:
+            return max(recorded, self._touched.get(name, 0.0))
+
     def flush_touches(self) -> None:
         """Write the pending last-used times to the index: every ``TOUCH_FLUSH_INTERVAL``
         from the housekeeping thread, before the disk budget ranks models, and at close.

@@ -534,7 +534,9 @@ class WeightdServicer(pb_grpc.WeightdServicer):  # type: ignore[misc]
         models += [(m, path) for m, path in self.node.not_durable() if m.name not in known]
         return pb.ListResponse(models=[pb.ModelInfo(
             model=m.name, source=m.source, snapshot_path=path, bytes=m.size,
-            files=len(m.files), resident=resident.get(m.name, []))
+            files=len(m.files), resident=resident.get(m.name, []),
+            last_used=max([self.node.last_used(m.name, m.last_used),
+                           *(r.last_used for r in resident.get(m.name, []))]))
             for m, path in sorted(models, key=lambda x: x[0].name)])
 
     async def List(self, request: pb.ListRequest,  # noqa: N802

@@ -223,20 +223,22 @@ class Residency(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., device: _Optional[str] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., last_used: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "source", "snapshot_path", "bytes", "files", "resident")
+    __slots__ = ("model", "source", "snapshot_path", "bytes", "files", "resident", "last_used")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
     model: str
     source: str
     snapshot_path: str
     bytes: int
     files: int
     resident: _containers.RepeatedCompositeFieldContainer[Residency]
-    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., bytes: _Optional[int] = ..., files: _Optional[int] = ..., resident: _Optional[_Iterable[_Union[Residency, _Mapping]]] = ...) -> None: ...
+    last_used: float
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., bytes: _Optional[int] = ..., files: _Optional[int] = ..., resident: _Optional[_Iterable[_Union[Residency, _Mapping]]] = ..., last_used: _Optional[float] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("models",)
