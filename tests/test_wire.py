@@ -23,8 +23,10 @@ from weightd.sources import ChunkPlan, RemoteFile, open_source
 from weightd.store import Fetcher, Store, hash_file
 from weightd.store.fetch import (
     HEADER_PROBE,
+    MIN_RANGE,
     FetchEvents,
     Ready,
+    _first_tensor_end,
     _Growth,
     _Schedule,
     _Turns,
@@ -228,19 +230,24 @@ def test_a_models_first_shard_is_read_header_first_then_its_first_tensor_by_the_
     plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
     shards = [_rf(f"s{i}.safetensors", 64 * MiB) for i in range(2)]
     side = _rf("config.json", 300)
-    sched = _Schedule([side, *shards], 32, 8 * MiB, start=8)
+    sched = _Schedule(shards[:1], 32, 8 * MiB, start=8, more=True, lead=True)
+    sched.extend([side, shards[1]], ahead=1)
     assert sched.probe(shards[0], plan) == HEADER_PROBE
     # one read alone per model: not its side files, not its other shards, not without a
     # ramp (S3, where moto reads a whole object per range)
     assert sched.probe(side, plan) == sched.probe(shards[1], plan) == 0
     assert sched.probe(shards[0], ChunkPlan(8 * MiB, 8)) == 0
-    assert _Schedule([_rf("tiny.safetensors", HEADER_PROBE)], 8, 8 * MiB).probe(
+    assert _Schedule([_rf("tiny.safetensors", HEADER_PROBE)], 8, 8 * MiB, lead=True).probe(
         _rf("tiny.safetensors", HEADER_PROBE), plan) == 0
+    # only where the shard is read ahead of its listing: a listing that gives sizes
+    # (hf://) starts the model's files together, and a later shard's reads may hold the
+    # window the header's read would wait for whole
+    assert _Schedule([side, *shards], 32, 8 * MiB, start=8).probe(shards[0], plan) == 0
     # not with a window of one read, which reads the first chunk whole
-    assert _Schedule(shards, 1, 8 * MiB).probe(shards[0], plan) == 0
+    assert _Schedule(shards, 1, 8 * MiB, lead=True).probe(shards[0], plan) == 0
     # never more than a chunk: a read's buffer holds one
     small = ChunkPlan(chunk_size=128 * 1024, concurrency=4, ramp=True)
-    assert _Schedule(shards, 4, 128 * 1024).probe(shards[0], small) == 128 * 1024
+    assert _Schedule(shards, 4, 128 * 1024, lead=True).probe(shards[0], small) == 128 * 1024
     start = sched.place(shards[0])[1]
 
     def check(ranges: list[tuple[int, int]]) -> list[int]:
@@ -252,7 +259,14 @@ def test_a_models_first_shard_is_read_header_first_then_its_first_tensor_by_the_
     ranges = sched.ranges(64 * MiB, plan, start, first=(HEADER_PROBE, first_end))
     check(ranges)
     assert [e for _, e in ranges].index(first_end) == 8  # the probe, then 8 reads
+    assert sched.first_reads(HEADER_PROBE, first_end) == 8
     assert ranges[9][1] - ranges[9][0] == MiB  # then the ramp, as before
+    # a short first tensor: fewer reads, of MIN_RANGE at least (no 1,440-byte tail)
+    short = sched.ranges(64 * MiB, plan, start, first=(HEADER_PROBE, 525_728))
+    check(short)
+    head = [e - b for b, e in short[1:] if e <= 525_728]
+    assert len(head) == sched.first_reads(HEADER_PROBE, 525_728) == 4
+    assert min(head) >= MIN_RANGE and sum(head) == 525_728 - HEADER_PROBE
     # a first tensor in the header's read, or one larger than a chunk (an embedding):
     # the ramp goes on from the probe
     for end in (HEADER_PROBE - 1000, 40 * MiB):
@@ -317,6 +331,64 @@ def test_the_window_grants_reads_in_the_models_order():
         return got
 
     assert asyncio.run(run()) == [(0, 2), (0, 5), (1, 0), (1, 3)]
+
+
+def test_the_first_shards_header_and_first_tensor_reads_take_the_whole_window():
+    """The header's read (``share=1``) waits for the window to empty and holds it; the
+    first tensor's reads (``share=k``) hold it together; only then the ramp's read
+    after them, or a later file's, is granted a turn."""
+    async def run() -> list[str]:
+        sched = _Schedule([_rf("a", 1), _rf("b", 1)], 8, 100)  # capacity 800
+        got: list[str] = []
+
+        async def one(name: str, key: tuple[int, int], **kw: int) -> int:
+            cost = await sched.acquire(key, 10, split=True, **kw)
+            got.append(name)
+            return cost
+
+        side = await sched.acquire((0, 0), 10, split=True)  # a side file's read
+        header = asyncio.ensure_future(one("header", (1, 0), share=1))
+        await asyncio.sleep(0)
+        assert got == []  # it waits for the window to empty
+        sched.release(side)
+        cost = await header
+        assert cost == 800
+        firsts = [asyncio.ensure_future(one(f"t{i}", (1, 10 + i), share=3)) for i in range(3)]
+        ramp = asyncio.ensure_future(one("ramp", (1, 99)))
+        later = asyncio.ensure_future(one("later", (2, 0)))
+        await asyncio.sleep(0)
+        assert got == ["header"]
+        sched.release(cost)
+        costs = await asyncio.gather(*firsts)
+        await asyncio.sleep(0)
+        assert got == ["header", "t0", "t1", "t2"], got  # together, and nothing else
+        for c in costs:
+            sched.release(c)
+        await asyncio.gather(ramp, later)
+        return got
+
+    assert asyncio.run(run())[4:] == ["ramp", "later"]
+
+
+def test_the_first_tensors_end_is_read_from_the_headers_bytes_or_is_their_length():
+    import json
+    import struct
+
+    def shard(header: dict) -> bytes:  # type: ignore[type-arg]
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    head = shard({"b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+                  "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
+    f = _rf("s.safetensors", len(head) + 32)
+    body = head + b"\0" * 32
+    assert _first_tensor_end([body[:40], body[40:]], f) == len(head) + 16  # in offset order
+    assert _first_tensor_end([body[:len(head) - 1]], f) == len(head) - 1  # header cut off
+    assert _first_tensor_end([b"\xff" * 64], f) == 64  # not a header: the writer says why
+    empty = shard({"z": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+                   "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    assert _first_tensor_end([empty + b"\0" * 8], _rf("e.safetensors", len(empty) + 8)) == (
+        len(empty) + 8)  # a tensor of no bytes is not the first to land
 
 
 class _Clock:
@@ -484,11 +556,14 @@ def test_a_listing_whose_files_fail_their_head_names_the_first_of_them(
 
 
 def test_a_listing_tells_the_first_shard_before_it_asks_the_other_files_heads(
-        config, http_root, http_server):
+        config, http_root, http_server, monkeypatch):
     """The first shard is read as soon as its own ``HEAD`` is in (``first``); the other
     files' ``HEAD``s are asked after it is told. Asked first, 17 of them (as many
     threads started, their requests on a 2-core machine's CPU) put the first shard's read
     4.5-9 ms later, of a first tensor's 42 ms."""
+    # its answer within the head start, however busy the machine (5 ms: its own answer
+    # takes 1.5-4 ms on loopback)
+    monkeypatch.setattr("weightd.sources.base.FIRST_HEAD_START", 30.0)
     d = http_root / "told"
     write_synthetic_model(d, total_bytes=MiB, tensors=16, shards=8, seed=5)
     heads: list[str] = []
@@ -518,14 +593,14 @@ def test_a_listing_tells_the_first_shard_before_it_asks_the_other_files_heads(
 
 
 def test_a_listing_asks_the_other_files_heads_once_the_first_shard_has_begun(
-        config, http_root, http_server):
+        config, http_root, http_server, monkeypatch):
     """``first`` returns an event, set once the first shard's read has begun (its first
     tensor written): the other files' ``HEAD``s wait for it, at most ``LEAD_HOLD``. Asked
     while the shard's header and first tensor were read, they shared a 2-core machine's
     CPU with them: the streamed first tensor at 200 MB/s 44.7-47 ms, with them held
     15 ms 35.8-37.8 (medians of 4)."""
-    from weightd.sources.base import LEAD_HOLD
-
+    monkeypatch.setattr("weightd.sources.base.FIRST_HEAD_START", 30.0)  # (as above)
+    monkeypatch.setattr("weightd.sources.base.LEAD_HOLD", 30.0)
     d = http_root / "held"
     write_synthetic_model(d, total_bytes=MiB, tensors=16, shards=8, seed=5)
     heads: list[tuple[float, str]] = []
@@ -538,22 +613,63 @@ def test_a_listing_asks_the_other_files_heads_once_the_first_shard_has_begun(
         def begin() -> None:
             t_begun.append(time.monotonic())
             begun.set()
-        threading.Timer(LEAD_HOLD / 2, begin).start()
+        threading.Timer(0.3, begin).start()
         return begun
 
+    t0 = time.monotonic()
     with open_source(f"{http_server.url}/held", config) as source:
         files = source.list_files(first=first)
     assert len(heads) == len(files)
     assert all(t > t_begun[0] for t, _ in heads[1:]), "a HEAD was asked before the shard began"
+    assert time.monotonic() - t0 < 10, "the listing waited past the event"
 
     # an event never set holds them LEAD_HOLD at most
+    monkeypatch.setattr("weightd.sources.base.LEAD_HOLD", 0.5)
     heads.clear()
     t0 = time.monotonic()
     with open_source(f"{http_server.url}/held", config) as source:
         source.list_files(first=lambda f, more: threading.Event())
     assert len(heads) == len(files)
-    assert all(t - t0 >= LEAD_HOLD for t, _ in heads[1:])
-    assert time.monotonic() - t0 < LEAD_HOLD + 5
+    assert all(t - t0 >= 0.5 for t, _ in heads[1:])
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_fetch_asks_its_other_files_heads_after_its_first_shards_first_tensor(
+        config, http_root, http_server, monkeypatch):
+    """The fetch's side of the listing's wait: the first shard's read returns its
+    ``begun`` (``_Lead.start``), so its first tensor's bytes are fetched and written
+    before any other file's ``HEAD`` is asked."""
+    monkeypatch.setattr("weightd.sources.base.FIRST_HEAD_START", 30.0)
+    monkeypatch.setattr("weightd.sources.base.LEAD_HOLD", 30.0)
+    from weightd.formats import read_layout
+
+    d = http_root / "after"
+    write_synthetic_model(d, total_bytes=8 * MiB, tensors=8, shards=4, seed=9)
+    lead = sorted(d.glob("*.safetensors"))[0]
+    first_end = min(t.offset + t.nbytes for t in read_layout(lead).tensors)
+    events: list[tuple[float, str]] = []
+    lock = threading.Lock()
+
+    def slow_first_tensor(path: str, start: int, end: int, size: int) -> Lie | None:
+        if path.endswith(lead.name) and start >= HEADER_PROBE and end <= first_end:
+            time.sleep(0.2)  # any HEAD asked meanwhile would be seen in the 0.2 s
+            with lock:
+                events.append((time.monotonic(), "first tensor"))
+        return None
+
+    def head(method: str, path: str) -> None:
+        if method == "HEAD" and not path.endswith(lead.name):
+            with lock:
+                events.append((time.monotonic(), "HEAD"))
+        return None
+
+    http_server.set_lie(slow_first_tensor)
+    http_server.set_fault(head)
+    fetch(config, f"{http_server.url}/after")
+    kinds = [k for _, k in sorted(events)]
+    assert "first tensor" in kinds and "HEAD" in kinds, kinds
+    assert kinds.index("HEAD") > max(i for i, k in enumerate(kinds) if k == "first tensor"), \
+        kinds
 
 
 def test_a_listings_heads_give_each_file_the_identity_fsspecs_info_gave(
