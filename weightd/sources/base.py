@@ -55,8 +55,8 @@ DEFAULT_INCLUDE: tuple[str, ...] = (
 #: Told of a model's first shard as soon as its own stat is in, while a listing still
 #: waits for the other files' (see :meth:`Source.list_files`): the file, and whether
 #: other shards follow it. It returns an event set once the shard's read has begun (its
-#: first tensor is in), which the other files' stats wait for (:data:`LEAD_HOLD` at
-#: most), or None: they go at once.
+#: first tensor written, or the read ended), which the other files' stats wait for
+#: (:data:`LEAD_HOLD` at most), or None (the shard is not read now): they go at once.
 FirstShard = Callable[["RemoteFile", bool], "threading.Event | None"]
 #: Seconds the first shard's ``info`` call (a ``HEAD``) is made alone before the other
 #: files' (see :meth:`Source._remotes`): over loopback it is answered in 1.5-4 ms; where a

@@ -387,14 +387,15 @@ def _flight_key(f: RemoteFile) -> str:
 
 
 #: The smallest range of a ramp (see :class:`_Schedule`), and what a ramp's ranges are
-#: multiples of (but a file's last).
+#: multiples of (but a file's last, and those its first tensor's end cuts).
 MIN_RANGE = 64 * 1024
 #: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
 #: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
 RAMP = 8
-#: The first read of a model's first shard where the plan ramps (HTTP, Hugging Face),
-#: made alone in the model's window: it brings the shard's header, so the window's next
-#: reads end where the shard's first tensor does (see :meth:`_Schedule.ranges`). A
+#: The first read of a model's first shard where it is read ahead of its listing and
+#: the plan ramps (an HTTP index page), made alone in the model's window: it brings the
+#: shard's header, so the window's next reads end where the shard's first tensor does
+#: (see :meth:`_Schedule.ranges`). A
 #: header is 8 bytes and a JSON of about 150 bytes a tensor: 256 KiB holds that of a
 #: shard of 1,500 tensors (a DeepSeek-V3 shard's is about 100 KiB).
 HEADER_PROBE = 256 * 1024
@@ -555,14 +556,18 @@ class _Schedule:
     Every range of a ramp costs a whole chunk of the window: at most ``size`` of them
     are in flight, as whole chunks would be.
 
-    The model's first shard, where the plan ramps, starts with its header
-    (:data:`HEADER_PROBE`, :meth:`probe`) read alone, the one round trip that tells
-    where its first tensor ends; the window's first reads (as many as it starts with)
-    then end there, and the rest of the ramp follows them. A streaming replica's first
-    tensor has the whole link, where as a part of the first chunk's ranges it had their
-    share of it: at 200 MB/s a 5.4 MiB first tensor came when the whole 8 MiB chunk had
-    (docs/fetch-tuning.md, "The first tensor's bytes first"). The first chunk in
-    ``limit`` (32) ranges of
+    The model's first shard, read ahead of its listing (``lead``, see :class:`_Lead`)
+    where the plan ramps, starts with its header (:data:`HEADER_PROBE`, :meth:`probe`)
+    read alone, the one round trip that tells where its first tensor ends; the bytes to
+    there are then the window's first reads (as many as it starts with, fewer for a
+    short tensor, each at least ``MIN_RANGE``), which together take the whole window,
+    and the rest of the ramp follows them. A streaming replica's first tensor has the
+    whole link, where as a part of the first chunk's ranges it had their share of it:
+    at 200 MB/s a 5.4 MiB first tensor came when the whole 8 MiB chunk had
+    (docs/fetch-tuning.md, "The first tensor's bytes first"). Not where the listing
+    gives sizes (``hf://``): there the model's files start together, and a later
+    shard's reads may hold the window before the header's read asks for all of it.
+    The first chunk in ``limit`` (32) ranges of
     256 KiB, each costing 1/32 of the window, put 32 requests, threads and connections
     at every model's start, which this 2-core machine served one after another: the
     first tensor at 200 MB/s came 93-147 ms after a replica asked, with 8 ranges at
@@ -573,7 +578,7 @@ class _Schedule:
     """
 
     def __init__(self, files: Sequence[RemoteFile], limit: int, chunk: int, *,
-                 start: int | None = None, more: bool = False,
+                 start: int | None = None, more: bool = False, lead: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = max(1, limit)
         self.chunk = max(1, chunk)
@@ -581,9 +586,13 @@ class _Schedule:
         self.total = 0
         #: the model's first shard's flight key (see :meth:`probe`)
         self._first_shard: str | None = None
+        #: the first shard is read ahead of the listing, alone: its header first
+        self.lead = lead
         #: set once the first shard's read has begun: its bytes to its first tensor's end
-        #: written (a chunk past its header at most), or its read ended; a listing asks
-        #: the model's other files' sizes after it (:data:`~weightd.sources.FirstShard`)
+        #: written (a chunk past the header's read at most; the header's read alone where
+        #: it does not hold the whole header), or its read ended, or failed to start; a
+        #: listing asks the model's other files' sizes after it
+        #: (:data:`~weightd.sources.FirstShard`)
         self.begun = threading.Event()
         #: the model goes on after ``files`` (:meth:`extend` tells the rest): its end is
         #: not near, and no range shrinks toward it
@@ -626,11 +635,12 @@ class _Schedule:
 
     def probe(self, f: RemoteFile, plan: ChunkPlan) -> int:
         """How many of ``f``'s first bytes are read alone before its other ranges are
-        cut (0: none): the header of the model's first shard, where ``plan`` ramps and
-        the window starts with more than one read (a window of one reads the first
-        chunk whole); at most a chunk, the size of a read's buffer."""
+        cut (0: none): the header of the model's first shard read ahead of its listing
+        (``lead``), where ``plan`` ramps and the window starts with more than one read (a
+        window of one reads the first chunk whole); at most a chunk, the size of a
+        read's buffer."""
         n = min(HEADER_PROBE, plan.chunk_size)
-        if plan.ramp and self.split > 1 and f.size > n and self.leads(f):
+        if self.lead and plan.ramp and self.split > 1 and f.size > n and self.leads(f):
             return n
         return 0
 
@@ -649,7 +659,8 @@ class _Schedule:
             out.append((0, probe))
             o = probe
             if probe < end <= min(size, probe + chunk):
-                n = max(MIN_RANGE, -(-(end - probe) // self.split))
+                count = self.first_reads(probe, end)
+                n = -(-(end - probe) // count)
                 while o < end:
                     out.append((o, min(o + n, end)))
                     o = out[-1][1]
@@ -667,20 +678,27 @@ class _Schedule:
             o += n
         return out
 
+    def first_reads(self, probe: int, end: int) -> int:
+        """How many reads bring a first shard's bytes ``[probe, end)`` (see
+        :meth:`ranges`): as many as the window starts with, each ``MIN_RANGE`` at
+        least."""
+        return max(1, min(self.split, (end - probe) // MIN_RANGE))
+
     async def acquire(self, key: tuple[int, int], nbytes: int, chunk: int | None = None,
-                      *, split: bool = False, alone: bool = False) -> int:
+                      *, split: bool = False, share: int = 0) -> int:
         """Wait for the turn of a read of ``nbytes``: ``key`` is (file's place, offset);
         the lowest waiting key goes first. ``chunk``: the chunk size of the plan the read
         is cut from, when it is not the model's (a mirror's reads, 16 MiB for an origin's
         8): its bytes are counted in the model's chunks, so that the window holds as many
         of its whole chunks. ``split``: one of the ranges a ramp cuts a file into, which
-        costs a whole chunk. ``alone``: the read takes the whole window (no other read
-        of the model is in flight with it, see :meth:`probe`). Return the read's cost,
-        for :meth:`release`."""
+        costs a whole chunk. ``share``: the read is one of that many that take the whole
+        window together (1: the header's read alone, see :meth:`probe`; then the first
+        tensor's reads, :meth:`first_reads`): no other read of the model is granted a
+        turn while they hold theirs. Return the read's cost, for :meth:`release`."""
         scaled = nbytes if not chunk else nbytes * self.chunk // chunk
         cost = max(scaled, self.chunk if split else self._turns.capacity // self.limit, 1)
-        if alone:
-            cost = max(cost, self._turns.capacity)
+        if share:
+            cost = max(cost, self._turns.capacity // share)
         await self._turns.take(cost, key)
         return cost
 
@@ -835,13 +853,19 @@ class _Lead:
         if self._fetcher._hit(f) is not None:  # committed by the one that held it
             self._flights.release()  # (the only lock held yet)
             return None
-        schedule = self._fetcher._schedule(self._source, [f], more=more)
+        schedule = self._fetcher._schedule(self._source, [f], more=more, lead=True)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="weightd-fetch")
         progress, stats, hold, events, buffers = self._args
-        self.reading = _Reading(f, schedule, self._thread.submit(
-            self._fetcher._fetch_one, self._source, f, progress, stats, hold, events, buffers,
-            None, schedule))
+
+        def read() -> str | _Landed:
+            try:
+                return self._fetcher._fetch_one(self._source, f, progress, stats, hold,
+                                                events, buffers, None, schedule)
+            finally:  # (failed before its reads, e.g. its temporary file: not begun)
+                schedule.begun.set()
+
+        self.reading = _Reading(f, schedule, self._thread.submit(read))
         return schedule.begun
 
     def owns(self, f: RemoteFile) -> bool:
@@ -892,11 +916,11 @@ class Fetcher:
             self.mirror.close(timeout)
 
     def _schedule(self, source: Source, files: Sequence[RemoteFile], *,
-                  more: bool = False) -> _Schedule:
+                  more: bool = False, lead: bool = False) -> _Schedule:
         """The window of a model fetch's reads from ``source`` (see :class:`_Schedule`)."""
         plan = source.plan
         return _Schedule(files, plan.concurrency * self.config.max_parallel_files,
-                         plan.chunk_size, start=plan.concurrency, more=more)
+                         plan.chunk_size, start=plan.concurrency, more=more, lead=lead)
 
     def fetch(
         self,
@@ -1379,10 +1403,11 @@ class Fetcher:
         policy = reader.policy or self.policy
         loop = asyncio.get_running_loop()
         window = schedule or _Schedule([f], plan.concurrency, plan.chunk_size)
-        # the model's first shard: its header first, alone (the rest is cut after it);
-        # it has begun (window.begun) once its bytes to begin_at are written
+        # the model's first shard: its header first, alone (the rest is cut after it),
+        # then the reads to its first tensor's end (until first_end), which share the
+        # window (first_reads); it has begun (window.begun) once written to begin_at
         leads = window.leads(f)
-        begin_at = 0
+        begin_at = first_end = first_reads = 0
         probe = window.probe(f, plan)
         chunks = deque([] if probe else window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
@@ -1392,7 +1417,7 @@ class Fetcher:
 
         Read = tuple[mmap.mmap | None, Sequence[Buffer], int]
 
-        async def read(start: int, end: int, alone: bool = False) -> Read:
+        async def read(start: int, end: int, share: int = 0) -> Read:
             # room in the file's unwritten bytes first, in the file's order; then a turn
             # in the model's window, kept until the range is written (released by
             # write()): a new read starts as the model's written front moves, which
@@ -1402,7 +1427,7 @@ class Fetcher:
             try:
                 cost = await window.acquire(
                     (order, start), end - start, plan.chunk_size,
-                    split=plan.ramp and end - start < f.size, alone=alone)
+                    split=plan.ramp and end - start < f.size, share=share)
             except BaseException:
                 unwritten.give(end - start)
                 raise
@@ -1425,7 +1450,8 @@ class Fetcher:
             # the window sees this file's ranges as soon as the file's budget allows
             while chunks:
                 start, end = chunks.popleft()
-                pending.append((start, end, asyncio.ensure_future(read(start, end))))
+                share = first_reads if end <= first_end else 0
+                pending.append((start, end, asyncio.ensure_future(read(start, end, share))))
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
 
@@ -1455,13 +1481,16 @@ class Fetcher:
                 # the header's read: the window's next reads are cut to the end of the
                 # first tensor (they wait for their turns before this one is written,
                 # ahead of the model's later files); a failure is raised below
-                task = asyncio.ensure_future(read(0, probe, alone=True))
+                task = asyncio.ensure_future(read(0, probe, share=1))
                 pending.append((0, probe, task))
                 await asyncio.wait([task])
                 if not task.cancelled() and task.exception() is None:
                     cut = (probe, _first_tensor_end(task.result()[1], f))
                     chunks.extend(window.ranges(f.size, plan, model_offset, first=cut)[1:])
                     begin_at = min(cut[1], probe + plan.chunk_size)
+                    if probe < cut[1] <= min(f.size, probe + plan.chunk_size):
+                        first_end = cut[1]
+                        first_reads = window.first_reads(probe, first_end)
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
