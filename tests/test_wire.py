@@ -230,24 +230,24 @@ def test_a_models_first_shard_is_read_header_first_then_its_first_tensor_by_the_
     plan = ChunkPlan(chunk_size=8 * MiB, concurrency=8, ramp=True)
     shards = [_rf(f"s{i}.safetensors", 64 * MiB) for i in range(2)]
     side = _rf("config.json", 300)
-    sched = _Schedule(shards[:1], 32, 8 * MiB, start=8, more=True, lead=True)
+    sched = _Schedule(shards[:1], 32, 8 * MiB, start=8, more=True, header_first=True)
     sched.extend([side, shards[1]], ahead=1)
     assert sched.probe(shards[0], plan) == HEADER_PROBE
     # one read alone per model: not its side files, not its other shards, not without a
     # ramp (S3, where moto reads a whole object per range)
     assert sched.probe(side, plan) == sched.probe(shards[1], plan) == 0
     assert sched.probe(shards[0], ChunkPlan(8 * MiB, 8)) == 0
-    assert _Schedule([_rf("tiny.safetensors", HEADER_PROBE)], 8, 8 * MiB, lead=True).probe(
+    assert _Schedule([_rf("tiny.safetensors", HEADER_PROBE)], 8, 8 * MiB, header_first=True).probe(
         _rf("tiny.safetensors", HEADER_PROBE), plan) == 0
     # only where the shard is read ahead of its listing: a listing that gives sizes
     # (hf://) starts the model's files together, and a later shard's reads may hold the
     # window the header's read would wait for whole
     assert _Schedule([side, *shards], 32, 8 * MiB, start=8).probe(shards[0], plan) == 0
     # not with a window of one read, which reads the first chunk whole
-    assert _Schedule(shards, 1, 8 * MiB, lead=True).probe(shards[0], plan) == 0
+    assert _Schedule(shards, 1, 8 * MiB, header_first=True).probe(shards[0], plan) == 0
     # never more than a chunk: a read's buffer holds one
     small = ChunkPlan(chunk_size=128 * 1024, concurrency=4, ramp=True)
-    assert _Schedule(shards, 4, 128 * 1024, lead=True).probe(shards[0], small) == 128 * 1024
+    assert _Schedule(shards, 4, 128 * 1024, header_first=True).probe(shards[0], small) == 128 * 1024
     start = sched.place(shards[0])[1]
 
     def check(ranges: list[tuple[int, int]]) -> list[int]:
@@ -300,12 +300,23 @@ def test_the_first_shard_has_begun_once_its_first_tensor_is_written(
             if rf.relpath == lead.name:
                 seen.append((offset + nbytes, made[0].begun.is_set()))
 
-    fetch(config.replace(chunk_size=2 * MiB), f"{http_server.url}/begun", events=Events())
+    fetch(config.replace(chunk_size=2 * MiB), f"{http_server.url}/begun", events=Events(),
+          streamed=True)
     assert seen[0][0] == HEADER_PROBE < first_end
     k = next(i for i, (front, _) in enumerate(seen) if front >= first_end)
     assert not any(b for _, b in seen[:k + 1]), seen  # (told after its write returned)
     assert all(b for _, b in seen[k + 1:]), seen
     assert made[0].begun.is_set()
+
+    # a fetch no replica streams (a whole Acquire) reads no header first, nor cuts a
+    # read at the first tensor's end (the ramp's are multiples of 64 KiB)
+    seen.clear()
+    made.clear()
+    fetch(config.replace(chunk_size=2 * MiB, cache_dir=config.cache_dir / "2"),
+          f"{http_server.url}/begun", events=Events())
+    assert not made[0].header_first
+    ends = [front for front, _ in seen]
+    assert ends[0] != HEADER_PROBE and first_end not in ends, (first_end, ends)
 
 
 def test_the_window_grants_reads_in_the_models_order():
@@ -665,7 +676,7 @@ def test_a_fetch_asks_its_other_files_heads_after_its_first_shards_first_tensor(
 
     http_server.set_lie(slow_first_tensor)
     http_server.set_fault(head)
-    fetch(config, f"{http_server.url}/after")
+    fetch(config, f"{http_server.url}/after", streamed=True)
     kinds = [k for _, k in sorted(events)]
     assert "first tensor" in kinds and "HEAD" in kinds, kinds
     assert kinds.index("HEAD") > max(i for i, k in enumerate(kinds) if k == "first tensor"), \
@@ -871,7 +882,8 @@ def test_ranges_that_landed_while_a_write_ran_are_written_with_the_next_one(
 
     # 32 reads at once: HTTP's plan then reads the bytes to the end of the first tensor
     # (2 MiB) in 32 ranges of 64 KiB, then ramps
-    fetch(config.replace(concurrency=32), f"{http_server.url}/one", events=Events())
+    fetch(config.replace(concurrency=32), f"{http_server.url}/one", events=Events(),
+          streamed=True)
     from weightd.formats import read_layout
 
     (shard,) = d.glob("*.safetensors")
