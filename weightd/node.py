@@ -686,8 +686,10 @@ class Node:
         return job.servable, job
 
     def _start_fetch(self, name: str, source: str, include: Sequence[str] | None,
-                     exclude: Sequence[str]) -> _Job:
-        """Caller holds the lock."""
+                     exclude: Sequence[str], *, streamed: bool = False) -> _Job:
+        """Caller holds the lock. ``streamed``: a replica streams the model as it lands
+        (an AcquireStream starts the fetch): its first tensor is fetched first (see
+        ``Fetcher.fetch``)."""
         # a refresh of a cached model is never streamed (see :meth:`landing`): its landing
         # then reads no layout of the files in the cache (a warm fetch parses no header)
         streamable = self._life.disk_of(name).state is not State.CACHED
@@ -697,7 +699,8 @@ class Node:
         landing = Landing(self.fetcher.layout if streamable else None, self.store.blob_path,
                           lambda r: self._fetch_ready(name, r, ready))
         job = self._submit(("fetch", name), self._fetch_job, name, source, include,
-                           tuple(exclude), progress, landing, ready, progress=progress,
+                           tuple(exclude), progress, landing, ready, streamed,
+                           progress=progress,
                            landing=landing, ready=ready)
         job.globs = _globs(include, exclude)
         return job
@@ -717,7 +720,8 @@ class Node:
         with self._lock:
             disk = self._life.disk_of(name)
             if disk.state is State.ABSENT:
-                return name, self._start_fetch(name, source, include, exclude).landing, True
+                started = self._start_fetch(name, source, include, exclude, streamed=True)
+                return name, started.landing, True
             job = self._jobs.get(("fetch", name))
             if (disk.state is State.FETCHING and disk.before_fetch is not State.CACHED
                     and job is not None and job.globs == _globs(include, exclude)):
@@ -738,13 +742,13 @@ class Node:
     def _fetch_job(self, key: tuple[str, ...], name: str, source: str,
                    include: Sequence[str] | None, exclude: Sequence[str],
                    progress: _Fanout, landing: Landing,
-                   ready: concurrent.futures.Future[None]) -> Snapshot:
+                   ready: concurrent.futures.Future[None], streamed: bool) -> Snapshot:
         holder = ("fetch", name, next(self._ids))
         try:
             snap = self.fetcher.fetch(source, include=include, exclude=exclude,
                                       callback=progress,
                                       hold=lambda digest: self._hold(holder, [digest]),
-                                      events=landing)
+                                      events=landing, streamed=streamed)
             record = self.store.index.model(snap.name)
             if record is None:  # pragma: no cover - a fetch records the model or raises
                 raise SourceNotFound(f"{source}: nothing was fetched")

@@ -392,8 +392,8 @@ MIN_RANGE = 64 * 1024
 #: How fast a ramp grows and shrinks: a range is this fraction of the model's bytes
 #: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
 RAMP = 8
-#: The first read of a model's first shard where it is read ahead of its listing and
-#: the plan ramps (an HTTP index page), made alone in the model's window: it brings the
+#: The first read of a model's first shard where it is read ahead of its listing (an
+#: HTTP index page) for a streaming replica and the plan ramps, made alone in the model's window: it brings the
 #: shard's header, so the window's next reads end where the shard's first tensor does
 #: (see :meth:`_Schedule.ranges`). A
 #: header is 8 bytes and a JSON of about 150 bytes a tensor: 256 KiB holds that of a
@@ -556,19 +556,21 @@ class _Schedule:
     Every range of a ramp costs a whole chunk of the window: at most ``size`` of them
     are in flight, as whole chunks would be.
 
-    The model's first shard, read ahead of its listing (``lead``, see :class:`_Lead`)
-    where the plan ramps, starts with its header (:data:`HEADER_PROBE`, :meth:`probe`)
-    read alone, the one round trip that tells where its first tensor ends; the bytes to
-    there are then the window's first reads (as many as it starts with, fewer for a
-    short tensor, each at least ``MIN_RANGE``), which together take the whole window,
-    and the rest of the ramp follows them. A streaming replica's first tensor has the
-    whole link, where as a part of the first chunk's ranges it had their share of it:
-    at 200 MB/s a 5.4 MiB first tensor came when the whole 8 MiB chunk had
-    (docs/fetch-tuning.md, "The first tensor's bytes first"). Not where the listing
-    gives sizes (``hf://``): there the model's files start together, and a later
-    shard's reads may hold the window before the header's read asks for all of it.
-    The first chunk in ``limit`` (32) ranges of
-    256 KiB, each costing 1/32 of the window, put 32 requests, threads and connections
+    The model's first shard, read ahead of its listing for a streaming replica
+    (``header_first``, see :class:`_Lead`) where the plan ramps, starts with its header
+    (:data:`HEADER_PROBE`, :meth:`probe`) read alone, the one round trip that tells
+    where its first tensor ends; the bytes to there are then the window's first reads
+    (as many as it starts with, fewer for a short tensor, each at least
+    ``MIN_RANGE``), which together take the whole window, and the rest of the ramp
+    follows them. A streaming replica's first tensor has the whole link, where as a
+    part of the first chunk's ranges it had their share of it: at 200 MB/s a 5.4 MiB
+    first tensor came when the whole 8 MiB chunk had (docs/fetch-tuning.md, "The
+    first tensor's bytes first"). Not where the listing gives sizes (``hf://``): there
+    the model's files start together, and a later shard's reads may hold the window
+    before the header's read asks for all of it.
+
+    The first chunk in ``limit`` (32) ranges of 256 KiB, each costing 1/32 of the
+    window, put 32 requests, threads and connections
     at every model's start, which this 2-core machine served one after another: the
     first tensor at 200 MB/s came 93-147 ms after a replica asked, with 8 ranges at
     61-82 ms (docs/fetch-tuning.md, "The ramp and a model's start").
@@ -578,7 +580,7 @@ class _Schedule:
     """
 
     def __init__(self, files: Sequence[RemoteFile], limit: int, chunk: int, *,
-                 start: int | None = None, more: bool = False, lead: bool = False,
+                 start: int | None = None, more: bool = False, header_first: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = max(1, limit)
         self.chunk = max(1, chunk)
@@ -586,8 +588,9 @@ class _Schedule:
         self.total = 0
         #: the model's first shard's flight key (see :meth:`probe`)
         self._first_shard: str | None = None
-        #: the first shard is read ahead of the listing, alone: its header first
-        self.lead = lead
+        #: the first shard is read ahead of the listing for a streaming replica, alone:
+        #: its header first (see :meth:`probe`)
+        self.header_first = header_first
         #: set once the first shard's read has begun: its bytes to its first tensor's end
         #: written (a chunk past the header's read at most; the header's read alone where
         #: it does not hold the whole header), or its read ended, or failed to start; a
@@ -636,11 +639,11 @@ class _Schedule:
     def probe(self, f: RemoteFile, plan: ChunkPlan) -> int:
         """How many of ``f``'s first bytes are read alone before its other ranges are
         cut (0: none): the header of the model's first shard read ahead of its listing
-        (``lead``), where ``plan`` ramps and the window starts with more than one read (a
-        window of one reads the first chunk whole); at most a chunk, the size of a
-        read's buffer."""
+        for a streaming replica (``header_first``), where ``plan`` ramps and the window
+        starts with more than one read (a window of one reads the first chunk whole); at
+        most a chunk, the size of a read's buffer."""
         n = min(HEADER_PROBE, plan.chunk_size)
-        if self.lead and plan.ramp and self.split > 1 and f.size > n and self.leads(f):
+        if self.header_first and plan.ramp and self.split > 1 and f.size > n and self.leads(f):
             return n
         return 0
 
@@ -827,15 +830,23 @@ class _Lead:
     done); when another fetch holds it, it is not read now, and its lock is the first
     this fetch waits for, so that fetches of one model wait for the first of them
     whole, holding nothing. When the listing or the fetch fails, the read is stopped and
-    its temporary file removed (:meth:`abort`)."""
+    its temporary file removed (:meth:`abort`).
+
+    ``streamed``: a replica streams the model (an AcquireStream started the fetch): the
+    shard is read header first (:meth:`_Schedule.probe`) and the listing's other
+    ``HEAD``s wait for its first tensor (:attr:`_Schedule.begun`). For a whole Acquire
+    neither: the first tensor is of no use before the last, and the header's round trip
+    and the window held by the first tensor's reads cost a loopback fetch of 256 MiB
+    2-4% (docs/fetch-tuning.md, "The first tensor's bytes first")."""
 
     def __init__(self, fetcher: Fetcher, source: Source, flights: _Flights,
                  progress: _LockedCallback, stats: FetchStats,
                  hold: Callable[[str], None] | None, events: FetchEvents,
-                 buffers: _Buffers) -> None:
+                 buffers: _Buffers, *, streamed: bool = False) -> None:
         self._fetcher = fetcher
         self._source = source
         self._flights = flights
+        self._streamed = streamed
         self._args = (progress, stats, hold, events, buffers)
         #: the first shard's single-flight key (read or not)
         self.key: str | None = None
@@ -846,14 +857,16 @@ class _Lead:
     def start(self, f: RemoteFile, more: bool) -> threading.Event | None:
         """The listing's :data:`~weightd.sources.FirstShard`: read ``f`` now, unless the
         cache has it (then it is found with the rest) or another fetch is reading it;
-        return the event set once the read has begun (:attr:`_Schedule.begun`)."""
+        for a streaming replica, return the event set once the read has begun
+        (:attr:`_Schedule.begun`)."""
         self.key = _flight_key(f)
         if self._fetcher._hit(f) is not None or not self._flights.hold(self.key, wait=False):
             return None
         if self._fetcher._hit(f) is not None:  # committed by the one that held it
             self._flights.release()  # (the only lock held yet)
             return None
-        schedule = self._fetcher._schedule(self._source, [f], more=more, lead=True)
+        schedule = self._fetcher._schedule(self._source, [f], more=more,
+                                           header_first=self._streamed)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="weightd-fetch")
         progress, stats, hold, events, buffers = self._args
@@ -866,7 +879,7 @@ class _Lead:
                 schedule.begun.set()
 
         self.reading = _Reading(f, schedule, self._thread.submit(read))
-        return schedule.begun
+        return schedule.begun if self._streamed else None
 
     def owns(self, f: RemoteFile) -> bool:
         return self.reading is not None and f.relpath == self.reading.file.relpath
@@ -916,11 +929,12 @@ class Fetcher:
             self.mirror.close(timeout)
 
     def _schedule(self, source: Source, files: Sequence[RemoteFile], *,
-                  more: bool = False, lead: bool = False) -> _Schedule:
+                  more: bool = False, header_first: bool = False) -> _Schedule:
         """The window of a model fetch's reads from ``source`` (see :class:`_Schedule`)."""
         plan = source.plan
         return _Schedule(files, plan.concurrency * self.config.max_parallel_files,
-                         plan.chunk_size, start=plan.concurrency, more=more, lead=lead)
+                         plan.chunk_size, start=plan.concurrency, more=more,
+                         header_first=header_first)
 
     def fetch(
         self,
@@ -931,6 +945,7 @@ class Fetcher:
         callback: Callback | None = None,
         hold: Callable[[str], None] | None = None,
         events: FetchEvents | None = None,
+        streamed: bool = False,
     ) -> Snapshot:
         """Fetch a model and switch its snapshot to what the source holds now.
 
@@ -946,6 +961,8 @@ class Fetcher:
                 until the snapshot names it (see weightd/node.py).
             events: told of the files as they land, and when the model is verified
                 but not yet durable (see :class:`FetchEvents`).
+            streamed: a replica streams the model's tensors as they land: its first
+                tensor is fetched first (see :class:`_Lead`).
 
         Returns:
             The model's :class:`Snapshot`.
@@ -959,17 +976,19 @@ class Fetcher:
         start = time.monotonic()
         with open_source(ref, self.config) as source:
             return self._fetch(source, start, include, exclude, callback, hold,
-                               events or FetchEvents())
+                               events or FetchEvents(), streamed)
 
     def _fetch(self, source: Source, start: float, include: Sequence[str] | None,
                exclude: Sequence[str], callback: Callback | None,
-               hold: Callable[[str], None] | None, events: FetchEvents) -> Snapshot:
+               hold: Callable[[str], None] | None, events: FetchEvents,
+               streamed: bool = False) -> Snapshot:
         stats = FetchStats()
         progress = _LockedCallback(callback or NoOpCallback())
         buffers = _Buffers(source.plan.chunk_size)
         flights = _Flights(self.store)
         # the first shard is read once it is listed (not with a mirror: see _Lead)
-        lead = (_Lead(self, source, flights, progress, stats, hold, events, buffers)
+        lead = (_Lead(self, source, flights, progress, stats, hold, events, buffers,
+                      streamed=streamed)
                 if self.mirror is None else None)
         try:
             files = source.list_files(include, exclude,
