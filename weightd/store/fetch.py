@@ -393,11 +393,11 @@ MIN_RANGE = 64 * 1024
 #: before it (or after it), so each about 1/8 longer (or shorter) than the one before.
 RAMP = 8
 #: The first read of a model's first shard where it is read ahead of its listing (an
-#: HTTP index page) for a streaming replica and the plan ramps, made alone in the model's window: it brings the
-#: shard's header, so the window's next reads end where the shard's first tensor does
-#: (see :meth:`_Schedule.ranges`). A
-#: header is 8 bytes and a JSON of about 150 bytes a tensor: 256 KiB holds that of a
-#: shard of 1,500 tensors (a DeepSeek-V3 shard's is about 100 KiB).
+#: HTTP index page) for a streaming replica and the plan ramps, made alone in the
+#: model's window: it brings the shard's header, so the window's next reads end where
+#: the shard's first tensor does (see :meth:`_Schedule.ranges`). A header is 8 bytes
+#: and a JSON of about 150 bytes a tensor: 256 KiB holds that of a shard of 1,500
+#: tensors (a DeepSeek-V3 shard's is about 100 KiB).
 HEADER_PROBE = 256 * 1024
 
 
