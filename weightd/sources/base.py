@@ -575,10 +575,11 @@ class Source:
         them (a 2-core machine answers them about one by one), alone in 1.5-4 ms. The
         head start bounds what the others wait where an answer takes a long round trip.
         Answered within it, the first shard is told before the others are asked: asked
-        first, their threads and requests put its read 4.5-9 ms later. They are then
-        asked once its read has begun (its first tensor in, :data:`LEAD_HOLD` at most):
-        asked while its header and first tensor were read, they shared this machine's
-        2 cores with them, and the first tensor at 200 MB/s came 7-11 ms later.
+        first, their threads and requests put its read 4.5-9 ms later. Where ``first``
+        returns an event (a streaming replica's fetch), they are then asked once its read
+        has begun (its first tensor written, :data:`LEAD_HOLD` at most): asked while its
+        header and first tensor were read, they shared this machine's 2 cores with them,
+        and the first tensor at 200 MB/s came 7-11 ms later.
         Only where calls are made side by side: a listing that gives sizes has no wait
         to spare, and ``first`` is not told."""
         for _, rel, _ in files:
