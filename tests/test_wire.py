@@ -28,6 +28,7 @@ from weightd.store.fetch import (
     Ready,
     _first_tensor_end,
     _Growth,
+    _header_if_landed,
     _Schedule,
     _Turns,
 )
@@ -167,6 +168,13 @@ def test_a_failed_file_stops_the_other_downloads_of_its_model(config, http_root)
 # --- the model's reads: one window, in the model's order, ramped ------------------------
 
 
+def _first_tensor_end_of(shard: Path) -> int:
+    """Where the first tensor of the source's ``shard`` ends."""
+    from weightd.formats import read_layout
+
+    return min(t.offset + t.nbytes for t in read_layout(shard).tensors)
+
+
 def _rf(name: str, size: int) -> RemoteFile:
     return RemoteFile(f"http://127.0.0.1:1/{name}", name, name, size, "id")
 
@@ -279,12 +287,10 @@ def test_the_first_shard_has_begun_once_its_first_tensor_is_written(
     """What a listing's other ``HEAD``s wait for (``_Schedule.begun``, returned by the
     listing's ``first``): set once the first shard's bytes to its first tensor's end
     are written, not before, and set whatever happens after."""
-    from weightd.formats import read_layout
-
     d = http_root / "begun"
     write_synthetic_model(d, total_bytes=8 * MiB, tensors=8, shards=2, seed=8)
     lead = sorted(d.glob("*.safetensors"))[0]
-    first_end = min(t.offset + t.nbytes for t in read_layout(lead).tensors)
+    first_end = _first_tensor_end_of(lead)
     made: list[_Schedule] = []
     make = Fetcher._schedule
 
@@ -382,24 +388,38 @@ def test_the_first_shards_header_and_first_tensor_reads_take_the_whole_window():
     assert asyncio.run(run())[4:] == ["ramp", "later"]
 
 
-def test_the_first_tensors_end_is_read_from_the_headers_bytes_or_is_their_length():
+def test_the_first_tensors_end_is_read_from_the_headers_bytes_or_is_their_length(tmp_path):
+    """From the layout the shard's writer parses from its first bytes (the header read
+    alone: ``_header_if_landed``), once; before its header is all in, what landed."""
     import json
     import struct
+
+    from weightd.errors import FormatError
 
     def shard(header: dict) -> bytes:  # type: ignore[type-arg]
         raw = json.dumps(header).encode()
         return struct.pack("<Q", len(raw)) + raw
 
+    def end(data: bytes, f: RemoteFile) -> int:  # as the writer's first write finds it
+        path = tmp_path / "temp"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return _first_tensor_end(_header_if_landed(fd, f, len(data)), len(data))
+        finally:
+            os.close(fd)
+
     head = shard({"b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
                   "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
     f = _rf("s.safetensors", len(head) + 32)
     body = head + b"\0" * 32
-    assert _first_tensor_end([body[:40], body[40:]], f) == len(head) + 16  # in offset order
-    assert _first_tensor_end([body[:len(head) - 1]], f) == len(head) - 1  # header cut off
-    assert _first_tensor_end([b"\xff" * 64], f) == 64  # not a header: the writer says why
+    assert end(body, f) == len(head) + 16  # in offset order
+    assert end(body[:len(head) - 1], f) == len(head) - 1  # header cut off
+    with pytest.raises(FormatError):  # not a header: the writer says why
+        end(b"\xff" * 64, f)
     empty = shard({"z": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
                    "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
-    assert _first_tensor_end([empty + b"\0" * 8], _rf("e.safetensors", len(empty) + 8)) == (
+    assert end(empty + b"\0" * 8, _rf("e.safetensors", len(empty) + 8)) == (
         len(empty) + 8)  # a tensor of no bytes is not the first to land
 
 
@@ -653,12 +673,10 @@ def test_a_fetch_asks_its_other_files_heads_after_its_first_shards_first_tensor(
     before any other file's ``HEAD`` is asked."""
     monkeypatch.setattr("weightd.sources.base.FIRST_HEAD_START", 30.0)
     monkeypatch.setattr("weightd.sources.base.LEAD_HOLD", 30.0)
-    from weightd.formats import read_layout
-
     d = http_root / "after"
     write_synthetic_model(d, total_bytes=8 * MiB, tensors=8, shards=4, seed=9)
     lead = sorted(d.glob("*.safetensors"))[0]
-    first_end = min(t.offset + t.nbytes for t in read_layout(lead).tensors)
+    first_end = _first_tensor_end_of(lead)
     events: list[tuple[float, str]] = []
     lock = threading.Lock()
 
@@ -885,10 +903,8 @@ def test_ranges_that_landed_while_a_write_ran_are_written_with_the_next_one(
     # (2 MiB) in 32 ranges of 64 KiB, then ramps
     fetch(config.replace(concurrency=32), f"{http_server.url}/one", events=Events(),
           streamed=True)
-    from weightd.formats import read_layout
-
     (shard,) = d.glob("*.safetensors")
-    first_end = min(t.offset + t.nbytes for t in read_layout(shard).tensors)
+    first_end = _first_tensor_end_of(shard)
     assert ends[0] == HEADER_PROBE
     # the header's write, then one or two for the first tensor's 28 ranges (and what
     # landed after them): one write per range took 28

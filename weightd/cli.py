@@ -290,25 +290,22 @@ def _tier_name(tier: Any) -> str:
 
 
 def _age(seconds: float) -> str:
-    """``42s``, ``3m 05s``, ``2h 10m``: how long a lease has been held."""
+    """``42s``, ``3m 05s``, ``2h 10m``, ``2d 03h``: how long a lease has been held."""
     s = max(0, int(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
         return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
 
 
 def _ago(now: float, when: float) -> str:
-    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago``: when a model was last used (the
-    order ``weightd gc`` evicts in, oldest first); ``-`` when never recorded."""
-    if when <= 0:
-        return "-"
-    s = max(0, int(now - when))
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s // n}{unit} ago"
-    return f"{s}s ago"
+    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago`` (:func:`_age`'s first unit): when a
+    model was last used (the order ``weightd gc`` evicts in, oldest first); ``-`` when
+    never recorded."""
+    return f"{_age(now - when).split()[0]} ago" if when > 0 else "-"
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:

@@ -586,11 +586,9 @@ class _Schedule:
         self.chunk = max(1, chunk)
         self._place: dict[str, tuple[int, int]] = {}
         self.total = 0
-        #: the model's first shard's flight key (see :meth:`probe`)
-        self._first_shard: str | None = None
-        #: the first shard is read ahead of the listing for a streaming replica, alone:
-        #: its header first (see :meth:`probe`)
-        self.header_first = header_first
+        #: the flight key of the first shard read ahead of the listing for a streaming
+        #: replica (``files``' first, ``header_first``): its header first (:meth:`probe`)
+        self._lead = _flight_key(files[0]) if header_first and files else None
         #: set once the first shard's read has begun: its bytes to its first tensor's end
         #: written (a chunk past the header's read at most; the header's read alone where
         #: it does not hold the whole header), or its read ended, or failed to start; a
@@ -620,8 +618,6 @@ class _Schedule:
         for i, f in enumerate(files):
             key = _flight_key(f)
             if key not in self._place:
-                if self._first_shard is None and f.relpath.endswith(".safetensors"):
-                    self._first_shard = key
                 order = i - ahead if i < ahead else len(self._place)
                 self._place[key] = (order, self.total)
                 self.total += f.size
@@ -632,9 +628,14 @@ class _Schedule:
         """``f``'s place in the model's order and the model's byte where it starts."""
         return self._place.get(_flight_key(f), (len(self._place), self.total))
 
+    @property
+    def header_first(self) -> bool:
+        """The model's first shard is read header first (see :meth:`probe`)."""
+        return self._lead is not None
+
     def leads(self, f: RemoteFile) -> bool:
-        """Whether ``f`` is the model's first shard."""
-        return _flight_key(f) == self._first_shard
+        """Whether ``f`` is the first shard read header first."""
+        return self._lead is not None and _flight_key(f) == self._lead
 
     def probe(self, f: RemoteFile, plan: ChunkPlan) -> int:
         """How many of ``f``'s first bytes are read alone before its other ranges are
@@ -643,7 +644,7 @@ class _Schedule:
         starts with more than one read (a window of one reads the first chunk whole); at
         most a chunk, the size of a read's buffer."""
         n = min(HEADER_PROBE, plan.chunk_size)
-        if self.header_first and plan.ramp and self.split > 1 and f.size > n and self.leads(f):
+        if plan.ramp and self.split > 1 and f.size > n and self.leads(f):
             return n
         return 0
 
@@ -661,7 +662,7 @@ class _Schedule:
             probe, end = first
             out.append((0, probe))
             o = probe
-            if probe < end <= min(size, probe + chunk):
+            if self.cuts(probe, end, size, chunk):
                 count = self.first_reads(probe, end)
                 n = -(-(end - probe) // count)
                 while o < end:
@@ -680,6 +681,13 @@ class _Schedule:
             out.append((o, min(o + n, size)))
             o += n
         return out
+
+    @staticmethod
+    def cuts(probe: int, end: int, size: int, chunk: int) -> bool:
+        """Whether the reads after a header's ``probe`` bytes end at the first tensor's
+        ``end`` (see :meth:`ranges`): it ends past them, within a chunk after them (a
+        longer one, an embedding, is read as the ramp goes)."""
+        return probe < end <= min(size, probe + chunk)
 
     def first_reads(self, probe: int, end: int) -> int:
         """How many reads bring a first shard's bytes ``[probe, end)`` (see
@@ -735,19 +743,12 @@ def _header_if_landed(fd: int, f: RemoteFile, written: int) -> ShardLayout | Non
     return parse_header(os.pread(fd, n, 8), path=f.url, file_size=f.size)
 
 
-def _first_tensor_end(blocks: Sequence[Buffer], f: RemoteFile) -> int:
-    """Where the first tensor of shard ``f`` ends, from its first bytes ``blocks``; or
-    how many bytes they are, where they do not hold its whole header or it is malformed
-    (then the writer of the shard's bytes says why, see :func:`_header_if_landed`)."""
-    head = b"".join(blocks)
-    try:
-        n = header_length(head[:8], path=f.url, file_size=f.size)
-        if len(head) < 8 + n:
-            return len(head)
-        layout = parse_header(head[8:8 + n], path=f.url, file_size=f.size)
-    except FormatError:
-        return len(head)
-    return min((t.offset + t.nbytes for t in layout.tensors if t.nbytes), default=len(head))
+def _first_tensor_end(layout: ShardLayout | None, landed: int) -> int:
+    """Where a shard's first tensor (of any bytes) ends, by its ``layout`` (tensors in
+    file order); ``landed``, the bytes written, where its header is not all in them."""
+    if layout is None:
+        return landed
+    return next((t.offset + t.nbytes for t in layout.tensors if t.nbytes), landed)
 
 
 class _Flights:
@@ -1330,8 +1331,9 @@ class Fetcher:
             with via.open() if via is not None else source.open_file(f) as reader:
                 side = _SideHash(reader.digest) if reader.digest is not None else None
 
-                def sink(offset: int, blocks: Sequence[Buffer]) -> None:
-                    """Hash and write one chunk; its buffers are free when it returns."""
+                def sink(offset: int, blocks: Sequence[Buffer]) -> ShardLayout | None:
+                    """Hash and write one chunk; its buffers are free when it returns.
+                    Return the shard's layout, once its header is written."""
                     nonlocal hash_seconds, layout, landed
                     if side is not None:
                         side.add(blocks)
@@ -1356,6 +1358,7 @@ class Fetcher:
                     events.written(f, offset, nbytes)
                     progress.update(nbytes)
                     pause_at("downloading")
+                    return layout
 
                 try:
                     try:
@@ -1401,7 +1404,8 @@ class Fetcher:
         return temp, digest, hash_seconds
 
     async def _read_all(self, reader: FileReader, f: RemoteFile,
-                        sink: Callable[[int, Sequence[Buffer]], None], pool: _Buffers,
+                        sink: Callable[[int, Sequence[Buffer]], ShardLayout | None],
+                        pool: _Buffers,
                         schedule: _Schedule | None = None, order: int = 0,
                         model_offset: int = 0, *, measure: bool = True) -> None:
         """Read every range of ``f`` in the model's window (``schedule``: its own by
@@ -1426,8 +1430,9 @@ class Fetcher:
         # then the reads to its first tensor's end (until first_end), which share the
         # window (first_reads); it has begun (window.begun) once written to begin_at
         leads = window.leads(f)
-        begin_at = first_end = first_reads = 0
         probe = window.probe(f, plan)
+        first_end = first_reads = 0
+        begin_at = f.size if probe else 0  # (not at the header's write: its layout says)
         chunks = deque([] if probe else window.ranges(f.size, plan, model_offset))
         buffers = pool if reader.fills_buffer and pool.size >= plan.chunk_size else None
 
@@ -1474,12 +1479,12 @@ class Fetcher:
 
         writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightd-write")
 
-        async def write(batch: Sequence[tuple[int, int, Read]]) -> None:
+        async def write(batch: Sequence[tuple[int, int, Read]]) -> ShardLayout | None:
             # ranges back to back, in the file's order: one hop to the writer for them all
             written = False
             blocks = [b for _, _, (_, data, _) in batch for b in data]
             try:
-                await loop.run_in_executor(writer, sink, batch[0][0], blocks)
+                layout = await loop.run_in_executor(writer, sink, batch[0][0], blocks)
                 written = True
                 if leads and batch[-1][1] >= begin_at:
                     window.begun.set()
@@ -1492,24 +1497,23 @@ class Fetcher:
             for _, _, (buf, _, _) in batch:
                 if buf is not None and buffers is not None:
                     buffers.give(buf)  # for the next range (of this file, or the fetch's next)
+            return layout
 
-        last_write: asyncio.Future[None] | None = None
+        last_write: asyncio.Future[ShardLayout | None] | None = None
         held: list[int] = []  # the costs of ranges read whose turns no write() has taken yet
         try:
             if probe:
-                # the header's read: the window's next reads are cut to the end of the
-                # first tensor (they wait for their turns before this one is written,
-                # ahead of the model's later files); a failure is raised below
-                task = asyncio.ensure_future(read(0, probe, share=1))
-                pending.append((0, probe, task))
-                await asyncio.wait([task])
-                if not task.cancelled() and task.exception() is None:
-                    cut = (probe, _first_tensor_end(task.result()[1], f))
-                    chunks.extend(window.ranges(f.size, plan, model_offset, first=cut)[1:])
-                    begin_at = min(cut[1], probe + plan.chunk_size)
-                    if probe < cut[1] <= min(f.size, probe + plan.chunk_size):
-                        first_end = cut[1]
-                        first_reads = window.first_reads(probe, first_end)
+                # the header's read, alone, and its write: the layout the writer parses
+                # from it (the shard's, once) tells where the first tensor ends, and the
+                # window's next reads are cut there
+                end = _first_tensor_end(await write([(0, probe, await read(0, probe, 1))]),
+                                        probe)
+                chunks.extend(window.ranges(f.size, plan, model_offset, first=(probe, end))[1:])
+                begin_at = min(end, probe + plan.chunk_size)
+                if begin_at <= probe:
+                    window.begun.set()
+                if window.cuts(probe, end, f.size, plan.chunk_size):
+                    first_end, first_reads = end, window.first_reads(probe, end)
             schedule_reads()
             while pending:
                 start, end, task = pending[0]
@@ -1539,8 +1543,6 @@ class Fetcher:
             if last_write is not None:
                 await last_write
         finally:
-            if leads:
-                window.begun.set()  # (ended, or failed: the listing waits no more)
             for _, _, task in pending:
                 task.cancel()
             if pending:
